@@ -1,0 +1,24 @@
+"""polar-usage-outbox: a credit ledger and a transactional outbox that bills usage through Polar.
+
+The public library API (safe to call inside your own SQLAlchemy transaction):
+
+    from outbox import record_usage, grant_credits
+"""
+
+from outbox.errors import (
+    ConfigError,
+    CustomerNotFound,
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidRequest,
+    OutboxError,
+)
+
+__all__ = [
+    "ConfigError",
+    "CustomerNotFound",
+    "IdempotencyConflict",
+    "InsufficientCredits",
+    "InvalidRequest",
+    "OutboxError",
+]

@@ -1,0 +1,69 @@
+"""One small error tree. Each class's docstring is its user-facing message; `api/errors.py` maps
+each class to one HTTP status and `code`."""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """Something went wrong in polar-usage-outbox."""
+
+    code = "outbox_error"
+
+    def __init__(self, detail: str | None = None, **context: object) -> None:
+        self.detail = detail or (self.__doc__ or "").strip()
+        self.context = context
+        super().__init__(self.detail)
+
+
+class InvalidRequest(OutboxError):
+    """The request is not valid."""
+
+    code = "invalid_request"
+
+
+class InsufficientCredits(OutboxError):
+    """The customer does not have enough credits for this usage."""
+
+    code = "insufficient_credits"
+
+
+class CustomerNotFound(OutboxError):
+    """No such customer: a customer exists once it has received a grant."""
+
+    code = "customer_not_found"
+
+
+class IdempotencyConflict(OutboxError):
+    """This Idempotency-Key was already used with a different request body."""
+
+    code = "idempotency_key_reused"
+
+
+class HoldNotFound(OutboxError):
+    """No such hold."""
+
+    code = "hold_not_found"
+
+
+class HoldClosed(OutboxError):
+    """This hold was already released or expired; it cannot be captured."""
+
+    code = "hold_closed"
+
+
+class EventNotFound(OutboxError):
+    """No such outbox event."""
+
+    code = "event_not_found"
+
+
+class NotReplayable(OutboxError):
+    """Only failed events can be replayed."""
+
+    code = "not_replayable"
+
+
+class ConfigError(OutboxError):
+    """The configuration is invalid."""
+
+    code = "config_error"

@@ -1,0 +1,24 @@
+"""The delivery states of an outbox row; docs/state_machine.md says who moves each transition."""
+
+from enum import StrEnum
+
+
+class EventStatus(StrEnum):
+    PENDING = "pending"
+    INFLIGHT = "inflight"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class LedgerKind(StrEnum):
+    GRANT = "grant"
+    USAGE = "usage"
+    HOLD = "hold"
+    CAPTURE = "capture"
+    RELEASE = "release"
+    REVOKE = "revoke"
+
+
+class TokenScope(StrEnum):
+    USAGE = "usage"
+    ADMIN = "admin"
