@@ -13,12 +13,17 @@ from outbox.errors import (
     InvalidRequest,
     OutboxError,
 )
+from outbox.ledger import GrantResult, UsageResult, grant_credits, record_usage
 
 __all__ = [
     "ConfigError",
     "CustomerNotFound",
+    "GrantResult",
     "IdempotencyConflict",
     "InsufficientCredits",
     "InvalidRequest",
     "OutboxError",
+    "UsageResult",
+    "grant_credits",
+    "record_usage",
 ]

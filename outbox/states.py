@@ -19,6 +19,13 @@ class LedgerKind(StrEnum):
     REVOKE = "revoke"
 
 
+class HoldStatus(StrEnum):
+    OPEN = "open"
+    CAPTURED = "captured"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
 class TokenScope(StrEnum):
     USAGE = "usage"
     ADMIN = "admin"

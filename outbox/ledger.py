@@ -1,0 +1,339 @@
+"""The credit ledger and the transactional enqueue.
+
+`record_usage` and `grant_credits` are the public library API: they run in the CALLER's session
+and never commit, so an application can deduct credits and record the usage event in the same
+transaction as its own rows (the point of a transactional outbox). If the caller's transaction
+rolls back, nothing happened: no deduction, no ledger entry, no outbox row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from outbox.errors import CustomerNotFound, IdempotencyConflict, InsufficientCredits
+from outbox.models import Customer, LedgerEntry, OutboxEvent, utcnow
+from outbox.settings import Settings, get_settings
+from outbox.states import EventStatus, LedgerKind
+from outbox.validation import (
+    MAX_GRANT_CREDITS,
+    MAX_REASON_LENGTH,
+    Metadata,
+    check_credits,
+    check_customer_id,
+    check_idempotency_key,
+    check_metadata,
+    check_text,
+)
+
+
+@dataclass(frozen=True)
+class UsageResult:
+    """A recorded usage: its outbox event, the id Polar dedups on, the balance left."""
+
+    event_id: int
+    external_id: str
+    balance: int
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class GrantResult:
+    """A grant: its ledger entry id and the balance after it."""
+
+    grant_id: int
+    balance: int
+    replayed: bool = False
+
+
+def new_external_id() -> str:
+    """A fresh, globally unique `external_id`, minted once when the outbox row is written."""
+    return f"usage_{uuid.uuid4().hex}"
+
+
+def get_customer_for_update(session: Session, customer_id: str) -> Customer | None:
+    """The customer row, locked until the transaction ends (serializes spends per customer)."""
+    return session.scalars(
+        select(Customer).where(Customer.id == customer_id).with_for_update()
+    ).one_or_none()
+
+
+def _deduct_if_covered(session: Session, customer_id: str, credits: int, now: datetime) -> int:
+    """Deduct `credits` only if the balance covers them, in ONE conditional UPDATE (no
+    read-then-write race); return the new balance. The CHECK (balance >= 0) backs it up."""
+    balance = session.execute(
+        update(Customer)
+        .where(Customer.id == customer_id, Customer.balance >= credits)
+        .values(balance=Customer.balance - credits, used=Customer.used + credits, updated_at=now)
+        .returning(Customer.balance)
+    ).scalar_one_or_none()
+    if balance is not None:
+        return int(balance)
+    if session.scalar(select(exists().where(Customer.id == customer_id))):
+        raise InsufficientCredits(customer_id=customer_id, credits=credits)
+    raise CustomerNotFound(customer_id=customer_id)
+
+
+def _existing_usage(
+    session: Session, customer_id: str, credits: int, idempotency_key: str
+) -> UsageResult | None:
+    row = session.execute(
+        select(LedgerEntry.delta, LedgerEntry.event_id, OutboxEvent.external_id)
+        .outerjoin(OutboxEvent, OutboxEvent.id == LedgerEntry.event_id)
+        .where(
+            LedgerEntry.customer_id == customer_id,
+            LedgerEntry.kind == LedgerKind.USAGE,
+            LedgerEntry.idempotency_key == idempotency_key,
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    if -row.delta != credits:
+        raise IdempotencyConflict(idempotency_key=idempotency_key)
+    balance = session.scalar(select(Customer.balance).where(Customer.id == customer_id))
+    assert row.event_id is not None and balance is not None
+    return UsageResult(
+        event_id=row.event_id,
+        external_id=row.external_id or "",
+        balance=int(balance),
+        replayed=True,
+    )
+
+
+def enqueue_usage_event(
+    session: Session,
+    *,
+    customer_id: str,
+    credits: int,
+    metadata: Metadata,
+    occurred_at: datetime,
+    settings: Settings,
+) -> tuple[int, str]:
+    """Write the outbox row for a usage (no deduction: the caller has done it); return its id
+    and `external_id`."""
+    external_id = new_external_id()
+    event_id = session.execute(
+        insert(OutboxEvent)
+        .values(
+            external_id=external_id,
+            customer_id=customer_id,
+            name=settings.usage_event_name,
+            credits=credits,
+            event_metadata=metadata,
+            occurred_at=occurred_at,
+            status=EventStatus.PENDING,
+            attempts=0,
+            next_attempt_at=occurred_at,
+            created_at=occurred_at,
+            updated_at=occurred_at,
+        )
+        .returning(OutboxEvent.id)
+    ).scalar_one()
+    return int(event_id), external_id
+
+
+def append_ledger_entry(
+    session: Session,
+    *,
+    customer_id: str,
+    kind: LedgerKind,
+    delta: int,
+    balance_after: int,
+    now: datetime,
+    event_id: int | None = None,
+    hold_id: int | None = None,
+    reason: str | None = None,
+    idempotency_key: str | None = None,
+) -> int:
+    """Append one ledger entry (the ledger is append-only, in the database too)."""
+    entry_id = session.execute(
+        insert(LedgerEntry)
+        .values(
+            customer_id=customer_id,
+            kind=kind,
+            delta=delta,
+            balance_after=balance_after,
+            event_id=event_id,
+            hold_id=hold_id,
+            reason=reason,
+            idempotency_key=idempotency_key,
+            created_at=now,
+        )
+        .returning(LedgerEntry.id)
+    ).scalar_one()
+    return int(entry_id)
+
+
+def record_usage(
+    session: Session,
+    customer_id: str,
+    credits: int = 1,
+    metadata: Metadata | None = None,
+    idempotency_key: str | None = None,
+    *,
+    settings: Settings | None = None,
+) -> UsageResult:
+    """Deduct `credits` from the customer and enqueue the usage event, in the caller's
+    transaction (no commit).
+
+    Raises `InvalidRequest` (bad input), `CustomerNotFound`, `InsufficientCredits`, and
+    `IdempotencyConflict` (the same `idempotency_key` was used for another amount). With an
+    `idempotency_key` already used for this customer, returns the first result (`replayed=True`)
+    and deducts nothing.
+    """
+    settings = settings or get_settings()
+    customer_id = check_customer_id(customer_id)
+    credits = check_credits(credits)
+    clean_metadata = check_metadata(metadata, credits_field=settings.usage_credits_field)
+    idempotency_key = check_idempotency_key(idempotency_key, field="idempotency_key")
+    now = utcnow()
+
+    if idempotency_key is not None:
+        # Lock the customer first so two calls with the same key serialize here.
+        if get_customer_for_update(session, customer_id) is None:
+            raise CustomerNotFound(customer_id=customer_id)
+        existing = _existing_usage(session, customer_id, credits, idempotency_key)
+        if existing is not None:
+            return existing
+
+    balance = _deduct_if_covered(session, customer_id, credits, now)
+    event_id, external_id = enqueue_usage_event(
+        session,
+        customer_id=customer_id,
+        credits=credits,
+        metadata=clean_metadata,
+        occurred_at=now,
+        settings=settings,
+    )
+    append_ledger_entry(
+        session,
+        customer_id=customer_id,
+        kind=LedgerKind.USAGE,
+        delta=-credits,
+        balance_after=balance,
+        now=now,
+        event_id=event_id,
+        idempotency_key=idempotency_key,
+    )
+    return UsageResult(event_id=event_id, external_id=external_id, balance=balance)
+
+
+def _dialect_insert(session: Session) -> type[postgresql.Insert] | type[sqlite.Insert]:
+    name = session.get_bind().dialect.name
+    return postgresql.Insert if name == "postgresql" else sqlite.Insert
+
+
+def ensure_customer(session: Session, customer_id: str) -> None:
+    """Create the customer with a zero balance if it does not exist (race-free upsert)."""
+    now = utcnow()
+    stmt = (
+        _dialect_insert(session)(Customer)
+        .values(
+            id=customer_id, balance=0, held=0, granted=0, used=0, created_at=now, updated_at=now
+        )
+        .on_conflict_do_nothing(index_elements=[Customer.id])
+    )
+    session.execute(stmt)
+
+
+def _existing_grant(
+    session: Session, customer_id: str, credits: int, idempotency_key: str
+) -> GrantResult | None:
+    row = session.execute(
+        select(LedgerEntry.id, LedgerEntry.delta).where(
+            LedgerEntry.customer_id == customer_id,
+            LedgerEntry.kind == LedgerKind.GRANT,
+            LedgerEntry.idempotency_key == idempotency_key,
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    if row.delta != credits:
+        raise IdempotencyConflict(idempotency_key=idempotency_key)
+    balance = session.scalar(select(Customer.balance).where(Customer.id == customer_id))
+    return GrantResult(grant_id=int(row.id), balance=int(balance or 0), replayed=True)
+
+
+def grant_credits(
+    session: Session,
+    customer_id: str,
+    credits: int,
+    reason: str | None = None,
+    idempotency_key: str | None = None,
+) -> GrantResult:
+    """Add `credits` to the customer (created if new), in the caller's transaction (no commit).
+
+    With an `idempotency_key` already used for this customer's grants, returns the first result
+    (`replayed=True`) and adds nothing.
+    """
+    customer_id = check_customer_id(customer_id)
+    credits = check_credits(credits, maximum=MAX_GRANT_CREDITS)
+    reason = check_text(reason, field="reason", max_length=MAX_REASON_LENGTH)
+    idempotency_key = check_idempotency_key(idempotency_key, field="idempotency_key")
+    now = utcnow()
+    ensure_customer(session, customer_id)
+    if idempotency_key is not None:
+        get_customer_for_update(session, customer_id)
+        existing = _existing_grant(session, customer_id, credits, idempotency_key)
+        if existing is not None:
+            return existing
+    balance = session.execute(
+        update(Customer)
+        .where(Customer.id == customer_id)
+        .values(
+            balance=Customer.balance + credits, granted=Customer.granted + credits, updated_at=now
+        )
+        .returning(Customer.balance)
+    ).scalar_one()
+    grant_id = append_ledger_entry(
+        session,
+        customer_id=customer_id,
+        kind=LedgerKind.GRANT,
+        delta=credits,
+        balance_after=int(balance),
+        now=now,
+        reason=reason,
+        idempotency_key=idempotency_key,
+    )
+    return GrantResult(grant_id=grant_id, balance=int(balance))
+
+
+@dataclass(frozen=True)
+class CreditSummary:
+    """A customer's credits: spendable balance, held by open holds, total granted and used."""
+
+    customer_id: str
+    balance: int
+    held: int
+    granted: int
+    used: int
+
+
+def get_credits(session: Session, customer_id: str) -> CreditSummary:
+    """The customer's credit summary; `CustomerNotFound` if it never received a grant."""
+    customer_id = check_customer_id(customer_id)
+    customer = session.get(Customer, customer_id)
+    if customer is None:
+        raise CustomerNotFound(customer_id=customer_id)
+    return CreditSummary(
+        customer_id=customer.id,
+        balance=customer.balance,
+        held=customer.held,
+        granted=customer.granted,
+        used=customer.used,
+    )
+
+
+def ledger_balance(session: Session, customer_id: str) -> int:
+    """The sum of the customer's ledger entries (always equal to its balance)."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(LedgerEntry.delta), 0)).where(
+            LedgerEntry.customer_id == customer_id
+        )
+    )
+    return int(total or 0)

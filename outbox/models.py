@@ -1,0 +1,295 @@
+"""The schema. Money-like columns are integers; timestamps are timezone-aware UTC.
+
+Invariants live in the database too (CHECK, UNIQUE), so they hold even if a Python guard is
+removed: see tests/outbox/test_models.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from outbox.states import EventStatus, HoldStatus, LedgerKind, TokenScope
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# BIGINT identity on PostgreSQL, INTEGER PRIMARY KEY (rowid) on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """`timestamptz` on PostgreSQL; on SQLite naive values are read back as UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: timestamps must be timezone-aware")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _in(column: str, values: Any) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Customer(Base):
+    """A customer's real-time balance. `balance` is spendable; `held` is reserved by holds."""
+
+    __tablename__ = "customers"
+    __table_args__ = (
+        CheckConstraint("balance >= 0", name="balance_non_negative"),
+        CheckConstraint("held >= 0", name="held_non_negative"),
+        CheckConstraint("granted >= 0 AND used >= 0", name="totals_non_negative"),
+    )
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    held: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    granted: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    used: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class LedgerEntry(Base):
+    """Append-only: every change of a balance is one entry; balance == sum(delta) per customer."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        CheckConstraint(_in("kind", LedgerKind), name="kind_known"),
+        CheckConstraint(
+            "(kind IN ('grant', 'release', 'capture') AND delta > 0)"
+            " OR (kind IN ('usage', 'hold') AND delta < 0)"
+            " OR (kind = 'revoke' AND delta <= 0)",
+            name="delta_sign_matches_kind",
+        ),
+        CheckConstraint("balance_after >= 0", name="balance_after_non_negative"),
+        CheckConstraint("kind <> 'usage' OR event_id IS NOT NULL", name="usage_has_event"),
+        Index("ix_ledger_entries_customer_id_id", "customer_id", "id"),
+        Index(
+            "uq_ledger_entries_customer_kind_idempotency_key",
+            "customer_id",
+            "kind",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("customers.id"), nullable=False
+    )
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    delta: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    balance_after: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # The outbox row of a usage entry. Not a foreign key: pruning delivered outbox rows
+    # must never touch the ledger.
+    event_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    hold_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class OutboxEvent(Base):
+    """One usage event on its way to Polar; see docs/state_machine.md."""
+
+    __tablename__ = "outbox_events"
+    __table_args__ = (
+        CheckConstraint(_in("status", EventStatus), name="status_known"),
+        CheckConstraint("credits >= 1", name="credits_positive"),
+        CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        CheckConstraint(
+            "(status = 'inflight') = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)",
+            name="lease_iff_inflight",
+        ),
+        CheckConstraint(
+            "(status = 'delivered') = (delivered_at IS NOT NULL)", name="delivered_at_iff_delivered"
+        ),
+        # Claiming: the oldest due pending rows.
+        Index(
+            "ix_outbox_events_pending_due",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # Rescue: expired leases.
+        Index(
+            "ix_outbox_events_inflight_lease",
+            "lease_expires_at",
+            postgresql_where=text("status = 'inflight'"),
+            sqlite_where=text("status = 'inflight'"),
+        ),
+        Index(
+            "ix_outbox_events_failed",
+            "id",
+            postgresql_where=text("status = 'failed'"),
+            sqlite_where=text("status = 'failed'"),
+        ),
+        Index("ix_outbox_events_customer_id_id", "customer_id", "id"),
+        Index(
+            "ix_outbox_events_delivered_at",
+            "delivered_at",
+            postgresql_where=text("status = 'delivered'"),
+            sqlite_where=text("status = 'delivered'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    external_id: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    customer_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    credits: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    event_metadata: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", Json, nullable=False, default=dict
+    )
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=EventStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_replay_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class IdempotencyRecord(Base):
+    """The first response to an HTTP request carrying an `Idempotency-Key`, per token."""
+
+    __tablename__ = "idempotency_records"
+    __table_args__ = (UniqueConstraint("token_id", "key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    token_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("api_tokens.id", ondelete="CASCADE"),
+        nullable=False,
+    )
+    key: Mapped[str] = mapped_column(String(255), nullable=False)
+    request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token, stored as its SHA-256 (tokens are random, 256 bits: no slow hash needed)."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint(_in("scope", TokenScope), name="scope_known"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    scope: Mapped[str] = mapped_column(String(16), nullable=False)
+    token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Hold(Base):
+    """Credits reserved before a long generation; captured (billed) or released (returned)."""
+
+    __tablename__ = "holds"
+    __table_args__ = (
+        CheckConstraint(_in("status", HoldStatus), name="status_known"),
+        CheckConstraint("credits >= 1", name="credits_positive"),
+        CheckConstraint(
+            "captured_credits IS NULL OR (captured_credits >= 0 AND captured_credits <= credits)",
+            name="captured_within_hold",
+        ),
+        Index(
+            "ix_holds_open_expires_at",
+            "expires_at",
+            postgresql_where=text("status = 'open'"),
+            sqlite_where=text("status = 'open'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("customers.id"), nullable=False
+    )
+    credits: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=HoldStatus.OPEN)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    captured_credits: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    event_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    capture_response: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class WebhookEvent(Base):
+    """A verified Polar webhook, stored once per `webhook-id` and then applied."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    type: Mapped[str] = mapped_column(String(100), nullable=False)
+    payload: Mapped[dict[str, Any]] = mapped_column(Json, nullable=False)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Replay(Base):
+    """An operator's replay: who moved which failed rows back to pending, when and why."""
+
+    __tablename__ = "replays"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    actor: Mapped[str] = mapped_column(String(200), nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    event_ids: Mapped[list[int]] = mapped_column(Json, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)

@@ -1,0 +1,151 @@
+"""Validation at the edge: what Polar would refuse never reaches the outbox (POLAR.md).
+
+Shared by the HTTP API and the library calls, so both refuse the same inputs the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
+from outbox.errors import InvalidRequest
+
+MAX_CUSTOMER_ID_LENGTH = 128
+MAX_CREDITS = 1_000_000
+MAX_GRANT_CREDITS = 1_000_000_000
+MAX_METADATA_KEYS = 50
+MAX_METADATA_KEY_LENGTH = 40
+MAX_METADATA_STRING_LENGTH = 500
+MAX_REASON_LENGTH = 500
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# Integers beyond 2**53 lose precision in JSON parsers (and in Polar's meter sums).
+MAX_METADATA_INT = 2**53
+RESERVED_METADATA_KEYS = frozenset({"usage_id"})
+
+MetadataValue = str | int | float | bool
+Metadata = dict[str, MetadataValue]
+
+
+def _has_control_chars(value: str) -> bool:
+    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value)
+
+
+def _is_clean_text(value: str) -> bool:
+    """No control characters, no lone surrogates (PostgreSQL cannot store either in JSONB)."""
+    return not _has_control_chars(value)
+
+
+def check_customer_id(customer_id: object, field: str = "customer_id") -> str:
+    """A customer id: a non-empty string of at most 128 characters, no control characters."""
+    if not isinstance(customer_id, str):
+        raise InvalidRequest(f"{field} must be a string", field=field)
+    if not customer_id or customer_id != customer_id.strip():
+        raise InvalidRequest(f"{field} must be non-empty, without surrounding spaces", field=field)
+    if len(customer_id) > MAX_CUSTOMER_ID_LENGTH:
+        raise InvalidRequest(
+            f"{field} must be at most {MAX_CUSTOMER_ID_LENGTH} characters", field=field
+        )
+    if not _is_clean_text(customer_id):
+        raise InvalidRequest(f"{field} must not contain control characters", field=field)
+    return customer_id
+
+
+def check_credits(credits: object, *, maximum: int = MAX_CREDITS, field: str = "credits") -> int:
+    """Credits: an integer (not a bool, not a float) between 1 and `maximum`."""
+    if isinstance(credits, bool) or not isinstance(credits, int):
+        raise InvalidRequest(f"{field} must be an integer", field=field)
+    if not 1 <= credits <= maximum:
+        raise InvalidRequest(f"{field} must be between 1 and {maximum}", field=field)
+    return credits
+
+
+def check_text(value: object, *, field: str, max_length: int, required: bool = False) -> str | None:
+    """Free text (a reason, a name): bounded, no control characters."""
+    if value is None:
+        if required:
+            raise InvalidRequest(f"{field} is required", field=field)
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{field} must be a string", field=field)
+    if required and not value.strip():
+        raise InvalidRequest(f"{field} must not be empty", field=field)
+    if len(value) > max_length:
+        raise InvalidRequest(f"{field} must be at most {max_length} characters", field=field)
+    if any(unicodedata.category(ch) == "Cs" for ch in value) or "\x00" in value:
+        raise InvalidRequest(f"{field} contains characters that cannot be stored", field=field)
+    return value
+
+
+def check_idempotency_key(key: object, field: str = "Idempotency-Key") -> str | None:
+    """An idempotency key: printable, 1 to 255 characters."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise InvalidRequest(
+            f"{field} must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters", field=field
+        )
+    if not _is_clean_text(key):
+        raise InvalidRequest(f"{field} must not contain control characters", field=field)
+    return key
+
+
+def _check_metadata_value(key: str, value: object) -> MetadataValue:
+    field = f"metadata.{key}"
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if abs(value) > MAX_METADATA_INT:
+            raise InvalidRequest(f"{field} must be within ±2^53", field=field)
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{field} must be a finite number", field=field)
+        return value
+    if isinstance(value, str):
+        if not 1 <= len(value) <= MAX_METADATA_STRING_LENGTH:
+            raise InvalidRequest(
+                f"{field} must be 1 to {MAX_METADATA_STRING_LENGTH} characters", field=field
+            )
+        if any(unicodedata.category(ch) == "Cs" for ch in value) or "\x00" in value:
+            raise InvalidRequest(f"{field} contains characters that cannot be stored", field=field)
+        return value
+    raise InvalidRequest(
+        f"{field} must be a string, an integer, a number or a boolean (no nesting)", field=field
+    )
+
+
+def check_metadata(metadata: object, *, credits_field: str = "credits_used") -> Metadata:
+    """Metadata as Polar accepts it, without our reserved keys (`credits_used`, `usage_id`)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InvalidRequest("metadata must be an object", field="metadata")
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidRequest(
+            f"metadata must have at most {MAX_METADATA_KEYS} keys", field="metadata"
+        )
+    reserved = RESERVED_METADATA_KEYS | {credits_field}
+    checked: Metadata = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH:
+            raise InvalidRequest(
+                f"metadata keys must be 1 to {MAX_METADATA_KEY_LENGTH} characters",
+                field="metadata",
+            )
+        if not _is_clean_text(key):
+            raise InvalidRequest(
+                "metadata keys must not contain control characters", field="metadata"
+            )
+        if key in reserved:
+            raise InvalidRequest(
+                f"metadata.{key} is reserved: the service sets it", field=f"metadata.{key}"
+            )
+        checked[key] = _check_metadata_value(key, value)
+    return checked
+
+
+def as_metadata(value: Any) -> Metadata:
+    """Metadata read back from the database (already validated when written)."""
+    return dict(value or {})

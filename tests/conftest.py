@@ -1,0 +1,133 @@
+"""Shared fixtures: a real PostgreSQL database (fresh, migrated, per test session), a real Redis,
+and SQLite for what `outbox dev` uses.
+
+Two isolation tiers (as River and Procrastinate do):
+- `db`: a session inside a transaction that is rolled back at the end (fast; most tests);
+- `pg_engine` + `clean_tables`: real commits for concurrency tests; tables are emptied after.
+
+With CI=true a missing PostgreSQL or Redis FAILS the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from outbox.db import dispose_engines, make_engine
+from outbox.migrate import upgrade
+from outbox.models import Base
+from outbox.settings import get_settings
+
+TEST_DATABASE_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def service_missing(what: str, exc: BaseException) -> None:
+    """Skip locally, fail in CI: a test suite that silently skips its database proves nothing."""
+    message = f"{what} is not reachable: {exc}"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated to head, dropped after."""
+    base = make_url(TEST_DATABASE_URL)
+    name = f"outbox_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        service_missing("PostgreSQL", exc)
+    url = base.set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    os.environ["DATABASE_URL"] = url
+    get_settings.cache_clear()
+    yield url
+    dispose_engines()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    engine = make_engine(pg_url, pool_size=80, max_overflow=20)
+    yield engine
+    engine.dispose()
+
+
+def truncate_all(engine: Engine) -> None:
+    """Empty every table (the ledger's append-only trigger does not fire on TRUNCATE)."""
+    names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+        else:
+            raise NotImplementedError
+
+
+@pytest.fixture
+def clean_tables(pg_engine: Engine) -> Iterator[Engine]:
+    """For tests that commit for real (threads, processes): tables are emptied before and after."""
+    truncate_all(pg_engine)
+    yield pg_engine
+    truncate_all(pg_engine)
+
+
+@pytest.fixture
+def db(pg_engine: Engine) -> Iterator[Session]:
+    """A session in a transaction rolled back at the end; code under test may use savepoints."""
+    with pg_engine.connect() as conn:
+        trans = conn.begin()
+        session = Session(bind=conn, join_transaction_mode="create_savepoint")
+        try:
+            yield session
+        finally:
+            session.close()
+            trans.rollback()
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: object) -> Iterator[Engine]:
+    """A migrated SQLite database in a temporary file (what `outbox dev` uses)."""
+    url = f"sqlite:///{tmp_path}/outbox.db"
+    upgrade(url)
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_engine(request: pytest.FixtureRequest) -> Engine:
+    """The same test on PostgreSQL (production) and SQLite (`outbox dev`), with real commits."""
+    if request.param == "postgresql":
+        engine: Engine = request.getfixturevalue("clean_tables")
+    else:
+        engine = request.getfixturevalue("sqlite_engine")
+    return engine
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        service_missing("Redis", exc)
+    finally:
+        client.close()
+    return TEST_REDIS_URL
