@@ -1,0 +1,1 @@
+"""The HTTP adapter: FastAPI routes that parse, authorize and call `outbox/`."""

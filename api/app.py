@@ -1,0 +1,79 @@
+"""The FastAPI application factory: `uvicorn --factory api.app:create_app`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.deps import TokenCache
+from api.errors import error_body, install_error_handlers
+from api.routes import customers, health, usage
+from outbox.db import get_engine, session_factory
+from outbox.settings import Settings, get_settings
+
+MAX_BODY_BYTES = 256 * 1024
+
+
+def _no_nudge() -> None:
+    return None
+
+
+class ContentLengthLimit:
+    """Refuse an oversized body at once by its Content-Length, with the JSON error shape."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length":
+                    if not value.isdigit() or int(value) > self.max_bytes:
+                        response = JSONResponse(
+                            error_body(
+                                "request_too_large",
+                                f"the request body must be at most {self.max_bytes} bytes",
+                            ),
+                            status_code=413,
+                        )
+                        await response(scope, receive, send)
+                        return
+                    break
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    nudge: Callable[[], None] | None = None,
+) -> FastAPI:
+    """Build the API. `nudge` is called after each committed usage (a best-effort wake-up of
+    the delivery worker); the default does nothing and the periodic drain catches up."""
+    settings = settings or get_settings()
+    engine = engine or get_engine(settings.database_url)
+    app = FastAPI(
+        title="polar-usage-outbox",
+        version="0.1.0",
+        description="Credit ledger + transactional outbox that bills AI usage through Polar.",
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = session_factory(engine)
+    app.state.token_cache = TokenCache()
+    app.state.nudge = nudge or _no_nudge
+    # Bodies without a Content-Length are counted as they arrive (Starlette), inside the
+    # exception middleware so the 413 keeps the JSON error shape.
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
+    app.add_middleware(ContentLengthLimit, max_bytes=MAX_BODY_BYTES)
+    install_error_handlers(app)
+    app.include_router(usage.router)
+    app.include_router(customers.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,98 @@
+"""Every error leaves the API as `{"code": ..., "detail": ...}`; one mapping, here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from outbox import errors
+from outbox.idempotency import StoredResponse
+
+log = logging.getLogger("api")
+
+STATUS_BY_ERROR: dict[type[errors.OutboxError], int] = {
+    errors.InvalidRequest: 422,
+    errors.InsufficientCredits: 402,
+    errors.CustomerNotFound: 404,
+    errors.IdempotencyConflict: 409,
+    errors.HoldNotFound: 404,
+    errors.HoldClosed: 409,
+    errors.EventNotFound: 404,
+    errors.NotReplayable: 409,
+}
+
+CODE_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+def error_body(code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return {"code": code, "detail": detail, **extra}
+
+
+def response_for(exc: errors.OutboxError) -> StoredResponse:
+    """The status and body for a domain error."""
+    status = next((s for cls, s in STATUS_BY_ERROR.items() if isinstance(exc, cls)), 500)
+    extra = {"field": exc.context["field"]} if "field" in exc.context else {}
+    return StoredResponse(status, error_body(exc.code, exc.detail, **extra))
+
+
+def _field_of(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str]:
+    first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+    field = _field_of(tuple(first.get("loc", ("body",))))
+    message = str(first.get("msg", "invalid"))
+    if first.get("type") == "json_invalid":
+        return "body", "the request body is not valid JSON"
+    if first.get("type") == "extra_forbidden":
+        return field, f"unknown field {field!r}"
+    return field, f"{field}: {message}"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map domain errors, validation errors, HTTP errors and surprises to the one error shape."""
+
+    @app.exception_handler(errors.OutboxError)
+    async def _domain(_: Request, exc: errors.OutboxError) -> JSONResponse:
+        response = response_for(exc)
+        return JSONResponse(response.body, status_code=response.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        field, detail = _describe_validation(exc)
+        return JSONResponse(error_body("invalid_request", detail, field=field), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.detail, dict) and "code" in exc.detail:
+            body = exc.detail
+        else:
+            code = CODE_BY_STATUS.get(exc.status_code, "error")
+            body = error_body(code, str(exc.detail))
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return JSONResponse(
+            error_body("internal_error", "an unexpected error occurred; it has been logged"),
+            status_code=500,
+        )

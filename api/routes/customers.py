@@ -1,0 +1,111 @@
+"""Customers: credits, usage history and grants."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import AdminToken, SessionDep, UsageToken
+from api.errors import response_for
+from api.routes.usage import IdempotencyKey
+from api.schemas import (
+    ERROR_RESPONSES,
+    CreditsOut,
+    ErrorOut,
+    GrantIn,
+    GrantOut,
+    UsageEventOut,
+    UsagePage,
+)
+from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
+from outbox.ledger import get_credits, grant_credits
+from outbox.models import OutboxEvent
+from outbox.queries import list_events
+from outbox.validation import MAX_CUSTOMER_ID_LENGTH, check_customer_id, check_idempotency_key
+
+router = APIRouter(prefix="/v1/customers", tags=["customers"])
+
+CustomerId = Annotated[str, Path(min_length=1, max_length=MAX_CUSTOMER_ID_LENGTH)]
+NOT_FOUND = {404: {"model": ErrorOut, "description": "customer_not_found"}}
+
+
+@router.get("/{customer_id}/credits", responses={**ERROR_RESPONSES, **NOT_FOUND})
+def get_customer_credits(customer_id: CustomerId, session: SessionDep, _: UsageToken) -> CreditsOut:
+    """The customer's real-time balance, credits held by open holds, granted and used totals."""
+    summary = get_credits(session, customer_id)
+    return CreditsOut(
+        customer_id=summary.customer_id,
+        balance=summary.balance,
+        held=summary.held,
+        granted=summary.granted,
+        used=summary.used,
+    )
+
+
+def usage_event_out(event: OutboxEvent) -> UsageEventOut:
+    return UsageEventOut(
+        event_id=event.id,
+        external_id=event.external_id,
+        credits=event.credits,
+        metadata=event.event_metadata,
+        status=event.status,
+        attempts=event.attempts,
+        last_error=event.last_error,
+        created_at=event.created_at,
+        delivered_at=event.delivered_at,
+    )
+
+
+@router.get("/{customer_id}/usage", responses={**ERROR_RESPONSES, **NOT_FOUND})
+def get_customer_usage(
+    customer_id: CustomerId,
+    session: SessionDep,
+    _: UsageToken,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> UsagePage:
+    """The customer's usage events with their delivery status, newest first (cursor pages).
+    Delivered events older than the retention (`outbox prune`) are no longer listed."""
+    get_credits(session, customer_id)  # 404 for an unknown customer
+    rows, next_cursor = list_events(session, customer_id=customer_id, cursor=cursor, limit=limit)
+    return UsagePage(items=[usage_event_out(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.post(
+    "/{customer_id}/grants",
+    status_code=201,
+    response_model=GrantOut,
+    responses={
+        **ERROR_RESPONSES,
+        409: {"model": ErrorOut, "description": "idempotency_key_reused"},
+    },
+)
+def post_grant(
+    customer_id: CustomerId,
+    body: GrantIn,
+    request: Request,
+    session: SessionDep,
+    token: AdminToken,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Admin: add credits to a customer (created if new)."""
+    check_customer_id(customer_id)
+    key = check_idempotency_key(idempotency_key)
+
+    def action() -> StoredResponse:
+        result = grant_credits(session, customer_id, body.credits, body.reason)
+        return StoredResponse(201, {"grant_id": result.grant_id, "balance": result.balance})
+
+    response = run_idempotent(
+        session,
+        token_id=token.id,
+        key=key,
+        fingerprint=request_fingerprint(
+            "POST", f"/v1/customers/{customer_id}/grants", body.model_dump(mode="json")
+        ),
+        action=action,
+        error_response=response_for,
+    )
+    return JSONResponse(response.body, status_code=response.status_code)

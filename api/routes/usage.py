@@ -1,0 +1,70 @@
+"""POST /v1/usage: deduct credits and enqueue the usage event in one transaction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import SessionDep, UsageToken, after_commit
+from api.errors import response_for
+from api.schemas import ERROR_RESPONSES, ErrorOut, UsageIn, UsageOut
+from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
+from outbox.ledger import record_usage
+from outbox.validation import check_customer_id, check_idempotency_key, check_metadata
+
+router = APIRouter(tags=["usage"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Recommended: a repeat with the same key and body returns the first response.",
+    ),
+]
+
+
+@router.post(
+    "/v1/usage",
+    status_code=201,
+    response_model=UsageOut,
+    responses={
+        **ERROR_RESPONSES,
+        402: {"model": ErrorOut, "description": "insufficient_credits"},
+        404: {"model": ErrorOut, "description": "customer_not_found"},
+        409: {"model": ErrorOut, "description": "idempotency_key_reused"},
+    },
+)
+def post_usage(
+    body: UsageIn,
+    request: Request,
+    session: SessionDep,
+    token: UsageToken,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Record one generation's usage: refused at once (402) if the customer lacks credits."""
+    settings = request.app.state.settings
+    # Validate everything before anything is written (refusals store no idempotency record).
+    check_customer_id(body.customer_id)
+    metadata = check_metadata(body.metadata, credits_field=settings.usage_credits_field)
+    key = check_idempotency_key(idempotency_key)
+
+    def action() -> StoredResponse:
+        result = record_usage(session, body.customer_id, body.credits, metadata, settings=settings)
+        out = asdict(result)
+        out.pop("replayed")
+        return StoredResponse(201, out)
+
+    response = run_idempotent(
+        session,
+        token_id=token.id,
+        key=key,
+        fingerprint=request_fingerprint("POST", "/v1/usage", body.model_dump(mode="json")),
+        action=action,
+        error_response=response_for,
+    )
+    if response.status_code == 201:
+        after_commit(session, request.app.state.nudge)
+    return JSONResponse(response.body, status_code=response.status_code)
