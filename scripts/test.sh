@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up (venv + dependencies) and run the whole test suite: lint, types, migrations, pytest.
+# Usage: ./scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+python -m pip install -q -e ".[dev]"
+
+bash scripts/services.sh
+
+echo "== ruff" >&2
+ruff check .
+ruff format --check .
+echo "== mypy --strict" >&2
+mypy
+echo "== alembic check (models and migrations agree)" >&2
+CHECK_DB="outbox_alembic_check_$$"
+psql -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $CHECK_DB" >/dev/null
+trap 'psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $CHECK_DB WITH (FORCE)" >/dev/null' EXIT
+DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/$CHECK_DB" alembic upgrade head
+DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/$CHECK_DB" alembic check
+echo "== pytest" >&2
+export CI="${CI:-false}"
+python -m pytest "$@"
