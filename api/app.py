@@ -77,3 +77,15 @@ def create_app(
     app.include_router(customers.router)
     app.include_router(health.router)
     return app
+
+
+def create_served_app() -> FastAPI:
+    """The app `outbox serve` and the containers run: nudges the Celery worker after each
+    committed usage (with SQLite there is no broker: the in-process drainer of `outbox dev`)."""
+    settings = get_settings()
+    nudge: Callable[[], None] | None = None
+    if not settings.is_sqlite:
+        from api.nudge import celery_nudger
+
+        nudge = celery_nudger()
+    return create_app(settings, nudge=nudge)

@@ -138,7 +138,7 @@ def serve(
 
     configure_logging(settings.log_format, settings.log_level)
     uvicorn.run(
-        "api.app:create_app",
+        "api.app:create_served_app",
         factory=True,
         host=host,
         port=port,
@@ -146,6 +146,29 @@ def serve(
         log_level=settings.log_level.lower(),
         access_log=False,
     )
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 2,
+    beat: Annotated[bool, typer.Option(help="Also run the beat schedule (-B).")] = True,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker with its beat schedule (same as `celery -A worker worker -B`)."""
+    settings_or_exit()
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker",
+        "worker",
+        f"--concurrency={concurrency}",
+        f"--loglevel={loglevel}",
+    ]
+    if beat:
+        argv.append("-B")
+    os.execv(sys.executable, argv)
 
 
 @app.command("polar-emulator")

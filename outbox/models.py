@@ -293,3 +293,14 @@ class Replay(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     event_ids: Mapped[list[int]] = mapped_column(Json, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class ServiceState(Base):
+    """Small shared facts every process must see, e.g. whether Polar rejects our token."""
+
+    __tablename__ = "service_state"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(64), nullable=False)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)

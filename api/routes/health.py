@@ -5,6 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from outbox.service_state import CREDENTIALS_REJECTED, POLAR_CREDENTIALS, get_state
 
 router = APIRouter(tags=["health"])
 
@@ -17,14 +20,22 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
-    """Readiness: the database answers (and, once delivery runs, Polar accepts our token)."""
+    """Readiness: the database answers and Polar has not rejected our access token."""
     checks: dict[str, str] = {}
     try:
-        with request.app.state.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
+        with Session(request.app.state.engine) as session:
+            session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+            credentials = get_state(session, POLAR_CREDENTIALS)
+        if credentials is not None and credentials.value == CREDENTIALS_REJECTED:
+            checks["polar_credentials"] = (
+                f"rejected by Polar since {credentials.updated_at.isoformat()}: "
+                f"{credentials.detail or 'check POLAR_ACCESS_TOKEN'}"
+            )
+        else:
+            checks["polar_credentials"] = "ok"
     except Exception as exc:
-        checks["database"] = f"unreachable: {type(exc).__name__}"
+        checks.setdefault("database", f"unreachable: {type(exc).__name__}")
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks},

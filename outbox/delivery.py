@@ -1,0 +1,375 @@
+"""Delivery: claim a batch, send it to Polar in ONE request, settle every row by its outcome.
+
+The rules (DESIGN.md "Delivery rules", POLAR.md):
+- OK → delivered (inserted or duplicate: Polar dedups on `external_id`, so a resend is free).
+- Network error, timeout, 5xx, an unattributable 4xx → pending with backoff; counts an attempt.
+- 429 / our own rate budget → pending after Retry-After; not the events' fault, no attempt.
+- 422 naming events → those rows failed with Polar's message (poison); the rest resent at once.
+- 422 "timestamp must be in the past" → pending shortly (clock skew); never dead-lettered.
+- 401/403 → every row back to pending, no attempt; delivery pauses and says so (flag in the
+  database for /readyz, a log line at ERROR, a metric) until the credentials work again.
+
+No transaction is held open while Polar is called: the claim commits first (the lease is what
+protects the rows), the outcome is settled in a second short transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from outbox import metrics
+from outbox.leases import (
+    ClaimedEvent,
+    claim_batch,
+    fail_if_claimed,
+    mark_delivered_if_claimed,
+    new_claim_token,
+    release_if_claimed,
+    rescue_expired_leases,
+    retry_later_if_claimed,
+)
+from outbox.models import utcnow
+from outbox.polar import IngestResult, Outcome, PolarGateway, build_event
+from outbox.service_state import (
+    CREDENTIALS_OK,
+    CREDENTIALS_REJECTED,
+    POLAR_CREDENTIALS,
+    set_state,
+)
+from outbox.settings import Settings
+
+log = logging.getLogger("outbox.delivery")
+
+# A 422 can only name events of the batch it refused; each resend drops at least one row,
+# but a pathological Polar could keep refusing: give up the round after this many resends.
+MAX_REJECTION_ROUNDS = 8
+FUTURE_TIMESTAMP_RETRY_SECONDS = 1.0
+AUTH_PAUSE_SECONDS = 30.0
+
+
+@dataclass
+class BatchReport:
+    """What one batch did; `pause_seconds` > 0 asks the drainer to wait before the next one."""
+
+    batch_id: str
+    claimed: int = 0
+    delivered: int = 0
+    failed: int = 0
+    retried: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    requests: int = 0
+    pause_seconds: float = 0.0
+    outcomes: list[str] = field(default_factory=list)
+
+
+def to_polar_event(event: ClaimedEvent, settings: Settings) -> dict[str, object]:
+    """The Polar event for a claimed row (DESIGN.md: name, external ids, timestamp, metadata)."""
+    return build_event(
+        name=event.name,
+        customer_id=event.customer_id,
+        external_id=event.external_id,
+        occurred_at=event.occurred_at,
+        metadata=event.metadata,
+        credits_field=settings.usage_credits_field,
+        credits=event.credits,
+        usage_id=str(event.id),
+    )
+
+
+class Deliverer:
+    """Delivers batches for one worker process; cheap to build, holds no connection itself."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        gateway: PolarGateway,
+        settings: Settings,
+        *,
+        worker_id: str | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.sessions = sessions
+        self.gateway = gateway
+        self.settings = settings
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self._credentials_ok: bool | None = None
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def _run(self, fn: Callable[[Session], int]) -> int:
+        with self.sessions.begin() as session:
+            return fn(session)
+
+    # -- the batch --------------------------------------------------------------------------
+
+    def claim(self, owner: str) -> list[ClaimedEvent]:
+        """Lease the next batch to `owner` (committed before anything is sent)."""
+        now = self.clock()
+        hold_back = now - timedelta(seconds=self.settings.outbox_clock_margin_seconds)
+        with self.sessions.begin() as session:
+            return claim_batch(
+                session,
+                owner=owner,
+                limit=self.settings.outbox_batch_size,
+                now=now,
+                lease_seconds=self.settings.outbox_lease_seconds,
+                hold_back_until=hold_back,
+            )
+
+    def rescue(self) -> int:
+        """Make rows of lost workers (expired leases) claimable again."""
+        now = self.clock()
+        rescued = self._run(
+            lambda s: rescue_expired_leases(
+                s, now=now, max_attempts=self.settings.outbox_max_attempts
+            )
+        )
+        if rescued:
+            log.warning("rescued rows from expired leases", extra={"rows": rescued})
+            metrics.RESCUED.inc(rescued)
+        return rescued
+
+    def deliver_batch(self) -> BatchReport:
+        """Claim one batch and deliver it; settle every row. Never raises for Polar faults."""
+        owner = new_claim_token(self.worker_id)
+        report = BatchReport(batch_id=owner)
+        pending = self.claim(owner)
+        report.claimed = len(pending)
+        if not pending:
+            return report
+        for _ in range(MAX_REJECTION_ROUNDS):
+            events = [to_polar_event(event, self.settings) for event in pending]
+            started = time.perf_counter()
+            result = self.gateway.ingest(events)
+            metrics.POLAR_REQUEST_SECONDS.observe(time.perf_counter() - started)
+            report.requests += 1
+            report.outcomes.append(result.outcome.value)
+            metrics.POLAR_OUTCOMES.labels(result.outcome.value).inc()
+            pending = self._settle(owner, pending, result, report)
+            if not pending:
+                break
+        else:
+            moved, failed = self._retry(
+                owner, pending, "Polar kept refusing the batch; will retry", count_attempt=True
+            )
+            report.retried += moved
+            report.failed += failed
+        self._log(report)
+        return report
+
+    # -- settling ----------------------------------------------------------------------------
+
+    def _settle(
+        self,
+        owner: str,
+        pending: list[ClaimedEvent],
+        result: IngestResult,
+        report: BatchReport,
+    ) -> list[ClaimedEvent]:
+        """Settle `pending` by `result`; return the rows to resend at once (after a 422)."""
+        outcome = result.outcome
+        if outcome is Outcome.OK:
+            now = self.clock()
+            delivered = self._run(
+                lambda s: mark_delivered_if_claimed(
+                    s, ids=[e.id for e in pending], owner=owner, now=now
+                )
+            )
+            report.delivered += delivered
+            report.inserted += result.inserted
+            report.duplicates += result.duplicates
+            metrics.observe_delivered(pending, now)
+            self._credentials(True, None)
+            return []
+        if outcome is Outcome.AUTH:
+            now = self.clock()
+            self._run(
+                lambda s: release_if_claimed(
+                    s,
+                    ids=[e.id for e in pending],
+                    owner=owner,
+                    now=now,
+                    delay_seconds=AUTH_PAUSE_SECONDS,
+                )
+            )
+            report.pause_seconds = AUTH_PAUSE_SECONDS
+            self._credentials(False, result.message)
+            return []
+        if outcome is Outcome.RATE_LIMITED:
+            moved, _ = self._retry(
+                owner,
+                pending,
+                result.message or "rate limited",
+                count_attempt=False,
+                retry_after=result.retry_after,
+            )
+            report.retried += moved
+            report.pause_seconds = max(report.pause_seconds, result.retry_after or 1.0)
+            return []
+        if outcome is Outcome.REJECTED and result.rejections is not None:
+            return self._settle_rejections(owner, pending, result, report)
+        # TRANSIENT (or a REJECTED without indexes): the batch's fault or Polar's, retry it.
+        moved, failed = self._retry(
+            owner,
+            pending,
+            result.message or "transient error",
+            count_attempt=True,
+            retry_after=result.retry_after,
+        )
+        report.retried += moved
+        report.failed += failed
+        return []
+
+    def _settle_rejections(
+        self,
+        owner: str,
+        pending: list[ClaimedEvent],
+        result: IngestResult,
+        report: BatchReport,
+    ) -> list[ClaimedEvent]:
+        rejections = result.rejections
+        assert rejections is not None
+        poison = {pending[i].id: msg for i, msg in rejections.poison.items() if i < len(pending)}
+        early = [
+            pending[i]
+            for i in sorted(rejections.future_timestamp)
+            if i < len(pending) and pending[i].id not in poison
+        ]
+        if rejections.unattributed or (not poison and not early):
+            moved, failed = self._retry(
+                owner, pending, result.message or "unattributed 422", count_attempt=True
+            )
+            report.retried += moved
+            report.failed += failed
+            return []
+        if poison:
+            now = self.clock()
+            failed = self._run(lambda s: fail_if_claimed(s, errors=poison, owner=owner, now=now))
+            report.failed += failed
+            metrics.POISON_EVENTS.inc(failed)
+            log.warning(
+                "Polar refused events; they are failed (see `outbox failed`)",
+                extra={"batch_id": owner, "event_ids": sorted(poison), "reasons": poison},
+            )
+        if early:
+            moved, _ = self._retry(
+                owner,
+                early,
+                "Polar says the timestamp is in its future (clock skew); retrying",
+                count_attempt=False,
+                retry_after=FUTURE_TIMESTAMP_RETRY_SECONDS,
+            )
+            report.retried += moved
+        settled = set(poison) | {e.id for e in early}
+        return [e for e in pending if e.id not in settled]
+
+    def _retry(
+        self,
+        owner: str,
+        events: Sequence[ClaimedEvent],
+        error: str,
+        *,
+        count_attempt: bool,
+        retry_after: float | None = None,
+    ) -> tuple[int, int]:
+        now = self.clock()
+        with self.sessions.begin() as session:
+            return retry_later_if_claimed(
+                session,
+                events=events,
+                owner=owner,
+                now=now,
+                error=error,
+                rng=self.rng,
+                max_attempts=self.settings.outbox_max_attempts,
+                retry_after=retry_after,
+                count_attempt=count_attempt,
+            )
+
+    def _credentials(self, ok: bool, detail: str | None) -> None:
+        """Record whether Polar accepts our token: loud on the change, quiet otherwise."""
+        metrics.POLAR_AUTH_OK.set(1 if ok else 0)
+        if self._credentials_ok is ok:
+            return
+        self._credentials_ok = ok
+        if ok:
+            log.info("Polar accepts the access token; delivery is running")
+        else:
+            log.error(
+                "Polar REJECTED the access token (401/403): delivery is paused, no row is "
+                "failed. Fix POLAR_ACCESS_TOKEN; delivery resumes by itself.",
+                extra={"detail": detail},
+            )
+        value = CREDENTIALS_OK if ok else CREDENTIALS_REJECTED
+        self._run(lambda s: (set_state(s, POLAR_CREDENTIALS, value, detail), 0)[1])
+
+    def _log(self, report: BatchReport) -> None:
+        log.info(
+            "batch settled",
+            extra={
+                "batch_id": report.batch_id,
+                "claimed": report.claimed,
+                "delivered": report.delivered,
+                "failed": report.failed,
+                "retried": report.retried,
+                "inserted": report.inserted,
+                "duplicates": report.duplicates,
+                "requests": report.requests,
+            },
+        )
+
+
+@dataclass
+class DrainReport:
+    """The sum of a drain run."""
+
+    batches: int = 0
+    delivered: int = 0
+    failed: int = 0
+    retried: int = 0
+    rescued: int = 0
+    pause_seconds: float = 0.0
+
+
+def drain(
+    deliverer: Deliverer,
+    *,
+    max_seconds: float = 50.0,
+    max_batches: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    sleep: Callable[[float], None] = time.sleep,
+    max_sleep: float = 1.0,
+) -> DrainReport:
+    """Deliver batches until the outbox has nothing due, time is up, or a long pause is asked
+    (rate limit, bad credentials): long waits live in the rows, never in a sleeping worker."""
+    report = DrainReport()
+    deadline = time.monotonic() + max_seconds
+    report.rescued = deliverer.rescue()
+    while not should_stop() and time.monotonic() < deadline:
+        if max_batches is not None and report.batches >= max_batches:
+            break
+        batch = deliverer.deliver_batch()
+        if batch.claimed == 0:
+            break
+        report.batches += 1
+        report.delivered += batch.delivered
+        report.failed += batch.failed
+        report.retried += batch.retried
+        if batch.pause_seconds > 0:
+            if batch.pause_seconds > max_sleep:
+                report.pause_seconds = batch.pause_seconds
+                break
+            sleep(batch.pause_seconds)
+    return report

@@ -1,0 +1,57 @@
+"""Prometheus metrics of the delivery path (counters and histograms of this process).
+
+Cluster-wide gauges (events by status, oldest pending age, credits not yet accepted by Polar)
+are computed from the database at scrape time by `outbox.stats` — the table is the truth, and
+that answer does not depend on how many workers run. Worker processes expose these
+per-process series themselves (prometheus-client multiprocess mode under Celery prefork).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+from prometheus_client import Counter, Gauge, Histogram
+
+
+class _HasCreatedAt(Protocol):
+    @property
+    def created_at(self) -> datetime: ...
+
+
+POLAR_OUTCOMES = Counter(
+    "outbox_polar_requests",
+    "Ingest requests to Polar by outcome (ok, transient, rate_limited, auth, rejected).",
+    ["outcome"],
+)
+POLAR_REQUEST_SECONDS = Histogram(
+    "outbox_polar_request_seconds",
+    "Time of one ingest call to Polar, retries and rate-budget waits included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+DELIVERED = Counter("outbox_events_delivered", "Events accepted by Polar (inserted or duplicate).")
+DELIVERY_LATENCY = Histogram(
+    "outbox_delivery_latency_seconds",
+    "From the usage's commit to its acceptance by Polar.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400),
+)
+POISON_EVENTS = Counter("outbox_poison_events", "Events Polar refused permanently (now failed).")
+RESCUED = Counter("outbox_rescued_rows", "Rows whose lease expired (lost worker) and were rescued.")
+POLAR_AUTH_OK = Gauge(
+    "outbox_polar_credentials_ok",
+    "1 while Polar accepts the access token, 0 after a 401/403.",
+    multiprocess_mode="mostrecent",
+)
+RATE_BUDGET_USED = Gauge(
+    "outbox_rate_budget_used",
+    "Requests spent in the current minute of the shared Polar budget.",
+    multiprocess_mode="mostrecent",
+)
+
+
+def observe_delivered(events: Sequence[_HasCreatedAt], now: datetime) -> None:
+    """Count delivered events and their commit → accepted latency."""
+    DELIVERED.inc(len(events))
+    for event in events:
+        DELIVERY_LATENCY.observe(max(0.0, (now - event.created_at).total_seconds()))

@@ -1,0 +1,52 @@
+"""The Celery app, its settings and the beat schedule.
+
+Celery messages are only wake-up hints: the outbox table is the truth. Every task is idempotent
+by design (a drain claims what is due; running it twice, or losing it, changes nothing), so
+`acks_late` + `reject_on_worker_lost` only make a killed worker's message run again.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from outbox.settings import get_settings
+
+settings = get_settings()
+
+app = Celery("outbox", broker=settings.redis_url, include=["worker.tasks"])
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    result_backend=None,
+    task_serializer="json",
+    accept_content=["json"],
+    broker_connection_retry_on_startup=True,
+    broker_connection_retry=True,
+    broker_connection_max_retries=None,
+    # Longer than any task may run (time limit below), so an unacked message is redelivered
+    # only when its worker is really gone.
+    broker_transport_options={
+        "visibility_timeout": 600,
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+    },
+    task_time_limit=300,
+    task_soft_time_limit=240,
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+    timezone="UTC",
+    beat_schedule={
+        "drain": {
+            "task": "outbox.drain",
+            "schedule": settings.outbox_drain_interval_seconds,
+            "options": {"expires": max(settings.outbox_drain_interval_seconds * 2, 5.0)},
+        },
+        "rescue": {
+            "task": "outbox.rescue",
+            "schedule": max(settings.outbox_lease_seconds / 2, 5.0),
+            "options": {"expires": 60.0},
+        },
+    },
+)

@@ -1,0 +1,43 @@
+"""Thin tasks with stable dotted names; the work is in `outbox/`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from outbox import runtime
+from worker.celery_app import app
+
+log = logging.getLogger("worker")
+
+DRAIN_SECONDS = 50.0
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    # Engines, the Polar client and Redis clients are made on first use in each child.
+    runtime.reset_after_fork()
+
+
+@worker_process_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    runtime.close()
+
+
+@app.task(name="outbox.drain", ignore_result=True)
+def drain() -> dict[str, Any]:
+    """Deliver due outbox rows for up to ~50 s; ask a sibling to help while there's a backlog."""
+    report = runtime.drain_once(max_seconds=DRAIN_SECONDS, on_backlog=_ask_for_help)
+    return {"delivered": report.delivered, "failed": report.failed, "batches": report.batches}
+
+
+def _ask_for_help() -> None:
+    drain.apply_async(expires=30)
+
+
+@app.task(name="outbox.rescue", ignore_result=True)
+def rescue() -> int:
+    """Make rows of lost workers (expired leases) claimable again."""
+    return runtime.rescue_once()
