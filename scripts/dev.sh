@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up (venv + dependencies) and run `outbox dev`: SQLite, the API on 127.0.0.1:8000, an
+# in-process drainer and the local Polar emulator on 127.0.0.1:8765. Ctrl-C stops it cleanly.
+# Usage: ./scripts/dev.sh [outbox dev options...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+python -m pip install -q -e .
+exec outbox dev "$@"
