@@ -96,6 +96,15 @@ def rescue_once() -> int:
     return get_deliverer().rescue()
 
 
+def expire_holds_once() -> int:
+    """Release expired holds now."""
+    from outbox.db import session_scope
+    from outbox.holds import expire_holds
+
+    with session_scope(get_engine(get_settings().database_url)) as session:
+        return expire_holds(session)
+
+
 def reset_after_fork() -> None:
     """Forget connections inherited from a parent process."""
     global _deliverer

@@ -43,6 +43,11 @@ app.conf.update(
             "schedule": settings.outbox_drain_interval_seconds,
             "options": {"expires": max(settings.outbox_drain_interval_seconds * 2, 5.0)},
         },
+        "expire-holds": {
+            "task": "outbox.expire_holds",
+            "schedule": 60.0,
+            "options": {"expires": 60.0},
+        },
         "rescue": {
             "task": "outbox.rescue",
             "schedule": max(settings.outbox_lease_seconds / 2, 5.0),

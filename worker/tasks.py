@@ -41,3 +41,9 @@ def _ask_for_help() -> None:
 def rescue() -> int:
     """Make rows of lost workers (expired leases) claimable again."""
     return runtime.rescue_once()
+
+
+@app.task(name="outbox.expire_holds", ignore_result=True)
+def expire_holds() -> int:
+    """Release holds not captured within HOLD_TTL_SECONDS."""
+    return runtime.expire_holds_once()

@@ -1,0 +1,97 @@
+"""Holds: reserve credits before a long generation, then capture or release them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, StrictInt, StrictStr
+
+from api.deps import SessionDep, UsageToken, after_commit
+from api.schemas import ERROR_RESPONSES, ErrorOut, MetadataValue, Strict, UsageOut
+from outbox.holds import capture_hold, place_hold, release_hold
+from outbox.validation import MAX_CREDITS, MAX_CUSTOMER_ID_LENGTH, check_customer_id
+
+router = APIRouter(prefix="/v1/holds", tags=["holds"])
+
+HoldId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+HOLD_ERRORS = {
+    404: {"model": ErrorOut, "description": "hold_not_found"},
+    409: {"model": ErrorOut, "description": "hold_closed"},
+}
+
+
+class HoldIn(Strict):
+    customer_id: StrictStr = Field(min_length=1, max_length=MAX_CUSTOMER_ID_LENGTH)
+    credits: StrictInt = Field(ge=1, le=MAX_CREDITS)
+
+
+class HoldOut(BaseModel):
+    hold_id: int
+    balance: int
+    expires_at: datetime
+
+
+class CaptureIn(Strict):
+    credits: StrictInt | None = Field(None, ge=1, le=MAX_CREDITS)
+    metadata: dict[StrictStr, MetadataValue] | None = None
+
+
+class ReleaseOut(BaseModel):
+    hold_id: int
+    balance: int
+    status: str
+
+
+@router.post(
+    "",
+    status_code=201,
+    responses={
+        **ERROR_RESPONSES,
+        402: {"model": ErrorOut, "description": "insufficient_credits"},
+        404: {"model": ErrorOut, "description": "customer_not_found"},
+    },
+)
+def post_hold(body: HoldIn, request: Request, session: SessionDep, _: UsageToken) -> HoldOut:
+    """Reserve credits; they are released by themselves after HOLD_TTL_SECONDS."""
+    check_customer_id(body.customer_id)
+    result = place_hold(
+        session, body.customer_id, body.credits, settings=request.app.state.settings
+    )
+    return HoldOut(hold_id=result.hold_id, balance=result.balance, expires_at=result.expires_at)
+
+
+@router.post(
+    "/{hold_id}/capture",
+    status_code=201,
+    response_model=UsageOut,
+    responses={**ERROR_RESPONSES, **HOLD_ERRORS},
+)
+def post_capture(
+    hold_id: HoldId,
+    request: Request,
+    session: SessionDep,
+    _: UsageToken,
+    body: CaptureIn | None = None,
+) -> JSONResponse:
+    """Bill what the generation used (default: all held); the rest returns to the balance.
+    Capturing twice returns the first result."""
+    body = body or CaptureIn()
+    result = capture_hold(
+        session, hold_id, body.credits, body.metadata, settings=request.app.state.settings
+    )
+    if not result.replayed:
+        after_commit(session, request.app.state.nudge)
+    return JSONResponse(
+        {"event_id": result.event_id, "external_id": result.external_id, "balance": result.balance},
+        status_code=201,
+    )
+
+
+@router.post("/{hold_id}/release", responses={**ERROR_RESPONSES, **HOLD_ERRORS})
+def post_release(hold_id: HoldId, session: SessionDep, _: UsageToken) -> ReleaseOut:
+    """Return the held credits; nothing is billed."""
+    result = release_hold(session, hold_id)
+    return ReleaseOut(hold_id=result.hold_id, balance=result.balance, status=result.status)

@@ -1,0 +1,215 @@
+"""Holds: reserve credits before a long generation, then capture (bill) or release them.
+
+A hold moves credits from `balance` to `held` (ledger `hold`, negative). Capture returns the
+held credits (ledger `capture`, positive) and records the usage actually consumed (ledger
+`usage` + its outbox row) in the same transaction; release returns them (ledger `release`).
+Holds not captured within HOLD_TTL_SECONDS are released by the sweeper (`expire_holds`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from outbox.errors import (
+    CustomerNotFound,
+    HoldClosed,
+    HoldNotFound,
+    InsufficientCredits,
+    InvalidRequest,
+)
+from outbox.ledger import (
+    UsageResult,
+    _deduct_if_covered,
+    append_ledger_entry,
+    enqueue_usage_event,
+)
+from outbox.models import Customer, Hold, utcnow
+from outbox.settings import Settings, get_settings
+from outbox.states import HoldStatus, LedgerKind
+from outbox.validation import Metadata, check_credits, check_customer_id, check_metadata
+
+
+@dataclass(frozen=True)
+class HoldResult:
+    hold_id: int
+    balance: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    hold_id: int
+    balance: int
+    status: str
+
+
+def place_hold(
+    session: Session, customer_id: str, credits: int, *, settings: Settings | None = None
+) -> HoldResult:
+    """Reserve `credits` (402 if not covered), in the caller's transaction."""
+    settings = settings or get_settings()
+    customer_id = check_customer_id(customer_id)
+    credits = check_credits(credits)
+    now = utcnow()
+    balance = session.execute(
+        update(Customer)
+        .where(Customer.id == customer_id, Customer.balance >= credits)
+        .values(balance=Customer.balance - credits, held=Customer.held + credits, updated_at=now)
+        .returning(Customer.balance)
+    ).scalar_one_or_none()
+    if balance is None:
+        if session.get(Customer, customer_id) is None:
+            raise CustomerNotFound(customer_id=customer_id)
+        raise InsufficientCredits(customer_id=customer_id, credits=credits)
+    expires_at = now + timedelta(seconds=settings.hold_ttl_seconds)
+    hold = Hold(
+        customer_id=customer_id,
+        credits=credits,
+        status=HoldStatus.OPEN,
+        expires_at=expires_at,
+        created_at=now,
+    )
+    session.add(hold)
+    session.flush()
+    append_ledger_entry(
+        session,
+        customer_id=customer_id,
+        kind=LedgerKind.HOLD,
+        delta=-credits,
+        balance_after=int(balance),
+        now=now,
+        hold_id=hold.id,
+    )
+    return HoldResult(hold_id=hold.id, balance=int(balance), expires_at=expires_at)
+
+
+def get_hold_for_update(session: Session, hold_id: int) -> Hold:
+    """The hold, locked until the transaction ends; `HoldNotFound` otherwise."""
+    hold = session.scalars(select(Hold).where(Hold.id == hold_id).with_for_update()).one_or_none()
+    if hold is None:
+        raise HoldNotFound(hold_id=hold_id)
+    return hold
+
+
+def _return_held(session: Session, hold: Hold, kind: LedgerKind, now: datetime) -> int:
+    balance = session.execute(
+        update(Customer)
+        .where(Customer.id == hold.customer_id)
+        .values(
+            balance=Customer.balance + hold.credits,
+            held=Customer.held - hold.credits,
+            updated_at=now,
+        )
+        .returning(Customer.balance)
+    ).scalar_one()
+    append_ledger_entry(
+        session,
+        customer_id=hold.customer_id,
+        kind=kind,
+        delta=hold.credits,
+        balance_after=int(balance),
+        now=now,
+        hold_id=hold.id,
+    )
+    return int(balance)
+
+
+def capture_hold(
+    session: Session,
+    hold_id: int,
+    credits: int | None = None,
+    metadata: Metadata | None = None,
+    *,
+    settings: Settings | None = None,
+) -> UsageResult:
+    """Bill `credits` (default: all held, at most the held amount) of an open hold and return
+    the rest; capturing twice returns the first result."""
+    settings = settings or get_settings()
+    clean_metadata = check_metadata(metadata, credits_field=settings.usage_credits_field)
+    hold = get_hold_for_update(session, hold_id)
+    if hold.status == HoldStatus.CAPTURED and hold.capture_response is not None:
+        return UsageResult(**hold.capture_response, replayed=True)
+    now = utcnow()
+    if hold.status == HoldStatus.OPEN and hold.expires_at <= now:
+        _close(session, hold, HoldStatus.EXPIRED, now)
+    if hold.status != HoldStatus.OPEN:
+        raise HoldClosed(hold_id=hold_id, status=hold.status)
+    amount = hold.credits if credits is None else check_credits(credits)
+    if amount > hold.credits:
+        raise InvalidRequest(
+            f"credits must be at most the held amount ({hold.credits})", field="credits"
+        )
+    _return_held(session, hold, LedgerKind.CAPTURE, now)
+    balance = _deduct_if_covered(session, hold.customer_id, amount, now)
+    event_id, external_id = enqueue_usage_event(
+        session,
+        customer_id=hold.customer_id,
+        credits=amount,
+        metadata=clean_metadata,
+        occurred_at=now,
+        settings=settings,
+    )
+    append_ledger_entry(
+        session,
+        customer_id=hold.customer_id,
+        kind=LedgerKind.USAGE,
+        delta=-amount,
+        balance_after=balance,
+        now=now,
+        event_id=event_id,
+        hold_id=hold.id,
+    )
+    result = UsageResult(event_id=event_id, external_id=external_id, balance=balance)
+    hold.status = HoldStatus.CAPTURED
+    hold.captured_credits = amount
+    hold.event_id = event_id
+    hold.closed_at = now
+    hold.capture_response = {
+        "event_id": event_id,
+        "external_id": external_id,
+        "balance": balance,
+    }
+    session.flush()
+    return result
+
+
+def _close(session: Session, hold: Hold, status: HoldStatus, now: datetime) -> int:
+    kind = LedgerKind.RELEASE
+    balance = _return_held(session, hold, kind, now)
+    hold.status = status
+    hold.closed_at = now
+    session.flush()
+    return balance
+
+
+def release_hold(session: Session, hold_id: int) -> ReleaseResult:
+    """Return the held credits; nothing is billed. Releasing twice is harmless."""
+    hold = get_hold_for_update(session, hold_id)
+    now = utcnow()
+    if hold.status == HoldStatus.OPEN:
+        balance = _close(session, hold, HoldStatus.RELEASED, now)
+        return ReleaseResult(hold_id=hold.id, balance=balance, status=HoldStatus.RELEASED)
+    if hold.status in (HoldStatus.RELEASED, HoldStatus.EXPIRED):
+        customer = session.get(Customer, hold.customer_id)
+        assert customer is not None
+        return ReleaseResult(hold_id=hold.id, balance=customer.balance, status=hold.status)
+    raise HoldClosed(f"hold {hold_id} was captured; it cannot be released", hold_id=hold_id)
+
+
+def expire_holds(session: Session, *, now: datetime | None = None, limit: int = 500) -> int:
+    """Release open holds past their expiry (the sweeper); returns how many."""
+    now = now or utcnow()
+    holds = session.scalars(
+        select(Hold)
+        .where(Hold.status == HoldStatus.OPEN, Hold.expires_at <= now)
+        .order_by(Hold.expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for hold in holds:
+        _close(session, hold, HoldStatus.EXPIRED, now)
+    return len(holds)
