@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import TokenCache
 from api.errors import error_body, install_error_handlers
-from api.routes import customers, health, holds, usage
+from api.routes import customers, health, holds, usage, webhooks
 from outbox.db import get_engine, session_factory
 from outbox.settings import Settings, get_settings
 
@@ -76,6 +76,7 @@ def create_app(
     app.include_router(usage.router)
     app.include_router(customers.router)
     app.include_router(holds.router)
+    app.include_router(webhooks.router)
     app.include_router(health.router)
     return app
 

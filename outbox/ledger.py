@@ -337,3 +337,48 @@ def ledger_balance(session: Session, customer_id: str) -> int:
         )
     )
     return int(total or 0)
+
+
+def revoke_credits(
+    session: Session,
+    customer_id: str,
+    credits: int,
+    reason: str | None = None,
+    idempotency_key: str | None = None,
+) -> GrantResult:
+    """Take back up to `credits`, never below zero; the shortfall is written in the entry's
+    reason. Returns the revoke entry id (as `grant_id`) and the balance after it."""
+    customer_id = check_customer_id(customer_id)
+    credits = check_credits(credits, maximum=MAX_GRANT_CREDITS)
+    now = utcnow()
+    customer = get_customer_for_update(session, customer_id)
+    if customer is None:
+        raise CustomerNotFound(customer_id=customer_id)
+    taken = min(credits, customer.balance)
+    shortfall = credits - taken
+    note = reason or "revoked"
+    if shortfall:
+        note += f" (shortfall: {shortfall} of {credits} credits were already spent or held)"
+    balance = session.execute(
+        update(Customer)
+        .where(Customer.id == customer_id)
+        .values(
+            balance=Customer.balance - taken,
+            granted=func.greatest(Customer.granted - taken, 0)
+            if session.get_bind().dialect.name == "postgresql"
+            else func.max(Customer.granted - taken, 0),
+            updated_at=now,
+        )
+        .returning(Customer.balance)
+    ).scalar_one()
+    entry_id = append_ledger_entry(
+        session,
+        customer_id=customer_id,
+        kind=LedgerKind.REVOKE,
+        delta=-taken,
+        balance_after=int(balance),
+        now=now,
+        reason=note,
+        idempotency_key=idempotency_key,
+    )
+    return GrantResult(grant_id=entry_id, balance=int(balance))
