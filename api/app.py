@@ -6,13 +6,15 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import TokenCache
 from api.errors import error_body, install_error_handlers
-from api.routes import customers, health, holds, usage, webhooks
+from api.routes import admin, customers, health, holds, usage, webhooks
+from outbox.collector import OutboxCollector
 from outbox.db import get_engine, session_factory
 from outbox.settings import Settings, get_settings
 
@@ -68,6 +70,9 @@ def create_app(
     app.state.sessionmaker = session_factory(engine)
     app.state.token_cache = TokenCache()
     app.state.nudge = nudge or _no_nudge
+    registry = CollectorRegistry()
+    registry.register(OutboxCollector(engine))
+    app.state.metrics_registry = registry
     # Bodies without a Content-Length are counted as they arrive (Starlette), inside the
     # exception middleware so the 413 keeps the JSON error shape.
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
@@ -77,6 +82,7 @@ def create_app(
     app.include_router(customers.router)
     app.include_router(holds.router)
     app.include_router(webhooks.router)
+    app.include_router(admin.router)
     app.include_router(health.router)
     return app
 

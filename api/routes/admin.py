@@ -1,0 +1,135 @@
+"""Admin: outbox stats, events, replay (admin scope only)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
+
+from api.deps import AdminToken, SessionDep
+from api.schemas import ERROR_RESPONSES, ErrorOut, Strict
+from outbox.operations import MAX_REPLAY_IDS, outbox_stats, replay
+from outbox.queries import list_events
+from outbox.states import EventStatus
+from outbox.validation import MAX_CUSTOMER_ID_LENGTH, check_customer_id
+
+router = APIRouter(prefix="/v1/admin/outbox", tags=["admin"])
+
+
+class StatsOut(BaseModel):
+    counts: dict[str, int]
+    oldest_pending_seconds: float
+    delivered_last_minute: int
+    credits_undelivered: int
+
+
+class EventOut(BaseModel):
+    event_id: int
+    external_id: str
+    customer_id: str
+    credits: int
+    metadata: dict[str, object]
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    last_error: str | None
+    last_replay_id: int | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next_cursor: str | None
+
+
+class ReplayIn(Strict):
+    event_ids: list[StrictInt] | None = Field(None, min_length=1, max_length=MAX_REPLAY_IDS)
+    status: Literal["failed"] | None = None
+    customer_id: StrictStr | None = Field(None, min_length=1, max_length=MAX_CUSTOMER_ID_LENGTH)
+    dry_run: StrictBool = False
+    reason: StrictStr | None = Field(None, max_length=500)
+
+
+class ReplayOut(BaseModel):
+    replayed: int
+    event_ids: list[int]
+    dry_run: bool
+    replay_id: int | None
+
+
+@router.get("/stats", responses=ERROR_RESPONSES)
+def get_stats(session: SessionDep, _: AdminToken) -> StatsOut:
+    """Counts by status, oldest pending age, deliveries in the last minute, money at risk."""
+    return StatsOut(**outbox_stats(session).as_dict())  # type: ignore[arg-type]
+
+
+@router.get("/events", responses=ERROR_RESPONSES)
+def get_events(
+    session: SessionDep,
+    _: AdminToken,
+    status: Annotated[EventStatus | None, Query()] = None,
+    customer_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> EventPage:
+    """Outbox events, newest first, filtered by status and customer (cursor pages)."""
+    if customer_id is not None:
+        check_customer_id(customer_id)
+    rows, next_cursor = list_events(
+        session, customer_id=customer_id, status=status, cursor=cursor, limit=limit
+    )
+    return EventPage(
+        items=[
+            EventOut(
+                event_id=row.id,
+                external_id=row.external_id,
+                customer_id=row.customer_id,
+                credits=row.credits,
+                metadata=row.event_metadata,
+                status=row.status,
+                attempts=row.attempts,
+                next_attempt_at=row.next_attempt_at,
+                lease_owner=row.lease_owner,
+                lease_expires_at=row.lease_expires_at,
+                last_error=row.last_error,
+                last_replay_id=row.last_replay_id,
+                created_at=row.created_at,
+                delivered_at=row.delivered_at,
+            )
+            for row in rows
+        ],
+        next_cursor=next_cursor,
+    )
+
+
+@router.post(
+    "/replay",
+    responses={
+        **ERROR_RESPONSES,
+        404: {"model": ErrorOut, "description": "event_not_found"},
+        409: {"model": ErrorOut, "description": "not_replayable: an event is not failed"},
+    },
+)
+def post_replay(body: ReplayIn, session: SessionDep, token: AdminToken) -> ReplayOut:
+    """failed → pending with the same `external_id` (a resend Polar already has is free).
+    Either `event_ids`, or `status: "failed"` (optionally with `customer_id`)."""
+    result = replay(
+        session,
+        event_ids=body.event_ids,
+        all_failed=body.event_ids is None and body.status == "failed",
+        customer_id=body.customer_id,
+        dry_run=body.dry_run,
+        actor=f"api-token:{token.name or token.id}",
+        reason=body.reason,
+    )
+    return ReplayOut(
+        replayed=result.replayed,
+        event_ids=result.event_ids,
+        dry_run=result.dry_run,
+        replay_id=result.replay_id,
+    )
