@@ -171,6 +171,187 @@ def worker(
     os.execv(sys.executable, argv)
 
 
+def _event_row(event: Any) -> dict[str, Any]:
+    return {
+        "event_id": event.id,
+        "customer_id": event.customer_id,
+        "credits": event.credits,
+        "attempts": event.attempts,
+        "last_error": event.last_error,
+        "external_id": event.external_id,
+        "created_at": event.created_at.isoformat(),
+        "updated_at": event.updated_at.isoformat(),
+        "last_replay_id": event.last_replay_id,
+    }
+
+
+@app.command()
+def status(json_out: JsonFlag = False) -> None:
+    """What is pending, inflight, delivered and failed; the lag; the money at risk."""
+    from outbox.operations import outbox_stats
+
+    stats = with_session(outbox_stats)
+    if json_out:
+        print_json(stats.as_dict())
+        return
+    from rich.table import Table
+
+    table = Table(title="outbox", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, count in stats.counts.items():
+        style = "red" if name == "failed" and count else ""
+        table.add_row(f"events {name}", f"[{style}]{count}[/{style}]" if style else str(count))
+    table.add_row("oldest pending (s)", f"{stats.oldest_pending_seconds:.1f}")
+    table.add_row("delivered last minute", str(stats.delivered_last_minute))
+    table.add_row("credits undelivered", str(stats.credits_undelivered))
+    out.print(table)
+    if stats.counts["failed"]:
+        out.print("see `outbox failed`, then `outbox replay --all-failed` once the cause is fixed")
+
+
+@app.command()
+def failed(
+    customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows.", min=1)] = 1000,
+    json_out: JsonFlag = False,
+) -> None:
+    """Failed events: id, customer, credits, attempts, last error, when."""
+    from outbox.operations import list_failed
+
+    rows = with_session(
+        lambda s: [_event_row(e) for e in list_failed(s, customer_id=customer, limit=limit)]
+    )
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        out.print("no failed events")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} failed event(s)")
+    for column in ("event_id", "customer_id", "credits", "attempts", "last_error", "updated_at"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            *(
+                str(row[c] if row[c] is not None else "")
+                for c in (
+                    "event_id",
+                    "customer_id",
+                    "credits",
+                    "attempts",
+                    "last_error",
+                    "updated_at",
+                )
+            )
+        )
+    out.print(table)
+
+
+@app.command("replay")
+def replay_cmd(
+    event_id: Annotated[
+        list[int] | None, typer.Option("--event-id", help="A failed event to replay (repeatable).")
+    ] = None,
+    all_failed: Annotated[bool, typer.Option("--all-failed", help="Every failed event.")] = False,
+    customer: Annotated[
+        str | None, typer.Option(help="With --all-failed: only this customer.")
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Why (kept with the replay).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would move.")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """failed → pending with the same external_id: Polar dedups, so nothing is billed twice."""
+    from outbox.operations import replay
+
+    if bool(event_id) == all_failed:
+        fail("give --event-id ID (repeatable) or --all-failed, not both")
+    if customer is not None and not all_failed:
+        fail("--customer only goes with --all-failed")
+    actor = f"cli:{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}"
+    result = with_session(
+        lambda s: replay(
+            s,
+            event_ids=event_id or None,
+            all_failed=all_failed,
+            customer_id=customer,
+            dry_run=dry_run,
+            actor=actor,
+            reason=reason,
+        )
+    )
+    summary = {
+        "replayed": 0 if dry_run else result.replayed,
+        "would_replay": result.replayed if dry_run else None,
+        "event_ids": result.event_ids,
+        "credits": result.credits,
+        "dry_run": dry_run,
+        "replay_id": result.replay_id,
+    }
+    if json_out:
+        print_json(summary)
+        return
+    verb = "would replay" if dry_run else "replayed"
+    out.print(
+        f"{verb} {result.replayed} event(s), {result.credits} credits"
+        + (f" (replay #{result.replay_id})" if result.replay_id else "")
+    )
+    for detail in result.details[:50]:
+        out.print(
+            f"  {detail['event_id']}  {detail['customer_id']}  {detail['credits']} credits"
+            f"  last error: {detail['last_error']}"
+        )
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option(help="Retention: delivered rows older than this go (e.g. 30d, 12h).")
+    ] = "30d",
+    batch_size: Annotated[int, typer.Option(help="Rows per transaction.", min=1)] = 1000,
+    json_out: JsonFlag = False,
+) -> None:
+    """Delete delivered rows past the retention, in small batches; ledger entries are kept."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from outbox.db import get_engine
+    from outbox.operations import parse_duration, prune_delivered
+
+    settings = settings_or_exit()
+    with domain_errors():
+        retention = parse_duration(older_than)
+        engine = get_engine(settings.database_url)
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), console=err, disable=json_out
+        ) as progress:
+            task = progress.add_task("pruning delivered rows: 0", total=None)
+            done = 0
+
+            def advance(count: int) -> None:
+                nonlocal done
+                done += count
+                progress.update(task, description=f"pruning delivered rows: {done}")
+
+            result = prune_delivered(
+                engine, older_than=retention, batch_size=batch_size, progress=advance
+            )
+    if json_out:
+        print_json(
+            {
+                "deleted": result.deleted,
+                "cutoff": result.cutoff.isoformat(),
+                "batches": result.batches,
+            }
+        )
+    else:
+        out.print(
+            f"deleted {result.deleted} delivered row(s) delivered before "
+            f"{result.cutoff.isoformat()} in {result.batches} batch(es); ledger untouched"
+        )
+
+
 @app.command("polar-emulator")
 def polar_emulator(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
