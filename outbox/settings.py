@@ -5,9 +5,14 @@ Malformed values fail at start-up with a message naming the variable (`load_sett
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Iterable
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,7 +25,7 @@ class Settings(BaseSettings):
     """Every variable of DESIGN.md's configuration table, plus a few documented extras."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="forbid", case_sensitive=False
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
     )
 
     database_url: str = Field("sqlite:///./outbox.db", min_length=1)
@@ -43,6 +48,7 @@ class Settings(BaseSettings):
     outbox_drain_interval_seconds: float = Field(5.0, gt=0, le=3600)
     outbox_retention_days: int = Field(30, ge=1, le=3650)
     polar_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    outbox_metrics_port: int | None = Field(None, ge=1, le=65535)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -71,8 +77,29 @@ def _describe(exc: ValidationError) -> str:
     return "invalid configuration: " + "; ".join(problems)
 
 
+OUR_PREFIXES = ("OUTBOX_", "POLAR_", "USAGE_", "HOLD_")
+
+
+def unknown_variables(names: Iterable[str]) -> list[str]:
+    """Names that look like ours (OUTBOX_*, POLAR_*, USAGE_*, HOLD_*) but are not settings:
+    almost always a typo that would otherwise silently fall back to a default."""
+    known = {name.upper() for name in Settings.model_fields}
+    problems = []
+    for name in sorted({n.upper() for n in names}):
+        if name.startswith(OUR_PREFIXES) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            problems.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+    return problems
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read and validate the configuration; raise `ConfigError` naming each bad variable."""
+    names = set(os.environ)
+    if Path(".env").is_file():
+        names |= {k for k in dotenv_values(".env") if k}
+    unknown = unknown_variables(names)
+    if unknown:
+        raise ConfigError("unknown configuration variable(s): " + ", ".join(unknown))
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

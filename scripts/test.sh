@@ -14,6 +14,16 @@ python -m pip install -q -e ".[dev]"
 
 bash scripts/services.sh
 
+# docker-compose.yml is validated by tests/test_compose.py with `docker compose config` (or the
+# standalone docker-compose). Without either, CI installs Debian's docker-compose.
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+  if [ "${CI:-}" = "true" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "== installing docker-compose (Debian) to validate docker-compose.yml" >&2
+    apt-get install -y -q docker-compose >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null; }
+  fi
+fi
+
 echo "== ruff" >&2
 ruff check .
 ruff format --check .
