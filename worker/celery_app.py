@@ -7,11 +7,19 @@ by design (a drain claims what is due; running it twice, or losing it, changes n
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 from celery import Celery
 
 from outbox.settings import get_settings
 
 settings = get_settings()
+
+if settings.outbox_metrics_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    # Prefork children each count their own deliveries; multiprocess mode sums them for the
+    # worker's /metrics. Must be set before prometheus_client is imported anywhere.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="outbox-metrics-")
 
 app = Celery("outbox", broker=settings.redis_url, include=["worker.tasks"])
 app.conf.update(

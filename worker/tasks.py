@@ -5,14 +5,30 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from outbox import runtime
+from outbox.settings import get_settings
 from worker.celery_app import app
 
 log = logging.getLogger("worker")
 
 DRAIN_SECONDS = 50.0
+
+
+@worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """Expose the worker's delivery metrics (all prefork children summed) on
+    OUTBOX_METRICS_PORT."""
+    port = get_settings().outbox_metrics_port
+    if not port:
+        return
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, registry=registry)
+    log.info("worker metrics on :%d/metrics", port)
 
 
 @worker_process_init.connect
@@ -22,8 +38,12 @@ def _after_fork(**_: Any) -> None:
 
 
 @worker_process_shutdown.connect
-def _on_shutdown(**_: Any) -> None:
+def _on_shutdown(pid: int | None = None, **_: Any) -> None:
     runtime.close()
+    if get_settings().outbox_metrics_port and pid is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 @app.task(name="outbox.drain", ignore_result=True)
