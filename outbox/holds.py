@@ -161,6 +161,7 @@ def capture_hold(
         balance_after=balance,
         now=now,
         event_id=event_id,
+        external_id=external_id,
         hold_id=hold.id,
     )
     result = UsageResult(event_id=event_id, external_id=external_id, balance=balance)

@@ -83,9 +83,7 @@ def _existing_usage(
     session: Session, customer_id: str, credits: int, idempotency_key: str
 ) -> UsageResult | None:
     row = session.execute(
-        select(LedgerEntry.delta, LedgerEntry.event_id, OutboxEvent.external_id)
-        .outerjoin(OutboxEvent, OutboxEvent.id == LedgerEntry.event_id)
-        .where(
+        select(LedgerEntry.delta, LedgerEntry.event_id, LedgerEntry.external_id).where(
             LedgerEntry.customer_id == customer_id,
             LedgerEntry.kind == LedgerKind.USAGE,
             LedgerEntry.idempotency_key == idempotency_key,
@@ -146,6 +144,7 @@ def append_ledger_entry(
     balance_after: int,
     now: datetime,
     event_id: int | None = None,
+    external_id: str | None = None,
     hold_id: int | None = None,
     reason: str | None = None,
     idempotency_key: str | None = None,
@@ -159,6 +158,7 @@ def append_ledger_entry(
             delta=delta,
             balance_after=balance_after,
             event_id=event_id,
+            external_id=external_id,
             hold_id=hold_id,
             reason=reason,
             idempotency_key=idempotency_key,
@@ -218,6 +218,7 @@ def record_usage(
         balance_after=balance,
         now=now,
         event_id=event_id,
+        external_id=external_id,
         idempotency_key=idempotency_key,
     )
     return UsageResult(event_id=event_id, external_id=external_id, balance=balance)

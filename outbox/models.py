@@ -108,7 +108,10 @@ class LedgerEntry(Base):
             name="delta_sign_matches_kind",
         ),
         CheckConstraint("balance_after >= 0", name="balance_after_non_negative"),
-        CheckConstraint("kind <> 'usage' OR event_id IS NOT NULL", name="usage_has_event"),
+        CheckConstraint(
+            "kind <> 'usage' OR (event_id IS NOT NULL AND external_id IS NOT NULL)",
+            name="usage_has_event",
+        ),
         Index("ix_ledger_entries_customer_id_id", "customer_id", "id"),
         Index(
             "uq_ledger_entries_customer_kind_idempotency_key",
@@ -131,6 +134,9 @@ class LedgerEntry(Base):
     # The outbox row of a usage entry. Not a foreign key: pruning delivered outbox rows
     # must never touch the ledger.
     event_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The usage's Polar `external_id`, kept here too: a pruned outbox row can be re-created
+    # with the same id (reconcile --fix), and dedup keeps that free of double billing.
+    external_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     hold_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)

@@ -280,6 +280,7 @@ def upgrade() -> None:
         sa.Column("delta", sa.BigInteger(), nullable=False),
         sa.Column("balance_after", sa.BigInteger(), nullable=False),
         sa.Column("event_id", sa.BigInteger(), nullable=True),
+        sa.Column("external_id", sa.String(length=64), nullable=True),
         sa.Column("hold_id", sa.BigInteger(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
@@ -289,7 +290,7 @@ def upgrade() -> None:
             name=op.f("ck_ledger_entries_delta_sign_matches_kind"),
         ),
         sa.CheckConstraint(
-            "kind <> 'usage' OR event_id IS NOT NULL",
+            "kind <> 'usage' OR (event_id IS NOT NULL AND external_id IS NOT NULL)",
             name=op.f("ck_ledger_entries_usage_has_event"),
         ),
         sa.CheckConstraint(
