@@ -352,6 +352,35 @@ def prune(
         )
 
 
+@app.command()
+def dev(
+    host: Annotated[str, typer.Option(help="Interface for the API.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for the API.", min=1, max=65535)] = 8000,
+    emulator_port: Annotated[
+        int, typer.Option(help="Port for the local Polar emulator.", min=1, max=65535)
+    ] = 8765,
+    demo_customer: Annotated[str, typer.Option(help="The demo customer's id.")] = "demo_customer",
+    demo_credits: Annotated[int, typer.Option(help="Credits granted on first start.", min=1)] = 100,
+) -> None:
+    """The embedded default: SQLite, the API, an in-process drainer and the Polar emulator."""
+    from outbox.devserver import DevOptions, run_dev
+    from outbox.logs import configure_logging
+
+    settings = settings_or_exit()
+    configure_logging(settings.log_format, settings.log_level)
+    with domain_errors():
+        run_dev(
+            DevOptions(
+                host=host,
+                port=port,
+                emulator_port=emulator_port,
+                demo_customer=demo_customer,
+                demo_credits=demo_credits,
+            ),
+            echo=lambda text: out.print(text, highlight=False, markup=False, soft_wrap=True),
+        )
+
+
 @app.command("polar-emulator")
 def polar_emulator(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
