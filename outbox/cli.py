@@ -381,6 +381,94 @@ def dev(
         )
 
 
+def _parse_time(value: str | None, option: str) -> Any:
+    if value is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"{option} must be an ISO 8601 time, e.g. 2026-11-24T00:00:00Z; got {value!r}")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@app.command()
+def reconcile(
+    customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Start (ISO 8601); default 24 h before --until.")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="End (ISO 8601); default 5 minutes ago.")
+    ] = None,
+    fix: Annotated[bool, typer.Option("--fix", help="Re-queue what Polar lacks.")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Ledger vs Polar: missing, unknown, mismatched credits. Exit 1 when they differ."""
+    from outbox.polar import get_gateway
+    from outbox.reconcile import reconcile as run
+
+    settings = settings_or_exit()
+    start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
+    if start and end and start >= end:
+        fail("--since must be before --until")
+    with domain_errors():
+        gateway = get_gateway(settings)
+        with err.status("reading Polar's events (spends the shared rate budget)..."):
+            report = with_session(
+                lambda s: run(
+                    s, gateway, settings, customer_id=customer, since=start, until=end, fix=fix
+                )
+            )
+    data = report.as_dict()
+    if json_out:
+        print_json(data)
+    else:
+        totals = data["totals"]
+        out.print(
+            f"{report.since.isoformat()} → {report.until.isoformat()}: ledger "
+            f"{totals['ledger_credits']} credits, Polar {totals['polar_credits']}; missing "
+            f"{totals['missing']}, unknown {totals['unknown']}, mismatched "
+            f"{totals['mismatched']}, in flight {totals['in_flight']}"
+        )
+        for c in report.customers:
+            if c.differs:
+                out.print(
+                    f"  {c.customer_id}: ledger {c.ledger_credits}, Polar {c.polar_credits}; "
+                    f"missing {c.missing[:20]} unknown {c.unknown[:20]} "
+                    f"mismatched {c.mismatched[:20]}"
+                )
+        if report.requeued or report.recreated:
+            out.print(
+                f"re-queued {len(report.requeued) + len(report.recreated)} event(s) "
+                "(same external_id: Polar dedups)"
+            )
+        elif report.differs and not fix:
+            out.print("run again with --fix to re-queue the missing events")
+    raise typer.Exit(1 if report.differs else 0)
+
+
+@app.command()
+def doctor(json_out: JsonFlag = False) -> None:
+    """Check the setup before going live; exit 1 if any check fails."""
+    from outbox.doctor import run_checks
+    from outbox.polar import get_gateway
+
+    settings = settings_or_exit()
+    with domain_errors():
+        checks = run_checks(settings, lambda: get_gateway(settings))
+    if json_out:
+        print_json([c.as_dict() for c in checks])
+    else:
+        for c in checks:
+            mark = "[green]✓[/green]" if c.ok else "[red]✗[/red]"
+            out.print(f"{mark} {c.name}: {c.detail}", highlight=False)
+            if not c.ok and c.fix:
+                out.print(f"    fix: {c.fix}", highlight=False)
+    raise typer.Exit(0 if all(c.ok for c in checks) else 1)
+
+
 @app.command("polar-emulator")
 def polar_emulator(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",

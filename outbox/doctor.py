@@ -1,0 +1,173 @@
+"""`outbox doctor`: the production checklist as a command. Each check says ✓ or ✗ and, when it
+fails, the fix in one line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+
+from outbox.settings import Settings
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix}
+
+
+def _sums_our_field(meter: dict[str, Any], settings: Settings) -> bool:
+    aggregation = meter.get("aggregation") or {}
+    field = str(aggregation.get("property") or "")
+    if aggregation.get("func") != "sum" or field.removeprefix("metadata.") != (
+        settings.usage_credits_field
+    ):
+        return False
+    clauses = (meter.get("filter") or {}).get("clauses") or []
+    return any(
+        clause.get("property") == "name"
+        and clause.get("operator") == "eq"
+        and clause.get("value") == settings.usage_event_name
+        for clause in clauses
+        if isinstance(clause, dict)
+    )
+
+
+def check_database(settings: Settings) -> Check:
+    from outbox.db import get_engine
+
+    try:
+        with get_engine(settings.database_url).connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return Check("database", True, "reachable")
+    except Exception as exc:
+        return Check("database", False, f"unreachable: {type(exc).__name__}", "check DATABASE_URL")
+
+
+def check_redis(settings: Settings) -> Check:
+    if settings.is_sqlite:
+        return Check("redis", True, "not needed with SQLite (outbox dev)")
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+        return Check("redis", True, "reachable")
+    except redis.RedisError as exc:
+        return Check("redis", False, f"unreachable: {type(exc).__name__}", "check REDIS_URL")
+    finally:
+        client.close()
+
+
+def run_checks(settings: Settings, gateway_factory: Callable[[], Any]) -> list[Check]:
+    """Every check, in order; Polar checks are skipped (✗) when the token is refused."""
+    checks = [check_database(settings), check_redis(settings)]
+    if not settings.polar_access_token:
+        checks.append(
+            Check(
+                "polar token",
+                False,
+                "POLAR_ACCESS_TOKEN is not set",
+                "create an organization access token in Polar and set POLAR_ACCESS_TOKEN",
+            )
+        )
+        return checks
+    gateway = gateway_factory()
+    try:
+        meters = gateway.list_meters()
+    except Exception as exc:
+        checks.append(
+            Check(
+                "polar token",
+                False,
+                f"Polar refused or failed: {exc}",
+                "check POLAR_ACCESS_TOKEN and POLAR_ENVIRONMENT (sandbox tokens only work "
+                "in sandbox)",
+            )
+        )
+        return checks
+    checks.append(Check("polar token", True, f"accepted by Polar {settings.polar_environment}"))
+    ours = [m for m in meters if _sums_our_field(m, settings)]
+    if settings.polar_meter_id:
+        ours = [m for m in ours if m.get("id") == settings.polar_meter_id]
+    if ours:
+        meter = ours[0]
+        checks.append(
+            Check(
+                "meter",
+                True,
+                f"{meter.get('name')!r} ({meter.get('id')}) sums "
+                f"{settings.usage_credits_field} over {settings.usage_event_name}",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "meter",
+                False,
+                f"no meter sums metadata.{settings.usage_credits_field} over events named "
+                f"{settings.usage_event_name!r}"
+                + (f" with id {settings.polar_meter_id}" if settings.polar_meter_id else ""),
+                "in Polar: Products → Meters → Create: filter name = "
+                f"{settings.usage_event_name}, aggregation sum of {settings.usage_credits_field}",
+            )
+        )
+    if settings.polar_product_id:
+        checks.extend(_product_checks(gateway, settings, ours))
+    return checks
+
+
+def _product_checks(gateway: Any, settings: Settings, meters: list[dict[str, Any]]) -> list[Check]:
+    product_id = settings.polar_product_id
+    try:
+        product = gateway.get_product(product_id)
+    except Exception as exc:
+        product = None
+        error = str(exc)
+    else:
+        error = "not found"
+    if not product:
+        return [
+            Check(
+                "product",
+                False,
+                f"POLAR_PRODUCT_ID {product_id}: {error}",
+                "set POLAR_PRODUCT_ID to the Pro product's id",
+            )
+        ]
+    meter_ids = {m.get("id") for m in meters}
+    prices = product.get("prices") or []
+    metered = [p for p in prices if isinstance(p, dict) and p.get("meter_id") in meter_ids]
+    benefits = [
+        b
+        for b in product.get("benefits") or []
+        if isinstance(b, dict)
+        and b.get("type") == "meter_credit"
+        and (b.get("properties") or {}).get("meter_id") in meter_ids
+    ]
+    return [
+        Check("product", True, f"{product.get('name')!r} ({product_id})"),
+        Check(
+            "metered price",
+            bool(metered),
+            "a metered price on the meter" if metered else "no metered price on the meter",
+            "" if metered else "add a Metered Price linked to the meter to the product",
+        ),
+        Check(
+            "meter credits benefit",
+            bool(benefits),
+            (
+                f"{(benefits[0].get('properties') or {}).get('units')} credits per cycle"
+                if benefits
+                else "no Meter Credits benefit on the meter"
+            ),
+            "" if benefits else "create a Meter Credits benefit on the meter and attach it",
+        ),
+    ]
