@@ -105,6 +105,22 @@ def expire_holds_once() -> int:
         return expire_holds(session)
 
 
+def prune_once() -> int:
+    """Delete delivered rows past the retention now."""
+    from datetime import timedelta
+
+    from outbox.operations import prune_delivered
+
+    settings = get_settings()
+    result = prune_delivered(
+        get_engine(settings.database_url),
+        older_than=timedelta(days=settings.outbox_retention_days),
+    )
+    if result.deleted:
+        log.info("pruned delivered rows", extra={"deleted": result.deleted})
+    return result.deleted
+
+
 def reset_after_fork() -> None:
     """Forget connections inherited from a parent process."""
     global _deliverer

@@ -28,29 +28,86 @@ class Settings(BaseSettings):
         env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
     )
 
-    database_url: str = Field("sqlite:///./outbox.db", min_length=1)
-    redis_url: str = Field("redis://localhost:6379/0", min_length=1)
-    polar_access_token: str | None = None
-    polar_environment: Literal["sandbox", "production"] = "sandbox"
-    polar_base_url: str | None = None
-    polar_webhook_secret: str | None = None
-    polar_product_id: str | None = None
-    polar_meter_id: str | None = None
-    polar_requests_per_minute: int | None = Field(None, ge=1, le=100_000)
-    usage_event_name: str = Field("ai_generation", min_length=1, max_length=100)
-    usage_credits_field: str = Field("credits_used", min_length=1, max_length=40)
-    outbox_batch_size: int = Field(500, ge=1, le=5000)
-    outbox_max_attempts: int = Field(25, ge=1, le=1000)
-    outbox_lease_seconds: int = Field(60, ge=5, le=86_400)
-    hold_ttl_seconds: int = Field(900, ge=1, le=7 * 86_400)
-    # Extras (documented in docs/reference/configuration.md).
-    outbox_clock_margin_seconds: float = Field(2.0, ge=0, le=600)
-    outbox_drain_interval_seconds: float = Field(5.0, gt=0, le=3600)
-    outbox_retention_days: int = Field(30, ge=1, le=3650)
-    polar_timeout_seconds: float = Field(10.0, gt=0, le=300)
-    outbox_metrics_port: int | None = Field(None, ge=1, le=65535)
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    database_url: str = Field(
+        "sqlite:///./outbox.db",
+        min_length=1,
+        description="SQLAlchemy URL; production: `postgresql+psycopg://user:pass@host/db`.",
+    )
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        min_length=1,
+        description="Celery broker and the shared Polar rate budget.",
+    )
+    polar_access_token: str | None = Field(
+        None, description="Polar organization access token (a secret; never logged)."
+    )
+    polar_environment: Literal["sandbox", "production"] = Field(
+        "sandbox", description="`sandbox` or `production`."
+    )
+    polar_base_url: str | None = Field(
+        None, description="Overrides the environment's URL (the local emulator, a proxy)."
+    )
+    polar_webhook_secret: str | None = Field(
+        None, description="Webhook signing secret (`whsec_...`); webhooks get 503 without it."
+    )
+    polar_product_id: str | None = Field(
+        None, description="The Pro product; `outbox doctor` checks its metered price and benefit."
+    )
+    polar_meter_id: str | None = Field(
+        None, description="When set, only Meter Credits grants for this meter become credits."
+    )
+    polar_requests_per_minute: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="The organization's Polar request budget, shared by all workers "
+        "(default 100 in sandbox, 500 in production; kept with a safety margin).",
+    )
+    usage_event_name: str = Field(
+        "ai_generation", min_length=1, max_length=100, description="The meter's event name."
+    )
+    usage_credits_field: str = Field(
+        "credits_used",
+        min_length=1,
+        max_length=40,
+        description="The metadata key the meter sums (always sent as an integer).",
+    )
+    outbox_batch_size: int = Field(500, ge=1, le=5000, description="Events per ingest request.")
+    outbox_max_attempts: int = Field(
+        25, ge=1, le=1000, description="Attempts before a row goes to `failed` (days of backoff)."
+    )
+    outbox_lease_seconds: int = Field(
+        60, ge=5, le=86_400, description="How long a claimed batch is leased to its worker."
+    )
+    hold_ttl_seconds: int = Field(
+        900, ge=1, le=7 * 86_400, description="An uncaptured hold is released after this."
+    )
+    # Extras beyond DESIGN.md's table.
+    outbox_clock_margin_seconds: float = Field(
+        0.5,
+        ge=0,
+        le=600,
+        description="Events younger than this are not sent yet: Polar refuses timestamps in "
+        "its future, so a little clock skew is absorbed here (more is retried, never failed).",
+    )
+    outbox_drain_interval_seconds: float = Field(
+        5.0, gt=0, le=3600, description="Beat drains this often (the nudge is faster)."
+    )
+    outbox_retention_days: int = Field(
+        30, ge=1, le=3650, description="The daily prune deletes delivered rows older than this."
+    )
+    polar_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="Timeout of one HTTP request to Polar."
+    )
+    outbox_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of a worker's Prometheus /metrics (unset: off)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`text` for people, `json` for log pipelines."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
 
     @model_validator(mode="after")
     def _default_rate_budget(self) -> Settings:

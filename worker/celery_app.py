@@ -56,6 +56,11 @@ app.conf.update(
             "schedule": 60.0,
             "options": {"expires": 60.0},
         },
+        "prune": {
+            "task": "outbox.prune",
+            "schedule": 24 * 3600.0,
+            "options": {"expires": 3600.0},
+        },
         "rescue": {
             "task": "outbox.rescue",
             "schedule": max(settings.outbox_lease_seconds / 2, 5.0),

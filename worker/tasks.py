@@ -67,3 +67,9 @@ def rescue() -> int:
 def expire_holds() -> int:
     """Release holds not captured within HOLD_TTL_SECONDS."""
     return runtime.expire_holds_once()
+
+
+@app.task(name="outbox.prune", ignore_result=True)
+def prune() -> int:
+    """Delete delivered rows older than OUTBOX_RETENTION_DAYS (the ledger is kept)."""
+    return runtime.prune_once()
