@@ -406,13 +406,13 @@ def reconcile(
     json_out: JsonFlag = False,
 ) -> None:
     """Ledger vs Polar: missing, unknown, mismatched credits. Exit 1 when they differ."""
-    from outbox.polar import get_gateway
-    from outbox.reconcile import reconcile as run
-
     settings = settings_or_exit()
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     if start and end and start >= end:
         fail("--since must be before --until")
+    from outbox.polar import get_gateway
+    from outbox.reconcile import reconcile as run
+
     with domain_errors():
         gateway = get_gateway(settings)
         with err.status("reading Polar's events (spends the shared rate budget)..."):
@@ -484,3 +484,7 @@ def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()
+
+
+if __name__ == "__main__":
+    main()

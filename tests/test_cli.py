@@ -1,0 +1,143 @@
+"""The operator CLI: real commands against the test database; --json for scripts; bad input
+gets a message naming the problem and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, update
+from typer.testing import CliRunner
+
+from outbox.cli import app
+from outbox.db import session_scope
+from outbox.ledger import record_usage
+from outbox.models import OutboxEvent
+from outbox.settings import get_settings
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cli_db(clean_tables: Engine, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    get_settings.cache_clear()
+    yield clean_tables
+    get_settings.cache_clear()
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_every_command_has_help() -> None:
+    commands = [
+        [],
+        ["db", "upgrade"],
+        ["token", "create"],
+        ["grant"],
+        ["serve"],
+        ["worker"],
+        ["dev"],
+        ["status"],
+        ["failed"],
+        ["replay"],
+        ["reconcile"],
+        ["prune"],
+        ["doctor"],
+        ["polar-emulator"],
+    ]
+    for command in commands:
+        code, out, _ = run(*command, "--help")
+        assert code == 0, command
+        assert "Usage" in out, command
+
+
+def test_grant_status_failed_replay_round_trip(cli_db: Engine) -> None:
+    code, out, _ = run("grant", "alice", "10", "--reason", "welcome", "--json")
+    assert code == 0 and json.loads(out)["balance"] == 10
+    with session_scope(cli_db) as session:
+        ids = [record_usage(session, "alice", 2).event_id for _ in range(2)]
+        session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.id == ids[0])
+            .values(status="failed", last_error="Polar: customer refused")
+        )
+    code, out, _ = run("status", "--json")
+    stats = json.loads(out)
+    assert code == 0
+    assert stats["counts"]["failed"] == 1 and stats["credits_undelivered"] == 4
+
+    code, out, _ = run("failed", "--json")
+    rows = json.loads(out)
+    assert [r["event_id"] for r in rows] == [ids[0]]
+    assert rows[0]["last_error"] == "Polar: customer refused"
+
+    code, out, _ = run("replay", "--all-failed", "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["would_replay"] == 1
+    code, out, _ = run("replay", "--event-id", str(ids[1]))
+    assert code == 2  # pending: not replayable
+    code, out, _ = run("replay", "--all-failed", "--reason", "fixed", "--json")
+    assert code == 0 and json.loads(out)["event_ids"] == [ids[0]]
+    code, out, _ = run("failed", "--json")
+    assert json.loads(out) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["grant", "bob", "0", "--reason", "x"], "credits"),
+        (["grant", " bob", "1", "--reason", "x"], "customer_id"),
+        (["token", "create", "--scope", "root"], "scope"),
+        (["replay"], "--event-id"),
+        (["replay", "--event-id", "1", "--all-failed"], "not both"),
+        (["replay", "--event-id", "424242"], "no such event"),
+        (["replay", "--customer", "c"], "--event-id"),
+        (["prune", "--older-than", "soon"], "older_than"),
+        (["prune", "--older-than", "0d"], "positive"),
+        (["failed", "--customer", ""], "customer_id"),
+        (["reconcile", "--since", "yesterday"], "--since"),
+    ],
+)
+def test_bad_input_is_named_and_exits_2(cli_db: Engine, args: list[str], message: str) -> None:
+    code, out, err = run(*args)
+    assert code == 2, out + err
+    assert message in out + err
+
+
+def test_bad_configuration_exits_2_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OUTBOX_BATCH_SIZE", "lots")
+    get_settings.cache_clear()
+    try:
+        code, out, err = run("status")
+    finally:
+        get_settings.cache_clear()
+    assert code == 2
+    assert "OUTBOX_BATCH_SIZE" in out + err
+
+
+def test_token_create_prints_the_token_alone(cli_db: Engine) -> None:
+    code, out, _ = run("token", "create", "--scope", "usage", "--name", "app")
+    assert code == 0
+    assert out.strip().startswith("pou_") and len(out.strip().splitlines()) == 1
+
+
+def test_db_upgrade_as_the_migration_container_runs_it(tmp_path: Path) -> None:
+    """The exact command of docker-compose's `migrate` service, as a real process."""
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/fresh.db"}
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox.cli", "db", "upgrade"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "fresh.db").exists()
