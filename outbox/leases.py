@@ -24,6 +24,7 @@ from outbox.policy import next_attempt_at
 from outbox.states import EventStatus
 
 MAX_ERROR_LENGTH = 2000
+EVENTS = OutboxEvent.__table__
 
 
 @dataclass(frozen=True)
@@ -151,22 +152,22 @@ def fail_if_claimed(
     if not errors:
         return 0
     params = [{"b_id": row_id, "b_error": _clip(msg)} for row_id, msg in errors.items()]
+    # Core table, not the ORM entity: a list of parameters is then a plain executemany.
     result = session.execute(
-        update(OutboxEvent)
+        update(EVENTS)
         .where(
-            OutboxEvent.id == bindparam("b_id"),
-            OutboxEvent.status == EventStatus.INFLIGHT,
-            OutboxEvent.lease_owner == owner,
+            EVENTS.c.id == bindparam("b_id"),
+            EVENTS.c.status == EventStatus.INFLIGHT,
+            EVENTS.c.lease_owner == owner,
         )
         .values(
             status=EventStatus.FAILED,
-            attempts=OutboxEvent.attempts + 1,
+            attempts=EVENTS.c.attempts + 1,
             last_error=bindparam("b_error"),
             lease_owner=None,
             lease_expires_at=None,
             updated_at=now,
-        )
-        .execution_options(synchronize_session=False),
+        ),
         params,
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
@@ -208,11 +209,11 @@ def retry_later_if_claimed(
     moved = 0
     if retried:
         result = session.execute(
-            update(OutboxEvent)
+            update(EVENTS)
             .where(
-                OutboxEvent.id == bindparam("b_id"),
-                OutboxEvent.status == EventStatus.INFLIGHT,
-                OutboxEvent.lease_owner == owner,
+                EVENTS.c.id == bindparam("b_id"),
+                EVENTS.c.status == EventStatus.INFLIGHT,
+                EVENTS.c.lease_owner == owner,
             )
             .values(
                 status=EventStatus.PENDING,
@@ -222,8 +223,7 @@ def retry_later_if_claimed(
                 lease_owner=None,
                 lease_expires_at=None,
                 updated_at=now,
-            )
-            .execution_options(synchronize_session=False),
+            ),
             retried,
         )
         moved = int(result.rowcount)  # type: ignore[attr-defined]
