@@ -57,7 +57,7 @@ def domain_errors() -> Iterator[None]:
     except ConfigError as exc:
         fail(str(exc))
     except OutboxError as exc:
-        field = exc.context.get("field")
+        field = str(exc.context.get("field") or "")
         fail(f"{exc.detail}" + (f" ({field})" if field and field not in exc.detail else ""))
 
 

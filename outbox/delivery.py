@@ -312,8 +312,10 @@ class Deliverer:
                 "failed. Fix POLAR_ACCESS_TOKEN; delivery resumes by itself.",
                 extra={"detail": detail},
             )
-        value = CREDENTIALS_OK if ok else CREDENTIALS_REJECTED
-        self._run(lambda s: (set_state(s, POLAR_CREDENTIALS, value, detail), 0)[1])
+        with self.sessions.begin() as session:
+            set_state(
+                session, POLAR_CREDENTIALS, CREDENTIALS_OK if ok else CREDENTIALS_REJECTED, detail
+            )
 
     def _log(self, report: BatchReport) -> None:
         log.info(

@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, bindparam, case, select, update
+from sqlalchemy import Table, and_, bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from outbox.models import OutboxEvent
@@ -24,7 +24,7 @@ from outbox.policy import next_attempt_at
 from outbox.states import EventStatus
 
 MAX_ERROR_LENGTH = 2000
-EVENTS = OutboxEvent.__table__
+EVENTS = cast(Table, OutboxEvent.__table__)
 
 
 @dataclass(frozen=True)

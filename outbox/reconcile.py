@@ -190,8 +190,8 @@ def reconcile(
         usage_id = str((event.get("metadata") or {}).get("usage_id", ""))
         cid = str(event.get("external_customer_id") or "")
         credits = _credits_of(event, settings.usage_credits_field)
-        usage = by_usage_id.get(usage_id)
-        if usage is None:
+        match = by_usage_id.get(usage_id)
+        if match is None:
             timestamp = event.get("timestamp")
             if isinstance(timestamp, datetime) and not since <= timestamp < until:
                 continue  # outside the window: only the slack brought it in
@@ -201,10 +201,10 @@ def reconcile(
         if usage_id in seen:
             continue  # listed twice (pagination shift): count once
         seen[usage_id] = credits or 0
-        entry(usage.customer_id).polar_credits += credits or 0
-        if credits != usage.credits:
-            entry(usage.customer_id).mismatched.append(
-                {"event_id": usage.event_id, "ledger": usage.credits, "polar": credits}
+        entry(match.customer_id).polar_credits += credits or 0
+        if credits != match.credits:
+            entry(match.customer_id).mismatched.append(
+                {"event_id": match.event_id, "ledger": match.credits, "polar": credits}
             )
     requeue: list[_Usage] = []
     for usage in ours:

@@ -65,7 +65,7 @@ class ReplayOut(BaseModel):
 @router.get("/stats", responses=ERROR_RESPONSES)
 def get_stats(session: SessionDep, _: AdminToken) -> StatsOut:
     """Counts by status, oldest pending age, deliveries in the last minute, money at risk."""
-    return StatsOut(**outbox_stats(session).as_dict())  # type: ignore[arg-type]
+    return StatsOut(**outbox_stats(session).as_dict())
 
 
 @router.get("/events", responses=ERROR_RESPONSES)

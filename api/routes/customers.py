@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
@@ -28,7 +28,9 @@ from outbox.validation import MAX_CUSTOMER_ID_LENGTH, check_customer_id, check_i
 router = APIRouter(prefix="/v1/customers", tags=["customers"])
 
 CustomerId = Annotated[str, Path(min_length=1, max_length=MAX_CUSTOMER_ID_LENGTH)]
-NOT_FOUND = {404: {"model": ErrorOut, "description": "customer_not_found"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "customer_not_found"}
+}
 
 
 @router.get("/{customer_id}/credits", responses={**ERROR_RESPONSES, **NOT_FOUND})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
@@ -17,7 +17,7 @@ from outbox.validation import MAX_CREDITS, MAX_CUSTOMER_ID_LENGTH, check_custome
 router = APIRouter(prefix="/v1/holds", tags=["holds"])
 
 HoldId = Annotated[int, Path(ge=1, le=2**63 - 1)]
-HOLD_ERRORS = {
+HOLD_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "hold_not_found"},
     409: {"model": ErrorOut, "description": "hold_closed"},
 }

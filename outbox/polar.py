@@ -1,0 +1,302 @@
+"""The Polar wrapper: the ONLY place that knows polar-sdk's exception types.
+
+`PolarGateway.ingest` never raises for Polar or network faults: it returns an `IngestResult`
+sorted into one `Outcome`, and the delivery code decides what each means for the rows.
+Every HTTP attempt first takes a slot of the shared rate budget; a 429 pauses every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from polar.base import (
+    PolarClientError,
+    PolarDeserializationError,
+    PolarError,
+    PolarNetworkError,
+    PolarRateLimitError,
+    PolarServerError,
+)
+from polar.v2026_10 import Polar
+from polar.v2026_10.errors import HTTPValidationError
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from outbox.errors import ConfigError
+from outbox.logs import redact
+from outbox.policy import BatchRejections, parse_batch_rejections
+from outbox.ratelimit import RateBudget, make_budget
+from outbox.settings import Settings, get_settings
+
+log = logging.getLogger("outbox.polar")
+
+IN_CALL_ATTEMPTS = 3
+BUDGET_WAIT_SECONDS = 5.0
+EVENTS_PAGE_SIZE = 100
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    TRANSIENT = "transient"
+    RATE_LIMITED = "rate_limited"
+    AUTH = "auth"
+    REJECTED = "rejected"
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestResult:
+    outcome: Outcome
+    inserted: int = 0
+    duplicates: int = 0
+    retry_after: float | None = None
+    status_code: int | None = None
+    message: str = ""
+    rejections: BatchRejections | None = None
+
+
+def build_event(
+    *,
+    name: str,
+    customer_id: str,
+    external_id: str,
+    occurred_at: datetime,
+    metadata: Mapping[str, str | int | float | bool],
+    credits_field: str,
+    credits: int,
+    usage_id: str,
+) -> dict[str, Any]:
+    """One Polar event: `credits_used` an int (a sum meter ignores strings and booleans), our
+    event id as `usage_id` (a string, for reconciliation), a tz-aware ISO 8601 timestamp."""
+    if occurred_at.tzinfo is None:
+        raise ValueError("occurred_at must be timezone-aware")
+    return {
+        "name": name,
+        "external_customer_id": customer_id,
+        "external_id": external_id,
+        "timestamp": occurred_at.astimezone(UTC).isoformat(),
+        "metadata": {**metadata, credits_field: int(credits), "usage_id": str(usage_id)},
+    }
+
+
+def _detail_of(exc: HTTPValidationError) -> list[dict[str, Any]]:
+    detail = getattr(exc.error, "detail", None) or []
+    out = []
+    for item in detail:
+        if isinstance(item, dict):
+            out.append(item)
+        else:
+            out.append(
+                {
+                    "loc": list(getattr(item, "loc", None) or []),
+                    "msg": getattr(item, "msg", ""),
+                    "type": getattr(item, "type", ""),
+                }
+            )
+    return out
+
+
+def classify_failure(exc: BaseException, batch_len: int, secret: str | None = None) -> IngestResult:
+    """Sort any failure of an ingest call into one outcome (the one place that does)."""
+    text = redact(str(exc), secret)[:1000]
+    if isinstance(exc, PolarRateLimitError):
+        return IngestResult(
+            Outcome.RATE_LIMITED,
+            retry_after=float(exc.retry_after) if exc.retry_after is not None else 60.0,
+            status_code=429,
+            message="429 rate limited by Polar",
+        )
+    if isinstance(exc, HTTPValidationError):
+        rejections = parse_batch_rejections(_detail_of(exc), batch_len)
+        if rejections.unattributed and not rejections.poison and not rejections.future_timestamp:
+            return IngestResult(
+                Outcome.TRANSIENT, status_code=422, message=f"422 naming no event: {text}"
+            )
+        return IngestResult(
+            Outcome.REJECTED, status_code=422, message=f"422: {text}", rejections=rejections
+        )
+    if isinstance(exc, PolarClientError):
+        status = exc.status_code
+        if status in (401, 403):
+            return IngestResult(
+                Outcome.AUTH, status_code=status, message=f"{status}: Polar refused the token"
+            )
+        hint = " (batch too large: lower OUTBOX_BATCH_SIZE)" if status == 413 else ""
+        return IngestResult(
+            Outcome.TRANSIENT, status_code=status, message=f"{status}{hint}: {text}"
+        )
+    if isinstance(exc, PolarServerError):
+        return IngestResult(
+            Outcome.TRANSIENT, status_code=exc.status_code, message=f"{exc.status_code}: {text}"
+        )
+    if isinstance(exc, PolarNetworkError):
+        return IngestResult(Outcome.TRANSIENT, message=f"network error: {text}")
+    if isinstance(exc, PolarDeserializationError):
+        return IngestResult(Outcome.TRANSIENT, message=f"unreadable answer from Polar: {text}")
+    return IngestResult(Outcome.TRANSIENT, message=f"{type(exc).__name__}: {text}")
+
+
+def _retry_in_call(exc: BaseException) -> bool:
+    """Worth a quick second try inside the call: no answer, or a 5xx."""
+    return isinstance(exc, PolarNetworkError | PolarServerError)
+
+
+class BudgetWait(Exception):
+    """The shared rate budget has no slot now."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"rate budget spent; retry in {wait:.1f} s")
+        self.wait = wait
+
+
+class PolarGateway:
+    """One per process (see `get_gateway`): the SDK client, the rate budget, auth state."""
+
+    def __init__(self, settings: Settings, *, budget: RateBudget | None = None) -> None:
+        if not settings.polar_access_token:
+            raise ConfigError(
+                "POLAR_ACCESS_TOKEN is not set: create an organization access token in Polar"
+            )
+        self.settings = settings
+        self._token = settings.polar_access_token
+        self.budget = budget or make_budget(settings)
+        self.client = Polar(
+            settings.polar_access_token,
+            environment=settings.polar_environment,
+            base_url=settings.polar_base_url,
+            timeout=settings.polar_timeout_seconds,
+        )
+        self.credentials_ok: bool | None = None
+
+    def _spend(self) -> None:
+        wait = self.budget.acquire(timeout=BUDGET_WAIT_SECONDS)
+        if wait is not None:
+            raise BudgetWait(wait)
+
+    def _call(self, fn: Any, /, **kwargs: Any) -> Any:
+        """Spend a slot, call, and retry briefly on no-answer/5xx (each try spends a slot)."""
+
+        def attempt() -> Any:
+            self._spend()
+            try:
+                return fn(**kwargs)
+            except PolarRateLimitError as exc:
+                self.budget.pause(float(exc.retry_after or 60))
+                raise
+
+        def log_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.info("retrying Polar call: %s", redact(str(exc), self._token)[:200])
+
+        for try_ in Retrying(
+            retry=retry_if_exception(_retry_in_call),
+            stop=stop_after_attempt(IN_CALL_ATTEMPTS),
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            reraise=True,
+            before_sleep=log_retry,
+        ):
+            with try_:
+                return attempt()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def ingest(self, events: list[dict[str, Any]]) -> IngestResult:
+        """Send one batch. Never raises for Polar, network or budget faults."""
+        try:
+            response = self._call(self.client.events.ingest, events=events)
+        except BudgetWait as wait:
+            return IngestResult(Outcome.RATE_LIMITED, retry_after=wait.wait, message=str(wait))
+        except Exception as exc:
+            result = classify_failure(exc, len(events), self._token)
+            if result.outcome is Outcome.AUTH:
+                self.credentials_ok = False
+            return result
+        self.credentials_ok = True
+        return IngestResult(
+            Outcome.OK, inserted=int(response.inserted), duplicates=int(response.duplicates)
+        )
+
+    def list_events(
+        self,
+        *,
+        external_customer_id: str | None,
+        name: str,
+        start: datetime | None,
+        end: datetime | None,
+        metadata: dict[str, str] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Polar's events, page by page (each page spends the budget). Raises on failure."""
+        page = 1
+        while True:
+            result = self._call(
+                self.client.events.list,
+                external_customer_id=external_customer_id,
+                name=name,
+                start_timestamp=start.astimezone(UTC).isoformat() if start else None,
+                end_timestamp=end.astimezone(UTC).isoformat() if end else None,
+                metadata=metadata,
+                page=page,
+                limit=EVENTS_PAGE_SIZE,
+            )
+            for item in result.items:
+                data = dataclasses.asdict(item)
+                timestamp = data.get("timestamp")
+                if isinstance(timestamp, str):
+                    data["timestamp"] = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+                yield data
+            max_page = getattr(getattr(result, "pagination", None), "max_page", page)
+            if page >= (max_page or page) or not result.items:
+                return
+            page += 1
+
+    def list_meters(self) -> list[dict[str, Any]]:
+        """Every meter of the organization (for `outbox doctor`). Raises on failure."""
+        result = self._call(self.client.meters.list, limit=100)
+        return [dataclasses.asdict(item) for item in result.items]
+
+    def get_product(self, product_id: str) -> dict[str, Any] | None:
+        """A product, or None if Polar does not know it. Raises on other failures."""
+        try:
+            product = self._call(self.client.products.get, id=product_id)
+        except PolarClientError as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+        return dataclasses.asdict(product)
+
+    def close(self) -> None:
+        with contextlib.suppress(PolarError, OSError):
+            self.client.__exit__(None, None, None)
+
+
+_lock = threading.Lock()
+_gateway: tuple[int, PolarGateway] | None = None
+
+
+def get_gateway(settings: Settings | None = None) -> PolarGateway:
+    """This process's gateway, made on first use (and again after a fork)."""
+    global _gateway
+    with _lock:
+        if _gateway is None or _gateway[0] != os.getpid():
+            _gateway = (os.getpid(), PolarGateway(settings or get_settings()))
+        return _gateway[1]
+
+
+def close_gateway() -> None:
+    """Close this process's gateway (shutdown, tests)."""
+    global _gateway
+    with _lock:
+        if _gateway is not None and _gateway[0] == os.getpid():
+            _gateway[1].close()
+        _gateway = None
