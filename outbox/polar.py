@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import httpx
 from polar.base import (
     PolarClientError,
     PolarDeserializationError,
@@ -26,6 +27,7 @@ from polar.base import (
     PolarServerError,
 )
 from polar.v2026_10 import Polar
+from polar.v2026_10.client import SERVERS
 from polar.v2026_10.errors import HTTPValidationError
 from tenacity import (
     RetryCallState,
@@ -260,20 +262,39 @@ class PolarGateway:
                 return
             page += 1
 
+    def _get_json(self, path: str, **params: Any) -> Any:
+        """A raw GET: for the few fields `outbox doctor` reads we skip the SDK's strict models
+        (they refuse payloads with fields newer than the SDK, as webhooks do)."""
+        base = self.settings.polar_base_url or SERVERS[self.settings.polar_environment]
+        self._spend()
+        response = httpx.get(
+            base.rstrip("/") + path,
+            params=params,
+            headers={"Authorization": f"Bearer {self._token}"},
+            timeout=self.settings.polar_timeout_seconds,
+        )
+        if response.status_code == 429:
+            self.budget.pause(float(response.headers.get("Retry-After", "60") or 60))
+        if response.status_code in (401, 403):
+            self.credentials_ok = False
+        return response
+
     def list_meters(self) -> list[dict[str, Any]]:
         """Every meter of the organization (for `outbox doctor`). Raises on failure."""
-        result = self._call(self.client.meters.list, limit=100)
-        return [dataclasses.asdict(item) for item in result.items]
+        response = self._get_json("/v1/meters/", limit=100)
+        if response.status_code != 200:
+            raise PolarClientError(response.status_code, response.text[:500])
+        self.credentials_ok = True
+        return list(response.json().get("items") or [])
 
     def get_product(self, product_id: str) -> dict[str, Any] | None:
         """A product, or None if Polar does not know it. Raises on other failures."""
-        try:
-            product = self._call(self.client.products.get, id=product_id)
-        except PolarClientError as exc:
-            if exc.status_code == 404:
-                return None
-            raise
-        return dataclasses.asdict(product)
+        response = self._get_json(f"/v1/products/{product_id}")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise PolarClientError(response.status_code, response.text[:500])
+        return dict(response.json())
 
     def close(self) -> None:
         with contextlib.suppress(PolarError, OSError):
