@@ -296,6 +296,8 @@ class Deliverer:
                 max_attempts=self.settings.outbox_max_attempts,
                 retry_after=retry_after,
                 count_attempt=count_attempt,
+                backoff_base=self.settings.outbox_backoff_base_seconds,
+                backoff_cap=self.settings.outbox_backoff_cap_seconds,
             )
 
     def _credentials(self, ok: bool, detail: str | None) -> None:

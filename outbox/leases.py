@@ -20,7 +20,7 @@ from sqlalchemy import Table, and_, bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from outbox.models import OutboxEvent
-from outbox.policy import next_attempt_at
+from outbox.policy import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, next_attempt_at
 from outbox.states import EventStatus
 
 MAX_ERROR_LENGTH = 2000
@@ -184,6 +184,8 @@ def retry_later_if_claimed(
     max_attempts: int,
     retry_after: float | None = None,
     count_attempt: bool = True,
+    backoff_base: float = BACKOFF_BASE_SECONDS,
+    backoff_cap: float = BACKOFF_CAP_SECONDS,
 ) -> tuple[int, int]:
     """inflight → pending with backoff (full jitter, never sooner than `retry_after`), or →
     failed once `max_attempts` are spent. `count_attempt=False` for faults that are not the
@@ -203,7 +205,9 @@ def retry_later_if_claimed(
             {
                 "b_id": event.id,
                 "b_attempts": attempts,
-                "b_next": next_attempt_at(now, delay_from, rng, retry_after),
+                "b_next": next_attempt_at(
+                    now, delay_from, rng, retry_after, base=backoff_base, cap=backoff_cap
+                ),
             }
         )
     moved = 0

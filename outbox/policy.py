@@ -28,11 +28,17 @@ def backoff_seconds(
 
 
 def next_attempt_at(
-    now: datetime, attempts: int, rng: random.Random, retry_after: float | None = None
+    now: datetime,
+    attempts: int,
+    rng: random.Random,
+    retry_after: float | None = None,
+    *,
+    base: float = BACKOFF_BASE_SECONDS,
+    cap: float = BACKOFF_CAP_SECONDS,
 ) -> datetime:
     """When a row that failed `attempts` times may be tried again: backoff with full jitter,
     never sooner than Polar's Retry-After."""
-    delay = backoff_seconds(attempts, rng)
+    delay = backoff_seconds(attempts, rng, base=base, cap=cap)
     if retry_after is not None and math.isfinite(retry_after):
         delay = max(delay, retry_after)
     return now + timedelta(seconds=delay)

@@ -90,6 +90,15 @@ class Settings(BaseSettings):
         description="Events younger than this are not sent yet: Polar refuses timestamps in "
         "its future, so a little clock skew is absorbed here (more is retried, never failed).",
     )
+    outbox_backoff_base_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="Retry backoff: full jitter over base * 2^attempts, capped below.",
+    )
+    outbox_backoff_cap_seconds: float = Field(
+        6 * 3600.0, gt=0, le=7 * 86_400, description="The longest wait between two attempts."
+    )
     outbox_drain_interval_seconds: float = Field(
         5.0, gt=0, le=3600, description="Beat drains this often (the nudge is faster)."
     )

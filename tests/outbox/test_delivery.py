@@ -1,0 +1,188 @@
+"""Delivery against the emulator on real PostgreSQL: exactly-once in effect through faults,
+poison isolation, clock skew, bad credentials."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import sessionmaker
+
+import polar_emulator
+from outbox.db import session_scope
+from outbox.delivery import Deliverer, drain
+from outbox.ledger import record_usage
+from outbox.models import LedgerEntry, OutboxEvent
+from outbox.polar import PolarGateway
+from outbox.ratelimit import LocalRateBudget
+from outbox.service_state import POLAR_CREDENTIALS, get_state
+from outbox.settings import Settings, load_settings
+from tests.factories import make_customer
+
+
+@pytest.fixture
+def emulator() -> Iterator[polar_emulator.RunningEmulator]:
+    running = polar_emulator.serve_in_thread(config=polar_emulator.EmulatorConfig(seed=7))
+    yield running
+    running.stop()
+
+
+def make_settings(
+    pg_url: str, emulator: polar_emulator.RunningEmulator, **extra: object
+) -> Settings:
+    values: dict[str, object] = {
+        "database_url": pg_url,
+        "polar_access_token": emulator.token,
+        "polar_base_url": emulator.url,
+        "outbox_clock_margin_seconds": 0,
+        "outbox_backoff_base_seconds": 0.02,
+        "outbox_backoff_cap_seconds": 0.2,
+        "polar_timeout_seconds": 5,
+    }
+    values.update(extra)
+    return load_settings(**values)
+
+
+def make_deliverer(engine: Engine, settings: Settings, worker: str = "t") -> Deliverer:
+    gateway = PolarGateway(settings, budget=LocalRateBudget(100_000))
+    return Deliverer(
+        sessionmaker(bind=engine, expire_on_commit=False),
+        gateway,
+        settings,
+        worker_id=worker,
+        rng=random.Random(3),
+    )
+
+
+def spend(engine: Engine, customers: int, events: int, seed: int = 1) -> dict[str, int]:
+    """Record `events` usages spread over `customers`; return credits per customer."""
+    rng = random.Random(seed)
+    spent: dict[str, int] = defaultdict(int)
+    with session_scope(engine) as session:
+        ids = [make_customer(session, credits=events * 10) for _ in range(customers)]
+        for n in range(events):
+            customer = ids[n % customers]
+            credits = rng.randint(1, 5)
+            record_usage(session, customer, credits, {"n": n})
+            spent[customer] += credits
+    return dict(spent)
+
+
+def drain_until_settled(deliverer: Deliverer, engine: Engine, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        drain(deliverer, max_seconds=5, max_sleep=0.5)
+        with session_scope(engine) as session:
+            open_rows = session.scalar(
+                select(func.count()).where(OutboxEvent.status.in_(["pending", "inflight"]))
+            )
+        if not open_rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the outbox did not drain in time")
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    with session_scope(engine) as session:
+        return {
+            status: int(n)
+            for status, n in session.execute(
+                select(OutboxEvent.status, func.count()).group_by(OutboxEvent.status)
+            )
+        }
+
+
+def ledger_usage(engine: Engine) -> dict[str, int]:
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(LedgerEntry.customer_id, -func.sum(LedgerEntry.delta))
+            .where(LedgerEntry.kind == "usage")
+            .group_by(LedgerEntry.customer_id)
+        )
+        return {customer: int(total) for customer, total in rows}
+
+
+def test_everything_is_delivered_once_in_effect_through_faults(
+    clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
+) -> None:
+    spent = spend(clean_tables, customers=7, events=1500)
+    emulator.configure(
+        error_5xx_rate=0.3, rate_429_rate=0.1, accept_then_drop_rate=0.1, latency_ms=2
+    )
+    settings = make_settings(pg_url, emulator, outbox_batch_size=100)
+    drain_until_settled(make_deliverer(clean_tables, settings), clean_tables, timeout=120)
+
+    assert counts(clean_tables) == {"delivered": 1500}
+    stats = emulator.state.stats
+    assert stats.injected_5xx > 0 and stats.dropped_after_store > 0 and stats.status_429 > 0
+    assert stats.duplicates > 0  # resends happened, and Polar deduplicated them
+    assert emulator.state.totals() == spent == ledger_usage(clean_tables)
+
+
+def test_a_poison_event_fails_alone_and_its_batch_is_delivered_in_the_same_cycle(
+    clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
+) -> None:
+    with session_scope(clean_tables) as session:
+        good = make_customer(session, credits=10_000)
+        bad = make_customer(session, credits=10)
+        ids = [record_usage(session, good, 1).event_id for _ in range(250)]
+        poison = record_usage(session, bad, 1).event_id
+        ids += [record_usage(session, good, 1).event_id for _ in range(249)]
+    emulator.configure(reject_customers=[bad])
+    deliverer = make_deliverer(clean_tables, make_settings(pg_url, emulator))
+
+    report = deliverer.deliver_batch()
+
+    assert (report.claimed, report.delivered, report.failed) == (500, 499, 1)
+    assert report.requests == 2  # the 422, then the resend of the 499
+    with session_scope(clean_tables) as session:
+        row = session.get(OutboxEvent, poison)
+        assert row is not None and row.status == "failed"
+        assert bad in (row.last_error or "")  # Polar's message names the refused customer
+    assert counts(clean_tables) == {"delivered": 499, "failed": 1}
+    assert emulator.state.totals() == {good: 499}
+
+
+def test_a_worker_clock_ahead_of_polar_dead_letters_nothing(
+    clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
+) -> None:
+    spent = spend(clean_tables, customers=2, events=40)
+    emulator.configure(clock_offset_seconds=-5)  # Polar's clock is 5 s behind ours
+    settings = make_settings(pg_url, emulator, outbox_max_attempts=2)
+    drain_until_settled(make_deliverer(clean_tables, settings), clean_tables, timeout=30)
+    assert counts(clean_tables) == {"delivered": 40}
+    assert emulator.state.stats.status_422 > 0  # Polar did refuse the future timestamps
+    assert emulator.state.totals() == spent
+
+
+def test_rejected_credentials_pause_delivery_without_failing_rows_and_it_resumes(
+    clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
+) -> None:
+    spent = spend(clean_tables, customers=1, events=10)
+    emulator.configure(accepted_tokens=["the-new-token"])
+    settings = make_settings(pg_url, emulator)
+    deliverer = make_deliverer(clean_tables, settings)
+
+    report = deliverer.deliver_batch()
+
+    assert report.pause_seconds > 0 and report.delivered == 0
+    assert counts(clean_tables) == {"pending": 10}
+    with session_scope(clean_tables) as session:
+        state = get_state(session, POLAR_CREDENTIALS)
+        assert state is not None and state.value == "rejected"
+        attempts = session.scalars(select(OutboxEvent.attempts)).all()
+        assert set(attempts) == {0}
+
+    emulator.configure(accepted_tokens=[emulator.token])  # the operator fixed the token
+    with session_scope(clean_tables) as session:
+        session.execute(OutboxEvent.__table__.update().values(next_attempt_at=func.now()))
+    drain_until_settled(deliverer, clean_tables)
+    assert counts(clean_tables) == {"delivered": 10}
+    with session_scope(clean_tables) as session:
+        state = get_state(session, POLAR_CREDENTIALS)
+        assert state is not None and state.value == "ok"
+    assert emulator.state.totals() == spent
