@@ -247,12 +247,13 @@ def make_budget(
     shared Redis budget with a local fallback."""
     limit = settings.requests_per_minute
     if settings.is_sqlite and redis_client is None:
-        return LocalRateBudget(limit)
+        return LocalRateBudget(limit, window_seconds=settings.polar_rate_window_seconds)
     client = redis_client or redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=1, socket_timeout=2
     )
     namespace = f"outbox:polar:{settings.polar_environment}"
+    window = settings.polar_rate_window_seconds
     return FallbackRateBudget(
-        RedisRateBudget(client, limit, namespace=namespace),
-        LocalRateBudget(max(1, limit // local_share_divisor), margin=0),
+        RedisRateBudget(client, limit, namespace=namespace, window_seconds=window),
+        LocalRateBudget(max(1, limit // local_share_divisor), margin=0, window_seconds=window),
     )

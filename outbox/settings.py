@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="The organization's Polar request budget, shared by all workers "
         "(default 100 in sandbox, 500 in production; kept with a safety margin).",
     )
+    polar_rate_window_seconds: int = Field(
+        60,
+        ge=1,
+        le=3600,
+        description="Length of Polar's fixed rate window (60; shorter only for tests).",
+    )
     usage_event_name: str = Field(
         "ai_generation", min_length=1, max_length=100, description="The meter's event name."
     )
