@@ -1,0 +1,107 @@
+"""Redis down: the API keeps accepting usage and delivery catches up when Redis is back.
+PostgreSQL connections killed (what a restart does to clients): workers recover by themselves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from celery import Celery
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+
+import polar_emulator
+from api.app import create_app
+from api.nudge import Nudger
+from outbox.db import session_scope
+from outbox.ledger import record_usage
+from outbox.settings import load_settings
+from outbox.tokens import create_token
+from tests.acceptance.conftest import Worker, all_delivered, status_counts, wait_until
+from tests.chaos.conftest import PrivateRedis
+from tests.factories import make_customer
+
+
+def test_redis_down_usage_is_still_accepted_and_delivered_after_it_returns(
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    private_redis: PrivateRedis,
+    start_worker: Callable[..., Worker],
+) -> None:
+    broker = Celery(broker=private_redis.url)
+    broker.conf.broker_transport_options = {"socket_connect_timeout": 1, "socket_timeout": 1}
+    nudger = Nudger(lambda: broker.send_task("outbox.drain", expires=30, retry=False))
+    app = create_app(load_settings(database_url=pg_url), engine=clean_tables, nudge=nudger)
+    client = TestClient(app)
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=1000)
+        token, _ = create_token(session, "usage")
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def spend(n: int) -> None:
+        for _ in range(n):
+            response = client.post(
+                "/v1/usage", json={"customer_id": customer, "credits": 1}, headers=headers
+            )
+            assert response.status_code == 201, response.text
+
+    worker = start_worker(REDIS_URL=private_redis.url)
+    spend(10)
+    wait_until(all_delivered(clean_tables, 10), 60, "delivery with Redis up", worker.output)
+
+    private_redis.stop()
+    spend(15)  # the request path does not depend on Redis
+    assert status_counts(clean_tables)["delivered"] == 10
+    time.sleep(2)  # beat cannot reach the broker: nothing moves
+    assert status_counts(clean_tables).get("pending", 0) == 15
+
+    private_redis.start()  # same port: Celery reconnects by itself
+    wait_until(all_delivered(clean_tables, 25), 90, "catch-up after Redis returned", worker.output)
+    assert emulator.state.totals() == {customer: 25}
+    assert nudger.dropped > 0  # nudges were lost while Redis was down, and nothing else was
+    nudger.stop()
+
+
+def test_workers_recover_when_postgresql_drops_every_connection(
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    start_worker: Callable[..., Worker],
+) -> None:
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=100_000)
+        for _ in range(3000):
+            record_usage(session, customer, 1)
+    emulator.configure(latency_ms=20)
+    worker = start_worker(OUTBOX_BATCH_SIZE="50")
+    wait_until(
+        lambda: status_counts(clean_tables).get("delivered", 0) > 100,
+        60,
+        "delivery started",
+        worker.output,
+    )
+    database = pg_url.rsplit("/", 1)[1]
+    stop = threading.Event()
+
+    def kill_connections() -> None:
+        # What a PostgreSQL restart does to its clients, three times over two seconds.
+        for _ in range(3):
+            with clean_tables.connect() as conn:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :db AND pid <> pg_backend_pid()"
+                    ),
+                    {"db": database},
+                )
+                conn.commit()
+            if stop.wait(0.7):
+                return
+
+    killer = threading.Thread(target=kill_connections)
+    killer.start()
+    killer.join()
+    wait_until(all_delivered(clean_tables, 3000), 180, "recovery", worker.output)
+    assert emulator.state.totals() == {customer: 3000}
