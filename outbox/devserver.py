@@ -125,6 +125,8 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
     )
     try:
         server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled; we have shut down cleanly
     finally:
         log.info("stopping: finishing the batch in flight")
         drainer.stop()

@@ -267,9 +267,11 @@ def rescue_expired_leases(session: Session, *, now: datetime, max_attempts: int)
             lease_expires_at=None,
             updated_at=now,
         )
+        # RETURNING, not rowcount: SQLite reports -1 for a statement that starts with WITH.
+        .returning(OutboxEvent.id)
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return len(result.all())
 
 
 def release_if_claimed(

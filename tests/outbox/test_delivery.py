@@ -186,3 +186,26 @@ def test_rejected_credentials_pause_delivery_without_failing_rows_and_it_resumes
         state = get_state(session, POLAR_CREDENTIALS)
         assert state is not None and state.value == "ok"
     assert emulator.state.totals() == spent
+
+
+def test_delivery_works_on_sqlite_too(
+    sqlite_engine: Engine, emulator: polar_emulator.RunningEmulator
+) -> None:
+    """`outbox dev` drains a SQLite outbox with the same code."""
+    url = str(sqlite_engine.url)
+    spent = spend(sqlite_engine, customers=2, events=30)
+    emulator.configure(error_5xx_rate=0.3, seed=3)
+    settings = make_settings(url, emulator, outbox_batch_size=7)
+    deliverer = make_deliverer(sqlite_engine, settings)
+    with session_scope(sqlite_engine) as session:  # a lost worker's rows, on SQLite
+        from outbox.leases import claim_batch
+        from outbox.models import utcnow
+
+        now = utcnow()
+        claimed = claim_batch(
+            session, owner="dead", limit=5, now=now, lease_seconds=0, hold_back_until=now
+        )
+        assert len(claimed) == 5
+    drain_until_settled(deliverer, sqlite_engine)
+    assert counts(sqlite_engine) == {"delivered": 30}
+    assert emulator.state.totals() == spent == ledger_usage(sqlite_engine)
