@@ -79,9 +79,10 @@ def session_factory(engine: Engine | None = None) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(engine: Engine | None = None) -> Iterator[Session]:
-    """One transaction: commit on success, roll back on any exception."""
-    session = session_factory(engine)()
+def session_scope(bind: Engine | sessionmaker[Session] | None = None) -> Iterator[Session]:
+    """One transaction: commit on success, roll back on any exception. `bind` is an engine or
+    a sessionmaker (default: the process engine)."""
+    session = bind() if isinstance(bind, sessionmaker) else session_factory(bind)()
     try:
         yield session
         session.commit()

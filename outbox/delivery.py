@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import metrics
+from outbox.db import session_scope
 from outbox.leases import (
     ClaimedEvent,
     claim_batch,
@@ -109,7 +110,7 @@ class Deliverer:
     # -- transactions -----------------------------------------------------------------------
 
     def _run(self, fn: Callable[[Session], int]) -> int:
-        with self.sessions.begin() as session:
+        with session_scope(self.sessions) as session:
             return fn(session)
 
     # -- the batch --------------------------------------------------------------------------
@@ -118,7 +119,7 @@ class Deliverer:
         """Lease the next batch to `owner` (committed before anything is sent)."""
         now = self.clock()
         hold_back = now - timedelta(seconds=self.settings.outbox_clock_margin_seconds)
-        with self.sessions.begin() as session:
+        with session_scope(self.sessions) as session:
             return claim_batch(
                 session,
                 owner=owner,
@@ -285,7 +286,7 @@ class Deliverer:
         retry_after: float | None = None,
     ) -> tuple[int, int]:
         now = self.clock()
-        with self.sessions.begin() as session:
+        with session_scope(self.sessions) as session:
             return retry_later_if_claimed(
                 session,
                 events=events,
@@ -314,7 +315,7 @@ class Deliverer:
                 "failed. Fix POLAR_ACCESS_TOKEN; delivery resumes by itself.",
                 extra={"detail": detail},
             )
-        with self.sessions.begin() as session:
+        with session_scope(self.sessions) as session:
             set_state(
                 session, POLAR_CREDENTIALS, CREDENTIALS_OK if ok else CREDENTIALS_REJECTED, detail
             )
