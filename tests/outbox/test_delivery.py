@@ -160,8 +160,12 @@ def test_a_worker_clock_ahead_of_polar_dead_letters_nothing(
 
 
 def test_rejected_credentials_pause_delivery_without_failing_rows_and_it_resumes(
-    clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level("DEBUG")
     spent = spend(clean_tables, customers=1, events=10)
     emulator.configure(accepted_tokens=["the-new-token"])
     settings = make_settings(pg_url, emulator)
@@ -186,6 +190,8 @@ def test_rejected_credentials_pause_delivery_without_failing_rows_and_it_resumes
         state = get_state(session, POLAR_CREDENTIALS)
         assert state is not None and state.value == "ok"
     assert emulator.state.totals() == spent
+    assert "REJECTED the access token" in caplog.text  # loud
+    assert emulator.token not in caplog.text  # and the secret is never logged
 
 
 def test_delivery_works_on_sqlite_too(

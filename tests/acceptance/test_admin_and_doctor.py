@@ -1,0 +1,172 @@
+"""The admin API (stats, events, replay: admin scope only), `outbox doctor` against the
+emulator, and JSON logs that carry ids but never the Polar token."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, update
+from typer.testing import CliRunner
+
+import polar_emulator
+from api.app import create_app
+from outbox.cli import app as cli
+from outbox.db import session_scope
+from outbox.ledger import record_usage
+from outbox.logs import JsonFormatter
+from outbox.models import OutboxEvent
+from outbox.settings import get_settings, load_settings
+from outbox.tokens import create_token
+from tests.factories import make_customer
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def api(clean_tables: Engine, pg_url: str) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    with session_scope(clean_tables) as session:
+        admin, _ = create_token(session, "admin", name="ops")
+        usage, _ = create_token(session, "usage", name="app")
+    client = TestClient(create_app(load_settings(database_url=pg_url), engine=clean_tables))
+    yield client, {"admin": admin, "usage": usage}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_admin_stats_events_and_replay(
+    api: tuple[TestClient, dict[str, str]], clean_tables: Engine
+) -> None:
+    client, tokens = api
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=50)
+        ids = [record_usage(session, customer, 2).event_id for _ in range(4)]
+        session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.id.in_(ids[:2]))
+            .values(status="failed", last_error="Polar: nope")
+        )
+    for path in ("/v1/admin/outbox/stats", "/v1/admin/outbox/events"):
+        assert client.get(path, headers=bearer(tokens["usage"])).status_code == 403
+        assert client.get(path).status_code == 401
+    stats = client.get("/v1/admin/outbox/stats", headers=bearer(tokens["admin"])).json()
+    assert stats["counts"] == {"pending": 2, "inflight": 0, "delivered": 0, "failed": 2}
+    assert stats["credits_undelivered"] == 8
+    assert set(stats) == {
+        "counts",
+        "oldest_pending_seconds",
+        "delivered_last_minute",
+        "credits_undelivered",
+    }
+
+    failed = client.get(
+        "/v1/admin/outbox/events",
+        params={"status": "failed", "limit": 1},
+        headers=bearer(tokens["admin"]),
+    ).json()
+    assert [e["event_id"] for e in failed["items"]] == [ids[1]] and failed["next_cursor"]
+    bad = client.get(
+        "/v1/admin/outbox/events", params={"status": "lost"}, headers=bearer(tokens["admin"])
+    )
+    assert bad.status_code == 422 and bad.json()["field"] == "status"
+
+    refused = client.post(
+        "/v1/admin/outbox/replay",
+        json={"event_ids": [ids[0], ids[3]]},
+        headers=bearer(tokens["admin"]),
+    )
+    assert refused.status_code == 409 and refused.json()["code"] == "not_replayable"
+    unknown = client.post(
+        "/v1/admin/outbox/replay", json={"event_ids": [999999]}, headers=bearer(tokens["admin"])
+    )
+    assert unknown.status_code == 404 and unknown.json()["code"] == "event_not_found"
+    dry = client.post(
+        "/v1/admin/outbox/replay",
+        json={"status": "failed", "customer_id": customer, "dry_run": True},
+        headers=bearer(tokens["admin"]),
+    ).json()
+    assert dry == {"replayed": 2, "event_ids": ids[:2], "dry_run": True, "replay_id": None}
+    done = client.post(
+        "/v1/admin/outbox/replay",
+        json={"event_ids": ids[:2], "reason": "fixed"},
+        headers=bearer(tokens["admin"]),
+    ).json()
+    assert done["replayed"] == 2 and done["replay_id"]
+    events = client.get("/v1/admin/outbox/events", headers=bearer(tokens["admin"])).json()
+    replayed = [e for e in events["items"] if e["event_id"] in ids[:2]]
+    assert {e["status"] for e in replayed} == {"pending"}
+    assert {e["last_replay_id"] for e in replayed} == {done["replay_id"]}
+    nothing = client.post("/v1/admin/outbox/replay", json={}, headers=bearer(tokens["admin"]))
+    assert nothing.status_code == 422
+
+
+@pytest.fixture
+def doctor_env(
+    monkeypatch: pytest.MonkeyPatch, pg_url: str, redis_url: str
+) -> Iterator[polar_emulator.RunningEmulator]:
+    running = polar_emulator.serve_in_thread()
+    for key, value in {
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": redis_url,
+        "POLAR_ACCESS_TOKEN": running.token,
+        "POLAR_BASE_URL": running.url,
+        "POLAR_PRODUCT_ID": polar_emulator.PRODUCT_ID,
+    }.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    from outbox.polar import close_gateway
+
+    close_gateway()
+    yield running
+    close_gateway()
+    get_settings.cache_clear()
+    running.stop()
+
+
+def doctor() -> tuple[int, list[dict[str, object]]]:
+    result = runner.invoke(cli, ["doctor", "--json"])
+    assert "Traceback" not in result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_doctor_passes_on_a_complete_setup_and_names_each_missing_piece(
+    doctor_env: polar_emulator.RunningEmulator,
+) -> None:
+    code, checks = doctor()
+    assert code == 0, checks
+    assert [c["check"] for c in checks] == [
+        "database",
+        "redis",
+        "polar token",
+        "meter",
+        "product",
+        "metered price",
+        "meter credits benefit",
+    ]
+    doctor_env.configure(meters=[])
+    code, checks = doctor()
+    meter = next(c for c in checks if c["check"] == "meter")
+    assert code == 1 and meter["ok"] is False and "credits_used" in str(meter["fix"])
+    doctor_env.configure(accepted_tokens=["someone-else"])
+    code, checks = doctor()
+    token = next(c for c in checks if c["check"] == "polar token")
+    assert code == 1 and token["ok"] is False and "POLAR_ACCESS_TOKEN" in str(token["fix"])
+
+
+def test_json_logs_carry_ids_and_never_the_token() -> None:
+    record = logging.LogRecord(
+        "outbox.delivery", logging.INFO, __file__, 1, "batch settled", None, None
+    )
+    record.batch_id = "host:1:abc"
+    record.event_ids = [1, 2]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "batch settled" and line["batch_id"] == "host:1:abc"
+    assert line["event_ids"] == [1, 2] and line["level"] == "info"
+    from outbox.logs import redact
+
+    assert redact("401 for token polar_oat_secret", "polar_oat_secret") == "401 for token ***"
