@@ -3,6 +3,7 @@ curl steps (with httpx), and the event accepted by the emulator."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -110,6 +111,7 @@ def test_outbox_dev_from_an_empty_directory_bills_the_readme_example(tmp_path: P
         history = api.get("/v1/customers/demo_customer/usage").json()["items"]
         assert history[0]["status"] == "delivered"
         assert api.get("/docs").status_code == 200
+        walkthrough(tmp_path, api, emulator)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)
@@ -125,10 +127,54 @@ def test_outbox_dev_from_an_empty_directory_bills_the_readme_example(tmp_path: P
             f"http://127.0.0.1:{port}/v1/customers/demo_customer/credits",
             headers={"Authorization": f"Bearer {token}"},
         ).json()
-        assert credits["balance"] == 97
+        assert credits["balance"] == 115  # 100 + 20 - 3 - 2: nothing re-granted
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)
+
+
+def outbox(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POLAR_"))}
+    env.pop("DATABASE_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "outbox.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def eventually(condition: object, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def walkthrough(cwd: Path, api: httpx.Client, emulator: httpx.Client) -> None:
+    """The README's walkthrough, step by step, with the CLI in the same directory."""
+    granted = outbox(cwd, "grant", "demo_customer", "20", "--reason", "welcome bonus")
+    assert granted.returncode == 0, granted.stderr
+    assert api.get("/v1/customers/demo_customer/credits").json()["balance"] == 117
+    assert emulator.get("/_emulator/totals").json() == {"demo_customer": 3}
+    status = outbox(cwd, "status", "--json")
+    assert json.loads(status.stdout)["counts"]["delivered"] == 1
+
+    emulator.post("/_emulator/config", json={"reject_customers": ["demo_customer"]})
+    refused = api.post("/v1/usage", json={"customer_id": "demo_customer", "credits": 2})
+    assert refused.status_code == 201
+    eventually(lambda: json.loads(outbox(cwd, "failed", "--json").stdout))
+    failed = json.loads(outbox(cwd, "failed", "--json").stdout)
+    assert [row["event_id"] for row in failed] == [refused.json()["event_id"]]
+    assert "demo_customer" in failed[0]["last_error"]
+    emulator.post("/_emulator/config", json={"reject_customers": []})
+    replayed = outbox(cwd, "replay", "--all-failed", "--reason", "customer unblocked")
+    assert replayed.returncode == 0, replayed.stderr
+    eventually(lambda: emulator.get("/_emulator/totals").json() == {"demo_customer": 5})
 
 
 def test_outbox_dev_names_a_busy_port_and_the_flag(tmp_path: Path) -> None:
