@@ -107,6 +107,43 @@ def token_create(
     sys.stdout.write(token + "\n")
 
 
+@token_app.command("list")
+def token_list(json_out: JsonFlag = False) -> None:
+    """List tokens (id, name, scope, created, revoked); the secrets themselves are not stored."""
+    from outbox.tokens import list_tokens
+
+    rows = with_session(
+        lambda s: [
+            {
+                "id": t.id,
+                "name": t.name,
+                "scope": t.scope,
+                "created_at": t.created_at.isoformat(),
+                "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+            }
+            for t in list_tokens(s)
+        ]
+    )
+    if json_out:
+        print_json(rows)
+        return
+    for row in rows:
+        state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
+        out.print(f"{row['id']:>5}  {row['scope']:<6} {row['name'] or '-':<24} {state}")
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[int, typer.Argument(help="The token's id (see `outbox token list`).")],
+) -> None:
+    """Revoke a token; the API refuses it within 10 seconds (its lookup cache)."""
+    from outbox.tokens import revoke_token
+
+    if not with_session(lambda s: revoke_token(s, token_id)):
+        fail(f"no active token with id {token_id}")
+    out.print(f"token {token_id} revoked")
+
+
 @app.command()
 def grant(
     customer: Annotated[str, typer.Argument(help="The customer id (Polar external id).")],

@@ -129,6 +129,17 @@ def test_token_create_prints_the_token_alone(cli_db: Engine) -> None:
     assert out.strip().startswith("pou_") and len(out.strip().splitlines()) == 1
 
 
+def test_tokens_can_be_listed_and_revoked(cli_db: Engine) -> None:
+    code, out, _ = run("token", "create", "--scope", "admin", "--name", "ops")
+    assert code == 0
+    code, out, _ = run("token", "list", "--json")
+    [row] = json.loads(out)
+    assert (row["name"], row["scope"], row["revoked_at"]) == ("ops", "admin", None)
+    assert run("token", "revoke", str(row["id"]))[0] == 0
+    assert run("token", "revoke", str(row["id"]))[0] == 2  # already revoked
+    assert json.loads(run("token", "list", "--json")[1])[0]["revoked_at"]
+
+
 def test_db_upgrade_as_the_migration_container_runs_it(tmp_path: Path) -> None:
     """The exact command of docker-compose's `migrate` service, as a real process."""
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/fresh.db"}
