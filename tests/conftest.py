@@ -86,6 +86,10 @@ def clean_tables(pg_engine: Engine) -> Iterator[Engine]:
     truncate_all(pg_engine)
     yield pg_engine
     truncate_all(pg_engine)
+    # Idle pooled connections count against max_connections (100 by default): let them go,
+    # so the next test's worker processes and threads find room.
+    pg_engine.dispose()
+    dispose_engines()
 
 
 @pytest.fixture
