@@ -112,11 +112,18 @@ Outcome = tuple[int, UsageResult | BaseException]
 def spend_at_once(engine: Engine, customer: str, amounts: list[int]) -> list[Outcome]:
     """One real thread per amount, each with its own session and commit, released together."""
     barrier = threading.Barrier(len(amounts))
+    # On PostgreSQL each session connects before the barrier, so the spends race, not the
+    # handshakes. (SQLite takes its write lock at BEGIN: there, connecting IS the race.)
+    connect_first = engine.dialect.name == "postgresql"
 
     def spend(index: int) -> Outcome:
-        barrier.wait(timeout=30)
         try:
             with session_scope(engine) as session:
+                try:
+                    if connect_first:
+                        session.connection()
+                finally:
+                    barrier.wait(timeout=30)
                 return amounts[index], record_usage(session, customer, amounts[index], {"n": index})
         except Exception as exc:
             return amounts[index], exc

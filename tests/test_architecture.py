@@ -1,0 +1,100 @@
+"""A small lint for the invariants of the layout (STYLE.md): the domain imports neither FastAPI
+nor Celery, and a transaction is committed in exactly two places."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTER_FRAMEWORKS = ("fastapi", "starlette", "celery", "kombu")
+# The only places the domain may reach into an adapter, lazily (inside a function), because
+# they are the CLI commands that start the adapters.
+LAZY_ADAPTER_IMPORTS = {
+    ("outbox/cli.py", "polar_emulator"),  # `outbox polar-emulator`
+    ("outbox/devserver.py", "polar_emulator"),  # `outbox dev` runs the emulator...
+    ("outbox/devserver.py", "api.app"),  # ...and the API in one process
+}
+# The two places that may commit: the domain's session_scope() and the API's request session
+# (which may also delegate to session_scope).
+COMMITTERS = {"outbox/db.py", "api/deps.py"}
+
+
+def python_files(*packages: str) -> Iterator[Path]:
+    for package in packages:
+        yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def imports(tree: ast.AST) -> Iterator[tuple[ast.stmt, str, bool]]:
+    """Every imported module name, and whether the import is at module level."""
+    top_level = {id(node) for node in getattr(tree, "body", [])}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node, alias.name, id(node) in top_level
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node, node.module, id(node) in top_level
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def test_the_domain_never_imports_a_web_or_task_framework() -> None:
+    offenders = []
+    for path in python_files("outbox"):
+        for node, module, _ in imports(ast.parse(path.read_text(), str(path))):
+            if module.split(".")[0] in ADAPTER_FRAMEWORKS:
+                offenders.append(f"{rel(path)}:{node.lineno} imports {module}")
+    assert offenders == []
+
+
+def test_the_domain_reaches_into_adapters_only_lazily_from_the_cli() -> None:
+    offenders = []
+    for path in python_files("outbox"):
+        for node, module, top_level in imports(ast.parse(path.read_text(), str(path))):
+            if module.split(".")[0] not in ("api", "worker", "polar_emulator"):
+                continue
+            if top_level or (rel(path), module) not in LAZY_ADAPTER_IMPORTS:
+                offenders.append(f"{rel(path)}:{node.lineno} imports {module}")
+    assert offenders == []
+
+
+def test_importing_every_domain_module_loads_no_framework() -> None:
+    """The same, at run time: transitive imports count too."""
+    script = (
+        "import importlib, pkgutil, sys, outbox\n"
+        "for m in pkgutil.walk_packages(outbox.__path__, 'outbox.'):\n"
+        "    if not m.name.startswith('outbox.migrations'):\n"
+        "        importlib.import_module(m.name)\n"
+        f"loaded = sorted({{n.split('.')[0] for n in sys.modules}} & {set(ADAPTER_FRAMEWORKS)!r})\n"
+        "print(','.join(loaded))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_commit_is_called_only_by_the_two_transaction_owners() -> None:
+    offenders = []
+    for path in python_files("outbox", "api", "worker"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if ".commit(" in line and rel(path) not in COMMITTERS:
+                offenders.append(f"{rel(path)}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_session_scope_is_where_the_domain_commits() -> None:
+    """Keeps the lint honest: if `session_scope` moved, the allow-list above must move too."""
+    tree = ast.parse((ROOT / "outbox/db.py").read_text())
+    [scope] = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and node.name == "session_scope"
+    ]
+    assert ".commit(" in ast.unparse(scope)
