@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
 from api.errors import error_body
+from outbox.db import session_scope
 from outbox.states import TokenScope
 from outbox.tokens import TokenInfo, authenticate, hash_token
 
@@ -21,15 +22,8 @@ TOKEN_CACHE_SECONDS = 10.0
 def get_session(request: Request) -> Iterator[Session]:
     """One transaction per request, committed BEFORE the response is sent (scope="function"),
     so a client never sees 201 for a deduction that did not commit."""
-    session: Session = request.app.state.sessionmaker()
-    try:
+    with session_scope(request.app.state.sessionmaker) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
     for hook in session.info.get(AFTER_COMMIT, ()):
         hook()
 

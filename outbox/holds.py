@@ -15,10 +15,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from outbox.errors import (
-    CustomerNotFound,
     HoldClosed,
     HoldNotFound,
-    InsufficientCredits,
     InvalidRequest,
 )
 from outbox.ledger import (
@@ -26,6 +24,7 @@ from outbox.ledger import (
     _deduct_if_covered,
     append_ledger_entry,
     enqueue_usage_event,
+    refusal,
 )
 from outbox.models import Customer, Hold, utcnow
 from outbox.settings import Settings, get_settings
@@ -62,9 +61,7 @@ def place_hold(
         .returning(Customer.balance)
     ).scalar_one_or_none()
     if balance is None:
-        if session.get(Customer, customer_id) is None:
-            raise CustomerNotFound(customer_id=customer_id)
-        raise InsufficientCredits(customer_id=customer_id, credits=credits)
+        raise refusal(session, customer_id, credits)
     expires_at = now + timedelta(seconds=settings.hold_ttl_seconds)
     hold = Hold(
         customer_id=customer_id,

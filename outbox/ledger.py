@@ -74,31 +74,50 @@ def _deduct_if_covered(session: Session, customer_id: str, credits: int, now: da
     ).scalar_one_or_none()
     if balance is not None:
         return int(balance)
+    raise refusal(session, customer_id, credits)
+
+
+def refusal(
+    session: Session, customer_id: str, credits: int
+) -> InsufficientCredits | CustomerNotFound:
+    """Why a conditional deduction matched no row: the customer lacks credits, or is unknown."""
     if session.scalar(select(exists().where(Customer.id == customer_id))):
-        raise InsufficientCredits(customer_id=customer_id, credits=credits)
-    raise CustomerNotFound(customer_id=customer_id)
+        return InsufficientCredits(customer_id=customer_id, credits=credits)
+    return CustomerNotFound(customer_id=customer_id)
+
+
+def _entry_by_key(
+    session: Session, customer_id: str, kind: LedgerKind, idempotency_key: str, credits: int
+) -> tuple[LedgerEntry, int] | None:
+    """The customer's earlier entry of `kind` with this key, and the balance now; raises
+    `IdempotencyConflict` if that entry was for another amount."""
+    entry = session.scalars(
+        select(LedgerEntry).where(
+            LedgerEntry.customer_id == customer_id,
+            LedgerEntry.kind == kind,
+            LedgerEntry.idempotency_key == idempotency_key,
+        )
+    ).one_or_none()
+    if entry is None:
+        return None
+    if abs(entry.delta) != credits:
+        raise IdempotencyConflict(idempotency_key=idempotency_key)
+    balance = session.scalar(select(Customer.balance).where(Customer.id == customer_id))
+    return entry, int(balance or 0)
 
 
 def _existing_usage(
     session: Session, customer_id: str, credits: int, idempotency_key: str
 ) -> UsageResult | None:
-    row = session.execute(
-        select(LedgerEntry.delta, LedgerEntry.event_id, LedgerEntry.external_id).where(
-            LedgerEntry.customer_id == customer_id,
-            LedgerEntry.kind == LedgerKind.USAGE,
-            LedgerEntry.idempotency_key == idempotency_key,
-        )
-    ).one_or_none()
-    if row is None:
+    found = _entry_by_key(session, customer_id, LedgerKind.USAGE, idempotency_key, credits)
+    if found is None:
         return None
-    if -row.delta != credits:
-        raise IdempotencyConflict(idempotency_key=idempotency_key)
-    balance = session.scalar(select(Customer.balance).where(Customer.id == customer_id))
-    assert row.event_id is not None and balance is not None
+    entry, balance = found
+    assert entry.event_id is not None
     return UsageResult(
-        event_id=row.event_id,
-        external_id=row.external_id or "",
-        balance=int(balance),
+        event_id=entry.event_id,
+        external_id=entry.external_id or "",
+        balance=balance,
         replayed=True,
     )
 
@@ -245,19 +264,11 @@ def ensure_customer(session: Session, customer_id: str) -> None:
 def _existing_grant(
     session: Session, customer_id: str, credits: int, idempotency_key: str
 ) -> GrantResult | None:
-    row = session.execute(
-        select(LedgerEntry.id, LedgerEntry.delta).where(
-            LedgerEntry.customer_id == customer_id,
-            LedgerEntry.kind == LedgerKind.GRANT,
-            LedgerEntry.idempotency_key == idempotency_key,
-        )
-    ).one_or_none()
-    if row is None:
+    found = _entry_by_key(session, customer_id, LedgerKind.GRANT, idempotency_key, credits)
+    if found is None:
         return None
-    if row.delta != credits:
-        raise IdempotencyConflict(idempotency_key=idempotency_key)
-    balance = session.scalar(select(Customer.balance).where(Customer.id == customer_id))
-    return GrantResult(grant_id=int(row.id), balance=int(balance or 0), replayed=True)
+    entry, balance = found
+    return GrantResult(grant_id=entry.id, balance=balance, replayed=True)
 
 
 def grant_credits(

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import uuid
 
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from outbox.db import session_scope
 from outbox.ledger import grant_credits
+from outbox.models import LedgerEntry
 
 
 def new_customer_id(prefix: str = "cust") -> str:
@@ -23,3 +26,14 @@ def make_customer(session: Session, credits: int = 10, customer_id: str | None =
 
         ensure_customer(session, customer_id)
     return customer_id
+
+
+def ledger_usage(engine: Engine) -> dict[str, int]:
+    """Credits spent per customer according to the ledger (what Polar must have billed)."""
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(LedgerEntry.customer_id, -func.sum(LedgerEntry.delta))
+            .where(LedgerEntry.kind == "usage")
+            .group_by(LedgerEntry.customer_id)
+        )
+        return {customer: int(total) for customer, total in rows}

@@ -1,7 +1,7 @@
 """The architecture's invariants, checked by reading the code (STYLE.md):
 - the domain (`outbox/`) imports neither FastAPI/Starlette nor Celery;
-- a transaction is committed in exactly two places: `outbox/db.py` (session_scope) and
-  `api/deps.py` (one request = one transaction)."""
+- a transaction is committed in one place, `outbox/db.py`'s `session_scope`, which both the
+  API's request dependency (one request = one transaction) and the worker/CLI use."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_the_domain_imports_no_web_or_task_framework() -> None:
     assert offenders == []
 
 
-def test_transactions_commit_in_exactly_two_places() -> None:
+def test_transactions_commit_only_in_session_scope() -> None:
     """`.commit()` or a committing `sessionmaker.begin()` / `engine.begin()` block."""
     committing = set()
     for path in python_files("outbox", "api", "worker"):
@@ -62,7 +62,7 @@ def test_transactions_commit_in_exactly_two_places() -> None:
                 and node.func.attr in ("commit", "begin")
             ):
                 committing.add(str(path.relative_to(ROOT)))
-    assert committing == {"outbox/db.py", "api/deps.py"}
+    assert committing == {"outbox/db.py"}
 
 
 def test_celery_task_names_are_stable_and_dotted() -> None:

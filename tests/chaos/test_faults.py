@@ -11,26 +11,15 @@ import random
 from collections import defaultdict
 from collections.abc import Callable
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 
 import polar_emulator
 from outbox.db import session_scope
 from outbox.ledger import record_usage
-from outbox.models import LedgerEntry
 from tests.acceptance.conftest import Worker, all_delivered, status_counts, wait_until
-from tests.factories import make_customer
+from tests.factories import ledger_usage, make_customer
 
 EVENTS = int(os.environ.get("CHAOS_EVENTS", "5000"))
-
-
-def ledger_usage(engine: Engine) -> dict[str, int]:
-    with session_scope(engine) as session:
-        rows = session.execute(
-            select(LedgerEntry.customer_id, -func.sum(LedgerEntry.delta))
-            .where(LedgerEntry.kind == "usage")
-            .group_by(LedgerEntry.customer_id)
-        )
-        return {customer: int(total) for customer, total in rows}
 
 
 def test_thousands_of_events_through_5xx_429_drops_and_latency(

@@ -16,12 +16,12 @@ import polar_emulator
 from outbox.db import session_scope
 from outbox.delivery import Deliverer, drain
 from outbox.ledger import record_usage
-from outbox.models import LedgerEntry, OutboxEvent
+from outbox.models import OutboxEvent
 from outbox.polar import PolarGateway
 from outbox.ratelimit import LocalRateBudget
 from outbox.service_state import POLAR_CREDENTIALS, get_state
 from outbox.settings import Settings, load_settings
-from tests.factories import make_customer
+from tests.factories import ledger_usage, make_customer
 
 
 @pytest.fixture
@@ -94,16 +94,6 @@ def counts(engine: Engine) -> dict[str, int]:
                 select(OutboxEvent.status, func.count()).group_by(OutboxEvent.status)
             )
         }
-
-
-def ledger_usage(engine: Engine) -> dict[str, int]:
-    with session_scope(engine) as session:
-        rows = session.execute(
-            select(LedgerEntry.customer_id, -func.sum(LedgerEntry.delta))
-            .where(LedgerEntry.kind == "usage")
-            .group_by(LedgerEntry.customer_id)
-        )
-        return {customer: int(total) for customer, total in rows}
 
 
 def test_everything_is_delivered_once_in_effect_through_faults(
