@@ -268,8 +268,9 @@ def failed(
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} failed event(s)")
-    for column in ("event_id", "customer_id", "credits", "attempts", "last_error", "updated_at"):
-        table.add_column(column, overflow="fold")
+    for column in ("event_id", "customer_id", "credits", "attempts", "updated_at"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("last_error", overflow="fold", ratio=1)
     for row in rows:
         table.add_row(
             *(
