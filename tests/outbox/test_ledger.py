@@ -385,6 +385,22 @@ def test_same_idempotency_key_records_once_and_replays_the_first_result(
     assert (state.balance, state.ledger_sum, state.outbox_rows, state.usage_entries) == (7, 7, 1, 1)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (docstring vs behaviour): a replay 'returns the first result' but its balance is "
+    "the balance NOW, not the first call's (the HTTP path replays the first balance)",
+)
+def test_a_replay_returns_the_first_results_balance(any_engine: Engine) -> None:
+    customer = funded_customer(any_engine, 10)
+    with session_scope(any_engine) as session:
+        first = record_usage(session, customer, 3, idempotency_key="gen-1")
+        record_usage(session, customer, 2)  # another generation in between
+    with session_scope(any_engine) as session:
+        again = record_usage(session, customer, 3, idempotency_key="gen-1")
+    assert again.replayed
+    assert again.balance == first.balance == 7
+
+
 def test_same_idempotency_key_with_another_amount_is_a_conflict(any_engine: Engine) -> None:
     customer = funded_customer(any_engine, 10)
     with session_scope(any_engine) as session:
