@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from outbox import errors
@@ -68,6 +69,29 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str]:
     return field, f"{field}: {message}"
 
 
+def _auth_refusal(request: Request) -> JSONResponse | None:
+    """401 for a request to a token-protected route without a valid token, else None."""
+    path = request.url.path
+    if not path.startswith("/v1/") or path.startswith("/v1/polar/"):
+        return None
+    from sqlalchemy.orm import Session
+
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    info = None
+    if scheme.lower() == "bearer" and token and len(token) <= 200:
+        with Session(request.app.state.engine) as session:
+            info = request.app.state.token_cache.lookup(session, token)
+    if info is not None:
+        return None
+    return JSONResponse(
+        error_body("unauthorized", "missing, malformed, invalid or revoked bearer token"),
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map domain errors, validation errors, HTTP errors and surprises to the one error shape."""
 
@@ -77,7 +101,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(response.body, status_code=response.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI reads the body before the auth dependency runs: without a valid token the
+        # answer must still be 401, whatever the body.
+        refusal = await run_in_threadpool(_auth_refusal, request)
+        if refusal is not None:
+            return refusal
         field, detail = _describe_validation(exc)
         return JSONResponse(error_body("invalid_request", detail, field=field), status_code=422)
 

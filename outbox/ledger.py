@@ -88,9 +88,9 @@ def refusal(
 
 def _entry_by_key(
     session: Session, customer_id: str, kind: LedgerKind, idempotency_key: str, credits: int
-) -> tuple[LedgerEntry, int] | None:
-    """The customer's earlier entry of `kind` with this key, and the balance now; raises
-    `IdempotencyConflict` if that entry was for another amount."""
+) -> LedgerEntry | None:
+    """The customer's earlier entry of `kind` with this key; raises `IdempotencyConflict` if
+    that entry was for another amount."""
     entry = session.scalars(
         select(LedgerEntry).where(
             LedgerEntry.customer_id == customer_id,
@@ -102,22 +102,21 @@ def _entry_by_key(
         return None
     if abs(entry.delta) != credits:
         raise IdempotencyConflict(idempotency_key=idempotency_key)
-    balance = session.scalar(select(Customer.balance).where(Customer.id == customer_id))
-    return entry, int(balance or 0)
+    return entry
 
 
 def _existing_usage(
     session: Session, customer_id: str, credits: int, idempotency_key: str
 ) -> UsageResult | None:
-    found = _entry_by_key(session, customer_id, LedgerKind.USAGE, idempotency_key, credits)
-    if found is None:
+    entry = _entry_by_key(session, customer_id, LedgerKind.USAGE, idempotency_key, credits)
+    if entry is None:
         return None
-    entry, balance = found
     assert entry.event_id is not None
+    # The first result, as the HTTP path replays it: the balance right after that usage.
     return UsageResult(
         event_id=entry.event_id,
         external_id=entry.external_id or "",
-        balance=balance,
+        balance=entry.balance_after,
         replayed=True,
     )
 
@@ -264,11 +263,10 @@ def ensure_customer(session: Session, customer_id: str) -> None:
 def _existing_grant(
     session: Session, customer_id: str, credits: int, idempotency_key: str
 ) -> GrantResult | None:
-    found = _entry_by_key(session, customer_id, LedgerKind.GRANT, idempotency_key, credits)
-    if found is None:
+    entry = _entry_by_key(session, customer_id, LedgerKind.GRANT, idempotency_key, credits)
+    if entry is None:
         return None
-    entry, balance = found
-    return GrantResult(grant_id=entry.id, balance=balance, replayed=True)
+    return GrantResult(grant_id=entry.id, balance=entry.balance_after, replayed=True)
 
 
 def grant_credits(

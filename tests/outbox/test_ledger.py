@@ -385,11 +385,6 @@ def test_same_idempotency_key_records_once_and_replays_the_first_result(
     assert (state.balance, state.ledger_sum, state.outbox_rows, state.usage_entries) == (7, 7, 1, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (docstring vs behaviour): a replay 'returns the first result' but its balance is "
-    "the balance NOW, not the first call's (the HTTP path replays the first balance)",
-)
 def test_a_replay_returns_the_first_results_balance(any_engine: Engine) -> None:
     customer = funded_customer(any_engine, 10)
     with session_scope(any_engine) as session:
