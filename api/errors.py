@@ -55,6 +55,10 @@ def response_for(exc: errors.OutboxError) -> StoredResponse:
 
 def _field_of(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    if parts[:1] == ["metadata"] and len(parts) > 2:
+        # ("metadata", key, "str"): pydantic names the union branch it tried last; the field
+        # is the key.
+        parts = parts[:2]
     return ".".join(parts) or "body"
 
 
