@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -121,6 +122,10 @@ class LiveServer:
     url: str
     server: uvicorn.Server
     thread: threading.Thread
+
+    def http(self) -> httpx.Client:
+        """A client to share between threads: one connection per request in flight."""
+        return httpx.Client(base_url=self.url, timeout=30, limits=httpx.Limits(max_connections=100))
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, update
@@ -224,15 +223,13 @@ def test_concurrent_grants_with_one_key_apply_once_over_real_http(
     headers = {**admin_headers, "Idempotency-Key": "invoice-race"}
 
     def grant(_: int) -> tuple[int, Any]:
-        with httpx.Client(base_url=live_server.url, timeout=30) as http:
-            http.get("/healthz")
-            barrier.wait(timeout=30)
-            response = http.post(
-                "/v1/customers/race_user/grants", json={"credits": 30}, headers=headers
-            )
-            return response.status_code, response.json()
+        barrier.wait(timeout=30)
+        response = http.post(
+            "/v1/customers/race_user/grants", json={"credits": 30}, headers=headers
+        )
+        return response.status_code, response.json()
 
-    with ThreadPoolExecutor(max_workers=10) as pool:
+    with live_server.http() as http, ThreadPoolExecutor(max_workers=10) as pool:
         responses = list(pool.map(grant, range(10)))
 
     assert {status for status, _ in responses} == {201}
