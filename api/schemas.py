@@ -28,7 +28,7 @@ class UsageIn(Strict):
     credits: StrictInt = Field(1, ge=1, le=MAX_CREDITS)
     metadata: dict[StrictStr, MetadataValue] | None = Field(
         None,
-        description="Up to 50 keys (≤ 40 chars); values: string (1-500 chars), int, float, bool. "
+        description="Up to 48 keys (≤ 40 chars); values: string (1-500 chars), int, float, bool. "
         "`credits_used` and `usage_id` are reserved.",
         examples=[{"plan_id": "fp_42", "rooms": 3}],
     )

@@ -127,6 +127,13 @@ def check_metadata(metadata: object, *, credits_field: str = "credits_used") -> 
             f"metadata must have at most {MAX_METADATA_KEYS} keys", field="metadata"
         )
     reserved = RESERVED_METADATA_KEYS | {credits_field}
+    # Polar takes at most 50 keys and we add ours (credits_used, usage_id) to the caller's.
+    room = MAX_METADATA_KEYS - len(reserved)
+    if len(metadata) > room:
+        raise InvalidRequest(
+            f"metadata must have at most {room} keys ({', '.join(sorted(reserved))} are added)",
+            field="metadata",
+        )
     checked: Metadata = {}
     for key, value in metadata.items():
         if not isinstance(key, str) or not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH:

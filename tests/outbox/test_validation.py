@@ -128,11 +128,6 @@ def test_the_configured_credits_field_is_reserved_too() -> None:
     assert error.context["field"] == "metadata.units"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: 50 caller keys are accepted, then credits_used and usage_id are added, so Polar "
-    "receives 52 metadata keys (POLAR.md: at most 50)",
-)
 def test_the_event_sent_to_polar_never_exceeds_fifty_metadata_keys() -> None:
     for keys in range(40, 56):
         try:
