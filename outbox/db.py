@@ -82,7 +82,12 @@ def session_factory(engine: Engine | None = None) -> sessionmaker[Session]:
 def session_scope(bind: Engine | sessionmaker[Session] | None = None) -> Iterator[Session]:
     """One transaction: commit on success, roll back on any exception. `bind` is an engine or
     a sessionmaker (default: the process engine)."""
-    session = bind() if isinstance(bind, sessionmaker) else session_factory(bind)()
+    if isinstance(bind, sessionmaker):
+        session = bind()
+    else:
+        # A plain Session, not a sessionmaker per call: each new sessionmaker makes a Session
+        # subclass and sets up its event dispatch, which cost more than the SQL (bench/enqueue.py).
+        session = Session(bind=bind or get_engine(), expire_on_commit=False)
     try:
         yield session
         session.commit()
