@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from outbox.errors import CustomerNotFound, IdempotencyConflict, InsufficientCredits
-from outbox.models import Customer, LedgerEntry, OutboxEvent, utcnow
+from outbox.models import Base, Customer, LedgerEntry, utcnow
 from outbox.settings import Settings, get_settings
 from outbox.states import EventStatus, LedgerKind
 from outbox.validation import (
@@ -66,7 +66,9 @@ def get_customer_for_update(session: Session, customer_id: str) -> Customer | No
 # The hot path's three statements, built once: Core statements on the tables (not the ORM
 # entities) skip the ORM's per-call statement construction and bulk-persistence machinery, and
 # reuse one compiled form. Measured in bench/enqueue.py (docs/benchmarks.md).
-_customers = Customer.__table__
+_customers = Base.metadata.tables["customers"]
+_outbox_events = Base.metadata.tables["outbox_events"]
+_ledger_entries = Base.metadata.tables["ledger_entries"]
 _DEDUCT = (
     update(_customers)
     .where(_customers.c.id == bindparam("p_customer_id"))
@@ -78,8 +80,8 @@ _DEDUCT = (
     )
     .returning(_customers.c.balance)
 )
-_INSERT_EVENT = insert(OutboxEvent.__table__).returning(OutboxEvent.__table__.c.id)
-_INSERT_ENTRY = insert(LedgerEntry.__table__).returning(LedgerEntry.__table__.c.id)
+_INSERT_EVENT = insert(_outbox_events).returning(_outbox_events.c.id)
+_INSERT_ENTRY = insert(_ledger_entries).returning(_ledger_entries.c.id)
 
 
 def _deduct_if_covered(session: Session, customer_id: str, credits: int, now: datetime) -> int:
