@@ -313,9 +313,9 @@ def _ticks_per_second() -> int:
     return int(os.sysconf("SC_CLK_TCK"))
 
 
-def _process_table() -> dict[int, tuple[str, int, int]]:
-    """pid -> (command name, parent pid, user+system ticks) for every live process."""
-    table: dict[int, tuple[str, int, int]] = {}
+def _process_table() -> dict[int, tuple[str, int, int, int]]:
+    """pid -> (command name, parent pid, start time, user+system ticks) for every process."""
+    table: dict[int, tuple[str, int, int, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -327,7 +327,7 @@ def _process_table() -> dict[int, tuple[str, int, int]]:
         # The command name is in parentheses and may contain spaces.
         name = raw[raw.index("(") + 1 : raw.rindex(")")]
         rest = raw[raw.rindex(")") + 2 :].split()
-        table[int(entry)] = (name, int(rest[1]), int(rest[11]) + int(rest[12]))
+        table[int(entry)] = (name, int(rest[1]), int(rest[19]), int(rest[11]) + int(rest[12]))
     return table
 
 
@@ -338,9 +338,9 @@ def _busy_ticks() -> int:
     return sum(fields[:8]) - idle
 
 
-def _descendants(table: dict[int, tuple[str, int, int]], roots: Iterable[int]) -> set[int]:
+def _descendants(table: dict[int, tuple[str, int, int, int]], roots: Iterable[int]) -> set[int]:
     children: dict[int, list[int]] = {}
-    for pid, (_, ppid, _) in table.items():
+    for pid, (_, ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     found: set[int] = set()
     stack = [pid for pid in roots if pid in table]
@@ -360,35 +360,45 @@ class CpuMeter:
     def __init__(self, load_roots: Iterable[int] = (), server_roots: Iterable[int] = ()) -> None:
         self.load_roots = list(load_roots)
         self.server_roots = list(server_roots)
-        self._start: tuple[float, int, dict[str, int]] | None = None
+        self._start: tuple[float, int, dict[tuple[int, int], int]] | None = None
 
-    def _groups(self) -> dict[str, int]:
+    def _snapshot(self) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], str]]:
+        """Ticks and group of every process, keyed by (pid, start time) so a reused pid is
+        never mistaken for the process that had it before."""
         table = _process_table()
         load = _descendants(table, self.load_roots)
         server = _descendants(table, self.server_roots)
-        groups = {"postgres": 0, "load": 0, "server": 0, "driver": 0}
-        for pid, (name, _, ticks) in table.items():
+        ticks: dict[tuple[int, int], int] = {}
+        groups: dict[tuple[int, int], str] = {}
+        for pid, (name, _, started, used) in table.items():
+            key = (pid, started)
+            ticks[key] = used
             if pid in load:
-                groups["load"] += ticks
+                groups[key] = "load"
             elif pid in server:
-                groups["server"] += ticks
+                groups[key] = "server"
             elif pid == os.getpid():
-                groups["driver"] += ticks
+                groups[key] = "driver"
             elif name == "postgres" or name.startswith("postgres:"):
-                groups["postgres"] += ticks
-        return groups
+                groups[key] = "postgres"
+        return ticks, groups
 
     def start(self) -> None:
-        self._start = (time.monotonic(), _busy_ticks(), self._groups())
+        self._start = (time.monotonic(), _busy_ticks(), self._snapshot()[0])
 
     def stop(self) -> dict[str, float]:
+        """Cores per group. A process that exited inside the window took its ticks along:
+        they land in "other", which is the machine's busy time minus the groups."""
         assert self._start is not None, "start() first"
-        t0, busy0, groups0 = self._start
-        groups1 = self._groups()
+        t0, busy0, ticks0 = self._start
+        ticks1, groups = self._snapshot()
         elapsed = time.monotonic() - t0
         hz = _ticks_per_second()
         busy = (_busy_ticks() - busy0) / hz / elapsed
-        cores = {k: max(0.0, (groups1[k] - groups0[k]) / hz / elapsed) for k in groups1}
+        used = {"postgres": 0, "load": 0, "server": 0, "driver": 0}
+        for key, group in groups.items():
+            used[group] += ticks1[key] - ticks0.get(key, 0)
+        cores = {k: v / hz / elapsed for k, v in used.items()}
         cores["other"] = max(0.0, busy - sum(cores.values()))
         cores["busy"] = busy
         return cores
