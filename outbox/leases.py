@@ -145,14 +145,12 @@ def mark_delivered_if_claimed(
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def fail_if_claimed(
-    session: Session, *, errors: Mapping[int, str], owner: str, now: datetime
+def _settle_each_if_claimed(
+    session: Session, owner: str, params: list[dict[str, Any]], **values: Any
 ) -> int:
-    """inflight → failed with Polar's message per row (a permanent error), if still claimed."""
-    if not errors:
-        return 0
-    params = [{"b_id": row_id, "b_error": _clip(msg)} for row_id, msg in errors.items()]
-    # Core table, not the ORM entity: a list of parameters is then a plain executemany.
+    """One guarded UPDATE per row (`b_id` in each of `params`): only rows still inflight and
+    leased to `owner` move, and leave the lease. Core table, not the ORM entity: a list of
+    parameters is then a plain executemany. Returns how many rows moved."""
     result = session.execute(
         update(EVENTS)
         .where(
@@ -160,17 +158,28 @@ def fail_if_claimed(
             EVENTS.c.status == EventStatus.INFLIGHT,
             EVENTS.c.lease_owner == owner,
         )
-        .values(
-            status=EventStatus.FAILED,
-            attempts=EVENTS.c.attempts + 1,
-            last_error=bindparam("b_error"),
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=now,
-        ),
+        .values(lease_owner=None, lease_expires_at=None, **values),
         params,
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def fail_if_claimed(
+    session: Session, *, errors: Mapping[int, str], owner: str, now: datetime
+) -> int:
+    """inflight → failed with Polar's message per row (a permanent error), if still claimed."""
+    if not errors:
+        return 0
+    params = [{"b_id": row_id, "b_error": _clip(msg)} for row_id, msg in errors.items()]
+    return _settle_each_if_claimed(
+        session,
+        owner,
+        params,
+        status=EventStatus.FAILED,
+        attempts=EVENTS.c.attempts + 1,
+        last_error=bindparam("b_error"),
+        updated_at=now,
+    )
 
 
 def retry_later_if_claimed(
@@ -212,25 +221,16 @@ def retry_later_if_claimed(
         )
     moved = 0
     if retried:
-        result = session.execute(
-            update(EVENTS)
-            .where(
-                EVENTS.c.id == bindparam("b_id"),
-                EVENTS.c.status == EventStatus.INFLIGHT,
-                EVENTS.c.lease_owner == owner,
-            )
-            .values(
-                status=EventStatus.PENDING,
-                attempts=bindparam("b_attempts"),
-                next_attempt_at=bindparam("b_next"),
-                last_error=_clip(error),
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-            ),
+        moved = _settle_each_if_claimed(
+            session,
+            owner,
             retried,
+            status=EventStatus.PENDING,
+            attempts=bindparam("b_attempts"),
+            next_attempt_at=bindparam("b_next"),
+            last_error=_clip(error),
+            updated_at=now,
         )
-        moved = int(result.rowcount)  # type: ignore[attr-defined]
     failed = 0
     if exhausted:
         failed = _fail_exhausted(session, exhausted, owner, now)

@@ -75,7 +75,27 @@ class RateBudget(Protocol):
     def paused_for(self) -> float: ...
 
 
-class RedisRateBudget:
+class _WaitingBudget:
+    """`acquire` on top of a non-blocking `try_acquire`: wait while the wait fits in `timeout`."""
+
+    sleep: Callable[[float], None]
+
+    def try_acquire(self) -> float | None:
+        raise NotImplementedError
+
+    def acquire(self, *, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = self.try_acquire()
+            if wait is None:
+                return None
+            left = deadline - time.monotonic()
+            if wait > left:
+                return wait
+            self.sleep(max(wait, 0.005))
+
+
+class RedisRateBudget(_WaitingBudget):
     """The organization-wide budget in Redis (one instance, not a cluster)."""
 
     def __init__(
@@ -103,17 +123,6 @@ class RedisRateBudget:
         )
         return None if int(status) == 0 else int(value) / 1000.0
 
-    def acquire(self, *, timeout: float) -> float | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            wait = self.try_acquire()
-            if wait is None:
-                return None
-            left = deadline - time.monotonic()
-            if wait > left:
-                return wait
-            self.sleep(max(wait, 0.005))
-
     def pause(self, seconds: float) -> None:
         self._pause(keys=[self.namespace], args=[max(1, int(seconds * 1000))])
 
@@ -126,7 +135,7 @@ class RedisRateBudget:
         return int(paused) / 1000.0
 
 
-class LocalRateBudget:
+class LocalRateBudget(_WaitingBudget):
     """The same fixed-window budget inside one process (SQLite/`outbox dev`, or a fallback)."""
 
     def __init__(
@@ -159,16 +168,6 @@ class LocalRateBudget:
                 return (window + 1) * self.window_seconds - now
             self._used += 1
             return None
-
-    def acquire(self, *, timeout: float) -> float | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            wait = self.try_acquire()
-            if wait is None:
-                return None
-            if wait > deadline - time.monotonic():
-                return wait
-            self.sleep(max(wait, 0.005))
 
     def pause(self, seconds: float) -> None:
         with self._lock:
