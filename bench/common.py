@@ -13,7 +13,7 @@ import platform
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -144,6 +144,15 @@ def check_ledger(url: str) -> LedgerCheck:
         negative = conn.execute("SELECT count(*) FROM customers WHERE balance < 0").fetchone()
     assert events and usage and mismatched and negative
     return LedgerCheck(int(events[0]), int(usage[0]), int(mismatched[0]), int(negative[0]))
+
+
+def describe_machine(facts: dict[str, Any]) -> str:
+    """One line naming the machine and PostgreSQL's durability settings, for a table's footer."""
+    return (
+        f"machine: nproc={facts['nproc']} ({facts['cpu']}), PostgreSQL {facts['postgresql']}"
+        f" (fsync={facts['fsync']}, synchronous_commit={facts['synchronous_commit']},"
+        f" shared_buffers={facts['shared_buffers']}), Python {facts['python']}"
+    )
 
 
 def machine_facts(url: str) -> dict[str, str]:
@@ -338,70 +347,73 @@ def _busy_ticks() -> int:
     return sum(fields[:8]) - idle
 
 
-def _descendants(table: dict[int, tuple[str, int, int, int]], roots: Iterable[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (_, ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    stack = [pid for pid in roots if pid in table]
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, ()))
-    return found
+class GroupCpuMeter:
+    """CPU used between `start()` and `stop()`, in cores, by named process trees (`groups`:
+    name -> root pids, descendants included), PostgreSQL, Redis, this driver, and "other" (the
+    machine's busy time minus all of those: a neighbour's work, or a process that exited)."""
 
-
-class CpuMeter:
-    """CPU used between `start()` and `stop()`, in cores (CPU-seconds per second), split into
-    PostgreSQL, the load (clients / generator), the server (uvicorn), this driver, and other
-    (everything else on the machine, e.g. somebody's test run)."""
-
-    def __init__(self, load_roots: Iterable[int] = (), server_roots: Iterable[int] = ()) -> None:
-        self.load_roots = list(load_roots)
-        self.server_roots = list(server_roots)
+    def __init__(self, groups: Mapping[str, Iterable[int]]) -> None:
+        self.groups = {name: list(roots) for name, roots in groups.items()}
         self._start: tuple[float, int, dict[tuple[int, int], int]] | None = None
 
     def _snapshot(self) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], str]]:
-        """Ticks and group of every process, keyed by (pid, start time) so a reused pid is
-        never mistaken for the process that had it before."""
         table = _process_table()
-        load = _descendants(table, self.load_roots)
-        server = _descendants(table, self.server_roots)
+        children: dict[int, list[int]] = {}
+        for pid, (_, ppid, _, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        owner: dict[int, str] = {}
+        for name, roots in self.groups.items():
+            stack = [pid for pid in roots if pid in table]
+            while stack:
+                pid = stack.pop()
+                if pid not in owner:
+                    owner[pid] = name
+                    stack.extend(children.get(pid, ()))
         ticks: dict[tuple[int, int], int] = {}
         groups: dict[tuple[int, int], str] = {}
         for pid, (name, _, started, used) in table.items():
             key = (pid, started)
             ticks[key] = used
-            if pid in load:
-                groups[key] = "load"
-            elif pid in server:
-                groups[key] = "server"
+            if pid in owner:
+                groups[key] = owner[pid]
             elif pid == os.getpid():
                 groups[key] = "driver"
             elif name == "postgres" or name.startswith("postgres:"):
                 groups[key] = "postgres"
+            elif name.startswith("redis-server"):
+                groups[key] = "redis"
         return ticks, groups
 
     def start(self) -> None:
         self._start = (time.monotonic(), _busy_ticks(), self._snapshot()[0])
 
-    def stop(self) -> dict[str, float]:
-        """Cores per group. A process that exited inside the window took its ticks along:
-        they land in "other", which is the machine's busy time minus the groups."""
+    def stop(self) -> tuple[dict[str, float], float]:
+        """(cores per group, seconds measured)."""
         assert self._start is not None, "start() first"
         t0, busy0, ticks0 = self._start
         ticks1, groups = self._snapshot()
-        elapsed = time.monotonic() - t0
+        elapsed = max(time.monotonic() - t0, 1e-9)
         hz = _ticks_per_second()
-        busy = (_busy_ticks() - busy0) / hz / elapsed
-        used = {"postgres": 0, "load": 0, "server": 0, "driver": 0}
+        used = dict.fromkeys([*self.groups, "postgres", "redis", "driver"], 0)
         for key, group in groups.items():
             used[group] += ticks1[key] - ticks0.get(key, 0)
-        cores = {k: v / hz / elapsed for k, v in used.items()}
+        cores = {name: n / hz / elapsed for name, n in used.items()}
+        busy = (_busy_ticks() - busy0) / hz / elapsed
         cores["other"] = max(0.0, busy - sum(cores.values()))
         cores["busy"] = busy
-        return cores
+        return cores, elapsed
+
+
+class CpuMeter(GroupCpuMeter):
+    """The enqueue benchmark's groups: the load (clients / generator) and the server (uvicorn),
+    next to PostgreSQL, Redis, this driver and other."""
+
+    def __init__(self, load_roots: Iterable[int] = (), server_roots: Iterable[int] = ()) -> None:
+        super().__init__({"load": load_roots, "server": server_roots})
+
+    def cores(self) -> dict[str, float]:
+        """`stop()`, cores per group only."""
+        return self.stop()[0]
 
 
 # -- the table --------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ from common import (
     cpu_reference_ms,
     customer_id,
     database_name,
+    describe_machine,
     drop_database,
     format_table,
     free_port,
@@ -340,7 +341,7 @@ def run_clients(
     _sleep_until(window[0])
     meter.start()
     _sleep_until(window[1])
-    cpu = meter.stop()
+    cpu = meter.cores()
     merged = Samples()
     problems = []
     for _ in procs:
@@ -419,7 +420,7 @@ def run_pgbench(cfg: Config, key: str, label: str, customers: int) -> ScenarioRe
     _sleep_until(window[0])
     meter.start()
     _sleep_until(window[1])
-    cpu = meter.stop()
+    cpu = meter.cores()
     stdout, stderr = proc.communicate(timeout=120)
     samples = Samples()
     for path in logdir.glob("pgbench*"):
@@ -985,11 +986,7 @@ def main(argv: list[str] | None = None) -> int:
         for note in r.notes:
             print(f"- {r.key}: {note}")
     print()
-    print(
-        f"machine: nproc={facts['nproc']} ({facts['cpu']}), PostgreSQL {facts['postgresql']}"
-        f" (fsync={facts['fsync']}, synchronous_commit={facts['synchronous_commit']},"
-        f" shared_buffers={facts['shared_buffers']}), Python {facts['python']}"
-    )
+    print(describe_machine(facts))
     print(
         f"window {cfg.seconds:g} s after {cfg.warmup:g} s warm-up; CPU in cores"
         " (CPU-seconds per second) during the window"
