@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AbstractContextManager
-from typing import Annotated, Any
+from collections.abc import Callable, Iterator
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from api.errors import error_body
 from outbox.db import session_scope
@@ -21,24 +19,11 @@ AFTER_COMMIT = "after_commit"
 TOKEN_CACHE_SECONDS = 10.0
 
 
-async def get_session(request: Request) -> AsyncIterator[Session]:
+def get_session(request: Request) -> Iterator[Session]:
     """One transaction per request, committed BEFORE the response is sent (scope="function"),
-    so a client never sees 201 for a deduction that did not commit.
-
-    Async so that opening the session (no I/O: a Session connects on first use) costs no thread
-    hand-off; the commit or rollback, and the after-commit hooks, run in the thread pool."""
-    scope = session_scope(request.app.state.sessionmaker)
-    session = scope.__enter__()
-    try:
+    so a client never sees 201 for a deduction that did not commit."""
+    with session_scope(request.app.state.sessionmaker) as session:
         yield session
-    except BaseException as exc:
-        await run_in_threadpool(scope.__exit__, type(exc), exc, exc.__traceback__)
-        raise
-    await run_in_threadpool(_commit_then_hooks, scope, session)
-
-
-def _commit_then_hooks(scope: AbstractContextManager[Session], session: Session) -> None:
-    scope.__exit__(None, None, None)
     for hook in session.info.get(AFTER_COMMIT, ()):
         hook()
 
@@ -59,20 +44,13 @@ class TokenCache:
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[float, TokenInfo | None]] = {}
 
-    def cached(self, token: str) -> TokenInfo | None:
-        """The token's info if a fresh lookup found it valid, without touching the database."""
-        with self._lock:
-            hit = self._entries.get(hash_token(token))
-        if hit is not None and time.monotonic() - hit[0] < self.ttl:
-            return hit[1]
-        return None
-
     def lookup(self, session: Session, token: str) -> TokenInfo | None:
-        info = self.cached(token)
-        if info is not None:
-            return info
         key = hash_token(token)
         now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None and now - hit[0] < self.ttl and hit[1] is not None:
+            return hit[1]
         info = authenticate(session, token)
         with self._lock:
             if len(self._entries) > 10_000:
@@ -89,10 +67,8 @@ def _unauthorized(detail: str) -> HTTPException:
     )
 
 
-async def current_token(request: Request, session: SessionDep) -> TokenInfo:
-    """The caller's token from `Authorization: Bearer <token>`; 401 if missing or unknown.
-
-    Async with a cache-hit fast path: no thread hand-off unless the database must be asked."""
+def current_token(request: Request, session: SessionDep) -> TokenInfo:
+    """The caller's token from `Authorization: Bearer <token>`; 401 if missing or unknown."""
     header = request.headers.get("authorization")
     if not header:
         raise _unauthorized("missing Authorization header: use 'Authorization: Bearer <token>'")
@@ -101,14 +77,14 @@ async def current_token(request: Request, session: SessionDep) -> TokenInfo:
     if scheme.lower() != "bearer" or not token or len(token) > 200:
         raise _unauthorized("malformed Authorization header: use 'Authorization: Bearer <token>'")
     cache: TokenCache = request.app.state.token_cache
-    info = cache.cached(token) or await run_in_threadpool(cache.lookup, session, token)
+    info = cache.lookup(session, token)
     if info is None:
         raise _unauthorized("invalid or revoked token")
     return info
 
 
-def require(scope: TokenScope) -> Callable[[TokenInfo], Coroutine[Any, Any, TokenInfo]]:
-    async def check(token: Annotated[TokenInfo, Depends(current_token)]) -> TokenInfo:
+def require(scope: TokenScope) -> Callable[[TokenInfo], TokenInfo]:
+    def check(token: Annotated[TokenInfo, Depends(current_token)]) -> TokenInfo:
         if not token.allows(scope):
             raise HTTPException(
                 status_code=403,
