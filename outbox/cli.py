@@ -256,36 +256,23 @@ def failed(
     """Failed events: id, customer, credits, attempts, last error, when."""
     from outbox.operations import list_failed
 
-    rows = with_session(
-        lambda s: [_event_row(e) for e in list_failed(s, customer_id=customer, limit=limit)]
-    )
+    events = with_session(lambda s: list_failed(s, customer_id=customer, limit=limit))
     if json_out:
-        print_json(rows)
+        print_json([_event_row(e) for e in events])
         return
-    if not rows:
+    if not events:
         out.print("no failed events")
         return
-    from rich.table import Table
-
-    table = Table(title=f"{len(rows)} failed event(s)")
-    for column in ("event_id", "customer_id", "credits", "attempts", "updated_at"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("last_error", overflow="fold", ratio=1)
-    for row in rows:
-        table.add_row(
-            *(
-                str(row[c] if row[c] is not None else "")
-                for c in (
-                    "event_id",
-                    "customer_id",
-                    "credits",
-                    "attempts",
-                    "last_error",
-                    "updated_at",
-                )
-            )
+    out.print(f"{len(events)} failed event(s)")
+    for e in events:
+        replayed = f"  (replayed in #{e.last_replay_id})" if e.last_replay_id else ""
+        out.print(
+            f"\n#{e.id}  {e.customer_id}  {e.credits} credits  {e.attempts} attempt(s)"
+            f"  failed {e.updated_at:%Y-%m-%d %H:%M:%S} UTC{replayed}",
+            highlight=False,
+            markup=False,
         )
-    out.print(table)
+        out.print(f"  {e.last_error or '(no error recorded)'}", highlight=False, markup=False)
 
 
 @app.command("replay")
@@ -339,7 +326,9 @@ def replay_cmd(
     for detail in result.details[:50]:
         out.print(
             f"  {detail['event_id']}  {detail['customer_id']}  {detail['credits']} credits"
-            f"  last error: {detail['last_error']}"
+            f"  last error: {detail['last_error']}",
+            highlight=False,
+            markup=False,
         )
 
 

@@ -68,7 +68,7 @@ def test_grant_status_failed_replay_round_trip(cli_db: Engine) -> None:
         session.execute(
             update(OutboxEvent)
             .where(OutboxEvent.id == ids[0])
-            .values(status="failed", last_error="Polar: customer refused")
+            .values(status="failed", last_error="Polar: customer refused [loc 0]")
         )
     code, out, _ = run("status", "--json")
     stats = json.loads(out)
@@ -78,7 +78,15 @@ def test_grant_status_failed_replay_round_trip(cli_db: Engine) -> None:
     code, out, _ = run("failed", "--json")
     rows = json.loads(out)
     assert [r["event_id"] for r in rows] == [ids[0]]
-    assert rows[0]["last_error"] == "Polar: customer refused"
+    assert rows[0]["last_error"] == "Polar: customer refused [loc 0]"
+
+    code, out, _ = run("failed")  # the table for people, 80 columns wide when not a terminal
+    assert code == 0
+    assert (
+        "alice" in out
+        and "Polar: customer refused [loc 0]" in out
+        and f"#{ids[0]}  alice  2 credits" in out
+    )
 
     code, out, _ = run("replay", "--all-failed", "--dry-run", "--json")
     assert code == 0 and json.loads(out)["would_replay"] == 1
