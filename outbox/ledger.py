@@ -11,8 +11,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, exists, func, insert, select, update
+from sqlalchemy import bindparam, exists, func, insert, literal, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -56,6 +57,10 @@ def new_external_id() -> str:
     return f"usage_{uuid.uuid4().hex}"
 
 
+def _is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def get_customer_for_update(session: Session, customer_id: str) -> Customer | None:
     """The customer row, locked until the transaction ends (serializes spends per customer)."""
     return session.scalars(
@@ -69,19 +74,86 @@ def get_customer_for_update(session: Session, customer_id: str) -> Customer | No
 _customers = Base.metadata.tables["customers"]
 _outbox_events = Base.metadata.tables["outbox_events"]
 _ledger_entries = Base.metadata.tables["ledger_entries"]
-_DEDUCT = (
-    update(_customers)
-    .where(_customers.c.id == bindparam("p_customer_id"))
-    .where(_customers.c.balance >= bindparam("p_credits"))
-    .values(
-        balance=_customers.c.balance - bindparam("p_credits"),
-        used=_customers.c.used + bindparam("p_credits"),
-        updated_at=bindparam("p_now", type_=_customers.c.updated_at.type),
-    )
-    .returning(_customers.c.balance)
-)
+
+
+def build_deduct_statement(*, guarded: bool = True) -> Any:
+    """The conditional deduction: `balance >= credits` in the WHERE clause is the guard (no
+    read-then-write race); `guarded=False` exists for the test that shows the database's
+    CHECK (balance >= 0) refusing an overdraft on its own."""
+    c = _customers.c
+    stmt = update(_customers).where(c.id == bindparam("p_customer_id"))
+    if guarded:
+        stmt = stmt.where(c.balance >= bindparam("p_credits"))
+    return stmt.values(
+        balance=c.balance - bindparam("p_credits"),
+        used=c.used + bindparam("p_credits"),
+        updated_at=bindparam("p_now", type_=c.updated_at.type),
+    ).returning(c.balance)
+
+
+_DEDUCT = build_deduct_statement()
 _INSERT_EVENT = insert(_outbox_events).returning(_outbox_events.c.id)
 _INSERT_ENTRY = insert(_ledger_entries).returning(_ledger_entries.c.id)
+
+
+def _insert_from(table: Any, values: dict[str, Any], source: Any) -> Any:
+    """INSERT INTO table (the keys) SELECT (the values) FROM source ... RETURNING id."""
+    return (
+        insert(table)
+        .from_select(list(values), select(*values.values()).select_from(source))
+        .returning(table.c.id)
+    )
+
+
+def build_spend_statement(deduct: Any) -> Any:
+    """PostgreSQL: the conditional deduction, the outbox row and the ledger entry in ONE
+    statement (data-modifying CTEs), one round trip instead of three. The event and the entry
+    are inserted FROM the deduction's RETURNING, so a refused deduction inserts nothing and
+    the statement returns no row. Parameters: as `_DEDUCT`, plus p_external_id, p_name,
+    p_metadata and p_idempotency_key."""
+    e, le = _outbox_events.c, _ledger_entries.c
+
+    def param(name: str, column: Any) -> Any:
+        return bindparam(name, type_=column.type)
+
+    deducted = deduct.cte("deducted")
+    event = _insert_from(
+        _outbox_events,
+        {
+            "external_id": param("p_external_id", e.external_id),
+            "customer_id": param("p_customer_id", e.customer_id),
+            "name": param("p_name", e.name),
+            "credits": param("p_credits", e.credits),
+            "metadata": param("p_metadata", e.metadata),
+            "occurred_at": param("p_now", e.occurred_at),
+            "status": literal(EventStatus.PENDING.value, e.status.type),
+            "attempts": literal(0, e.attempts.type),
+            "next_attempt_at": param("p_now", e.next_attempt_at),
+            "created_at": param("p_now", e.created_at),
+            "updated_at": param("p_now", e.updated_at),
+        },
+        deducted,
+    ).cte("event")
+    entry = _insert_from(
+        _ledger_entries,
+        {
+            "customer_id": param("p_customer_id", le.customer_id),
+            "kind": literal(LedgerKind.USAGE.value, le.kind.type),
+            "delta": -param("p_credits", le.delta),
+            "balance_after": deducted.c.balance,
+            "event_id": event.c.id,
+            "external_id": param("p_external_id", le.external_id),
+            "idempotency_key": param("p_idempotency_key", le.idempotency_key),
+            "created_at": param("p_now", le.created_at),
+        },
+        deducted.join(event, true()),
+    ).cte("entry")
+    return select(deducted.c.balance, event.c.id).select_from(
+        deducted.join(event, true()).join(entry, true())
+    )
+
+
+_SPEND = build_spend_statement(_DEDUCT)
 
 
 def _deduct_if_covered(session: Session, customer_id: str, credits: int, now: datetime) -> int:
@@ -235,12 +307,65 @@ def record_usage(
         if existing is not None:
             return existing
 
+    spend = _spend_in_one_statement if _is_postgresql(session) else _spend_in_three_statements
+    return spend(
+        session,
+        customer_id=customer_id,
+        credits=credits,
+        metadata=clean_metadata,
+        idempotency_key=idempotency_key,
+        now=now,
+        settings=settings,
+    )
+
+
+def _spend_in_one_statement(
+    session: Session,
+    *,
+    customer_id: str,
+    credits: int,
+    metadata: Metadata,
+    idempotency_key: str | None,
+    now: datetime,
+    settings: Settings,
+) -> UsageResult:
+    """PostgreSQL: deduction, outbox row and ledger entry in one round trip (`_SPEND`)."""
+    external_id = new_external_id()
+    row = session.execute(
+        _SPEND,
+        {
+            "p_customer_id": customer_id,
+            "p_credits": credits,
+            "p_now": now,
+            "p_external_id": external_id,
+            "p_name": settings.usage_event_name,
+            "p_metadata": metadata,
+            "p_idempotency_key": idempotency_key,
+        },
+    ).one_or_none()
+    if row is None:
+        raise refusal(session, customer_id, credits)
+    balance, event_id = row
+    return UsageResult(event_id=int(event_id), external_id=external_id, balance=int(balance))
+
+
+def _spend_in_three_statements(
+    session: Session,
+    *,
+    customer_id: str,
+    credits: int,
+    metadata: Metadata,
+    idempotency_key: str | None,
+    now: datetime,
+    settings: Settings,
+) -> UsageResult:
+    """SQLite (no data-modifying CTEs): the same three writes as `_SPEND`, one by one."""
     balance = _deduct_if_covered(session, customer_id, credits, now)
     event_id, external_id = enqueue_usage_event(
         session,
         customer_id=customer_id,
         credits=credits,
-        metadata=clean_metadata,
+        metadata=metadata,
         occurred_at=now,
         settings=settings,
     )
@@ -259,8 +384,7 @@ def record_usage(
 
 
 def _dialect_insert(session: Session) -> type[postgresql.Insert] | type[sqlite.Insert]:
-    name = session.get_bind().dialect.name
-    return postgresql.Insert if name == "postgresql" else sqlite.Insert
+    return postgresql.Insert if _is_postgresql(session) else sqlite.Insert
 
 
 def ensure_customer(session: Session, customer_id: str) -> None:
@@ -391,7 +515,7 @@ def revoke_credits(
         .values(
             balance=Customer.balance - taken,
             granted=func.greatest(Customer.granted - taken, 0)
-            if session.get_bind().dialect.name == "postgresql"
+            if _is_postgresql(session)
             else func.max(Customer.granted - taken, 0),
             updated_at=now,
         )

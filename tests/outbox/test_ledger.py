@@ -15,10 +15,9 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 
 import pytest
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -172,22 +171,13 @@ def test_concurrent_spends_never_overdraw_and_every_deduction_has_one_outbox_row
     assert all(isinstance(exc, InsufficientCredits) for _, exc in refused)
 
 
-def _deduct_without_python_guard(
-    session: Session, customer_id: str, credits: int, now: datetime
-) -> int:
-    """`_deduct_if_covered` with its guard removed: no `balance >= credits`, no existence check."""
-    balance = session.execute(
-        update(Customer)
-        .where(Customer.id == customer_id)
-        .values(balance=Customer.balance - credits, used=Customer.used + credits, updated_at=now)
-        .returning(Customer.balance)
-    ).scalar_one()
-    return int(balance)
-
-
 @pytest.fixture
 def python_guard_removed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(outbox.ledger, "_deduct_if_covered", _deduct_without_python_guard)
+    """The conditional deduction without its `balance >= credits` guard, on both paths (the
+    single PostgreSQL statement and the SQLite three-statement one)."""
+    unguarded = outbox.ledger.build_deduct_statement(guarded=False)
+    monkeypatch.setattr(outbox.ledger, "_DEDUCT", unguarded)
+    monkeypatch.setattr(outbox.ledger, "_SPEND", outbox.ledger.build_spend_statement(unguarded))
 
 
 @pytest.mark.usefixtures("python_guard_removed")
@@ -246,20 +236,35 @@ def test_unknown_customer_is_refused_and_nothing_is_written(any_engine: Engine) 
 
 
 def test_the_outbox_row_carries_what_polar_will_bill(any_engine: Engine) -> None:
+    """Every column of the three writes: PostgreSQL makes them in one statement, SQLite in
+    three, and both must leave the same rows."""
     customer = funded_customer(any_engine, 10)
     with session_scope(any_engine) as session:
-        result = record_usage(session, customer, 3, {"plan_id": "fp_42", "rooms": 3})
+        result = record_usage(
+            session, customer, 3, {"plan_id": "fp_42", "rooms": 3}, idempotency_key="plan-42"
+        )
     with session_scope(any_engine) as session:
         event = session.get(OutboxEvent, result.event_id)
         entry = session.scalars(
             select(LedgerEntry).where(LedgerEntry.event_id == result.event_id)
         ).one()
-    assert event is not None
+        account = session.get(Customer, customer)
+    assert event is not None and account is not None
     assert (event.customer_id, event.credits, event.status) == (customer, 3, "pending")
     assert event.name == "ai_generation"
     assert event.event_metadata == {"plan_id": "fp_42", "rooms": 3}
     assert event.external_id == result.external_id == entry.external_id
-    assert (entry.kind, entry.delta, entry.balance_after) == ("usage", -3, 7)
+    assert (event.attempts, event.last_error, event.delivered_at) == (0, None, None)
+    assert event.occurred_at == event.created_at == event.updated_at == event.next_attempt_at
+    assert event.occurred_at == entry.created_at == account.updated_at
+    assert (entry.customer_id, entry.kind, entry.delta, entry.balance_after) == (
+        customer,
+        "usage",
+        -3,
+        7,
+    )
+    assert (entry.idempotency_key, entry.hold_id, entry.reason) == ("plan-42", None, None)
+    assert (account.balance, account.used, result.balance) == (7, 3, 7)
 
 
 def test_balance_equals_the_ledger_after_grants_spends_and_revokes(any_engine: Engine) -> None:
