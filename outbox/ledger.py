@@ -68,9 +68,10 @@ def get_customer_for_update(session: Session, customer_id: str) -> Customer | No
     ).one_or_none()
 
 
-# The hot path's three statements, built once: Core statements on the tables (not the ORM
-# entities) skip the ORM's per-call statement construction and bulk-persistence machinery, and
-# reuse one compiled form. Measured in bench/enqueue.py (docs/benchmarks.md).
+# The hot path's statements, built once: Core statements on the tables (not the ORM entities)
+# skip the ORM's per-call statement construction and bulk-persistence machinery, and reuse one
+# compiled form. On PostgreSQL the three writes of a spend are one statement (`_SPEND`); SQLite
+# runs them one by one. Measured in bench/enqueue.py (docs/benchmarks.md).
 _customers = Base.metadata.tables["customers"]
 _outbox_events = Base.metadata.tables["outbox_events"]
 _ledger_entries = Base.metadata.tables["ledger_entries"]
