@@ -308,78 +308,66 @@ def record_usage(
         if existing is not None:
             return existing
 
-    spend = _spend_in_one_statement if _is_postgresql(session) else _spend_in_three_statements
-    return spend(
-        session,
-        customer_id=customer_id,
-        credits=credits,
-        metadata=clean_metadata,
-        idempotency_key=idempotency_key,
-        now=now,
-        settings=settings,
-    )
+    spend = _Spend(customer_id, credits, clean_metadata, idempotency_key, now, settings)
+    if _is_postgresql(session):
+        return _spend_in_one_statement(session, spend)
+    return _spend_in_three_statements(session, spend)
 
 
-def _spend_in_one_statement(
-    session: Session,
-    *,
-    customer_id: str,
-    credits: int,
-    metadata: Metadata,
-    idempotency_key: str | None,
-    now: datetime,
-    settings: Settings,
-) -> UsageResult:
+@dataclass(frozen=True)
+class _Spend:
+    """A validated usage, ready to write (both spend paths take one)."""
+
+    customer_id: str
+    credits: int
+    metadata: Metadata
+    idempotency_key: str | None
+    now: datetime
+    settings: Settings
+
+
+def _spend_in_one_statement(session: Session, spend: _Spend) -> UsageResult:
     """PostgreSQL: deduction, outbox row and ledger entry in one round trip (`_SPEND`)."""
     external_id = new_external_id()
     row = session.execute(
         _SPEND,
         {
-            "p_customer_id": customer_id,
-            "p_credits": credits,
-            "p_now": now,
+            "p_customer_id": spend.customer_id,
+            "p_credits": spend.credits,
+            "p_now": spend.now,
             "p_external_id": external_id,
-            "p_name": settings.usage_event_name,
-            "p_metadata": metadata,
-            "p_idempotency_key": idempotency_key,
+            "p_name": spend.settings.usage_event_name,
+            "p_metadata": spend.metadata,
+            "p_idempotency_key": spend.idempotency_key,
         },
     ).one_or_none()
     if row is None:
-        raise refusal(session, customer_id, credits)
+        raise refusal(session, spend.customer_id, spend.credits)
     balance, event_id = row
     return UsageResult(event_id=int(event_id), external_id=external_id, balance=int(balance))
 
 
-def _spend_in_three_statements(
-    session: Session,
-    *,
-    customer_id: str,
-    credits: int,
-    metadata: Metadata,
-    idempotency_key: str | None,
-    now: datetime,
-    settings: Settings,
-) -> UsageResult:
+def _spend_in_three_statements(session: Session, spend: _Spend) -> UsageResult:
     """SQLite (no data-modifying CTEs): the same three writes as `_SPEND`, one by one."""
-    balance = _deduct_if_covered(session, customer_id, credits, now)
+    balance = _deduct_if_covered(session, spend.customer_id, spend.credits, spend.now)
     event_id, external_id = enqueue_usage_event(
         session,
-        customer_id=customer_id,
-        credits=credits,
-        metadata=metadata,
-        occurred_at=now,
-        settings=settings,
+        customer_id=spend.customer_id,
+        credits=spend.credits,
+        metadata=spend.metadata,
+        occurred_at=spend.now,
+        settings=spend.settings,
     )
     append_ledger_entry(
         session,
-        customer_id=customer_id,
+        customer_id=spend.customer_id,
         kind=LedgerKind.USAGE,
-        delta=-credits,
+        delta=-spend.credits,
         balance_after=balance,
-        now=now,
+        now=spend.now,
         event_id=event_id,
         external_id=external_id,
-        idempotency_key=idempotency_key,
+        idempotency_key=spend.idempotency_key,
     )
     return UsageResult(event_id=event_id, external_id=external_id, balance=balance)
 
