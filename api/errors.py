@@ -73,6 +73,17 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str]:
     return field, f"{field}: {message}"
 
 
+def _unparseable(cause: BaseException) -> str:
+    """Why a body could not be read at all (the JSON parser gave up before validation)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "the request body is not valid UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the request body is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "the request body has a number with too many digits"
+    return "the request body could not be parsed as JSON"
+
+
 def _auth_refusal(request: Request) -> JSONResponse | None:
     """401 for a request to a token-protected route without a valid token, else None."""
     path = request.url.path
@@ -115,7 +126,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("invalid_request", detail, field=field), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "error parsing the body" (raised from the parser's exception): a bad
+            # body like any other, so 422 invalid_request, after the token check as above.
+            refusal = await run_in_threadpool(_auth_refusal, request)
+            if refusal is not None:
+                return refusal
+            return JSONResponse(
+                error_body("invalid_request", _unparseable(exc.__cause__), field="body"),
+                status_code=422,
+            )
         if isinstance(exc.detail, dict) and "code" in exc.detail:
             body = exc.detail
         else:

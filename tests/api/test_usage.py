@@ -369,24 +369,32 @@ def test_bad_raw_json_is_422_naming_the_field_and_changes_nothing(
             assert snapshot() == before
 
 
-UNPARSEABLE: list[tuple[str, str | bytes]] = [
-    ("deep nesting", "[" * 5000 + "]" * 5000),  # deeper than Python's JSON parser goes
-    ("5000-digit number", '{"customer_id": "user_1", "credits": ' + "9" * 5000 + "}"),
-    ("not UTF-8", b'{"customer_id": "user_1\xff"}'),
+UNPARSEABLE: list[tuple[str, str | bytes, str]] = [
+    # deeper than Python's JSON parser goes
+    ("deep nesting", "[" * 5000 + "]" * 5000, "nested too deeply"),
+    ("5000-digit number", '{"customer_id": "user_1", "credits": ' + "9" * 5000 + "}", "digits"),
+    ("not UTF-8", b'{"customer_id": "user_1\xff"}', "not valid UTF-8"),
 ]
 
 
 @pytest.mark.usefixtures("funded")
-def test_unparseable_bodies_are_refused_with_a_code(
+def test_unparseable_bodies_are_refused_like_any_bad_body(
     client: TestClient, usage_headers: dict[str, str], snapshot: Take, subtests: pytest.Subtests
 ) -> None:
-    for case, raw in UNPARSEABLE:
+    for case, raw, why in UNPARSEABLE:
         with subtests.test(case):
             before = snapshot()
             response = post_raw(client, usage_headers, raw)
-            assert 400 <= response.status_code < 500
-            assert response.json()["code"] in ("invalid_request", "bad_request")
+            assert response.status_code == 422, response.text
+            error = response.json()
+            assert (error["code"], error["field"]) == ("invalid_request", "body")
+            assert why in error["detail"]
             assert snapshot() == before
+
+
+def test_an_unparseable_body_without_a_token_is_401(client: TestClient) -> None:
+    response = post_raw(client, {}, UNPARSEABLE[0][1])
+    assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
 
 
 @pytest.mark.usefixtures("funded")
