@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from outbox.errors import CustomerNotFound, IdempotencyConflict, InsufficientCredits
-from outbox.models import Base, Customer, LedgerEntry, utcnow
+from outbox.models import Base, Customer, LedgerEntry, OutboxEvent, utcnow
 from outbox.settings import Settings, get_settings
 from outbox.states import EventStatus, LedgerKind
 from outbox.validation import (
@@ -197,12 +197,20 @@ def _entry_by_key(
 
 
 def _existing_usage(
-    session: Session, customer_id: str, credits: int, idempotency_key: str
+    session: Session, customer_id: str, credits: int, metadata: Metadata, idempotency_key: str
 ) -> UsageResult | None:
+    """The first usage with this key, if any. Another amount is a conflict, and so is other
+    metadata while the first event is still in the outbox (`outbox prune` deletes delivered
+    events past the retention; after that only the amount can be compared)."""
     entry = _entry_by_key(session, customer_id, LedgerKind.USAGE, idempotency_key, credits)
     if entry is None:
         return None
     assert entry.event_id is not None
+    first_metadata = session.scalar(
+        select(OutboxEvent.event_metadata).where(OutboxEvent.id == entry.event_id)
+    )
+    if first_metadata is not None and first_metadata != metadata:
+        raise IdempotencyConflict(idempotency_key=idempotency_key)
     # The first result, as the HTTP path replays it: the balance right after that usage.
     return UsageResult(
         event_id=entry.event_id,
@@ -289,8 +297,9 @@ def record_usage(
     transaction (no commit).
 
     Raises `InvalidRequest` (bad input), `CustomerNotFound`, `InsufficientCredits`, and
-    `IdempotencyConflict` (the same `idempotency_key` was used for another amount). With an
-    `idempotency_key` already used for this customer, returns the first result (`replayed=True`)
+    `IdempotencyConflict` (the same `idempotency_key` was used for another amount, or other
+    metadata while the first event is still in the outbox). With an `idempotency_key` already
+    used for this customer with the same arguments, returns the first result (`replayed=True`)
     and deducts nothing.
     """
     settings = settings or get_settings()
@@ -304,7 +313,7 @@ def record_usage(
         # Lock the customer first so two calls with the same key serialize here.
         if get_customer_for_update(session, customer_id) is None:
             raise CustomerNotFound(customer_id=customer_id)
-        existing = _existing_usage(session, customer_id, credits, idempotency_key)
+        existing = _existing_usage(session, customer_id, credits, clean_metadata, idempotency_key)
         if existing is not None:
             return existing
 

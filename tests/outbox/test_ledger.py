@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -410,6 +410,30 @@ def test_same_idempotency_key_with_another_amount_is_a_conflict(any_engine: Engi
         record_usage(session, customer, 4, idempotency_key="gen-1")
     assert table_counts(any_engine) == before
     assert books(any_engine, customer).balance == 7
+
+
+def test_same_idempotency_key_with_other_metadata_is_a_conflict(any_engine: Engine) -> None:
+    customer = funded_customer(any_engine, 10)
+    with session_scope(any_engine) as session:
+        record_usage(session, customer, 3, {"plan_id": "fp_1"}, idempotency_key="gen-1")
+    before = table_counts(any_engine)
+    for other in ({"plan_id": "fp_2"}, None):
+        with pytest.raises(IdempotencyConflict), session_scope(any_engine) as session:
+            record_usage(session, customer, 3, other, idempotency_key="gen-1")
+    assert table_counts(any_engine) == before
+    with session_scope(any_engine) as session:  # the same call again is a replay
+        assert record_usage(session, customer, 3, {"plan_id": "fp_1"}, "gen-1").replayed
+
+
+def test_after_prune_a_reused_key_is_compared_by_amount_only(any_engine: Engine) -> None:
+    customer = funded_customer(any_engine, 10)
+    with session_scope(any_engine) as session:
+        first = record_usage(session, customer, 3, {"plan_id": "fp_1"}, idempotency_key="gen-1")
+    with session_scope(any_engine) as session:  # as `outbox prune` leaves it: the entry stays
+        session.execute(delete(OutboxEvent).where(OutboxEvent.id == first.event_id))
+    with session_scope(any_engine) as session:
+        again = record_usage(session, customer, 3, {"plan_id": "fp_2"}, idempotency_key="gen-1")
+    assert again.replayed and again.event_id == first.event_id
 
 
 def test_idempotency_keys_are_per_customer(any_engine: Engine) -> None:
