@@ -46,7 +46,8 @@ def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, migrated to head, dropped after."""
     base = make_url(TEST_DATABASE_URL)
     name = f"outbox_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    # No pool: the chaos tests restart PostgreSQL, and the drop at the end needs a live connection.
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     try:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
