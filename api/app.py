@@ -95,5 +95,5 @@ def create_served_app() -> FastAPI:
     if not settings.is_sqlite:
         from api.nudge import celery_nudger
 
-        nudge = celery_nudger()
+        nudge = celery_nudger(delay=settings.outbox_clock_margin_seconds)
     return create_app(settings, nudge=nudge)

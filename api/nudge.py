@@ -1,8 +1,9 @@
 """The after-commit nudge: wake a Celery drain soon after usage commits (best effort).
 
-Requests never wait on Redis: `poke()` only sets a flag; a background thread sends at most one
-`outbox.drain` message per `min_interval`. Redis down → the message is dropped with a warning
-(at most one a minute) and the beat schedule's periodic drain catches up.
+Requests never wait on Redis: calling the nudger only sets a flag; a background thread sends at
+most one `outbox.drain` message per `min_interval`, to run once the new row is past the clock
+margin. Redis down → the message is dropped with a warning (at most one a minute) and the beat
+schedule's periodic drain catches up.
 """
 
 from __future__ import annotations
@@ -52,11 +53,14 @@ class Nudger:
             time.sleep(self._min_interval)
 
 
-def celery_nudger() -> Nudger:
-    """A nudger that sends `outbox.drain` through the Celery broker (Redis)."""
+def celery_nudger(delay: float) -> Nudger:
+    """A nudger that sends `outbox.drain` through the Celery broker (Redis), to run `delay`
+    seconds later: the clock margin (OUTBOX_CLOCK_MARGIN_SECONDS), so that the row just
+    committed is due when the drain claims. Sent at once, it would find the row held back and
+    end, and a lone usage would wait for beat's next drain."""
     from worker.celery_app import app
 
     def send() -> None:
-        app.send_task("outbox.drain", expires=30, retry=False)
+        app.send_task("outbox.drain", countdown=delay, expires=30 + delay, retry=False)
 
     return Nudger(send)

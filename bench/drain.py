@@ -18,8 +18,10 @@ the Polar emulator in its own process, one table with ratios to (a):
   e-1m         10k pending rows next to 1M delivered rows (no cliff?)
   lat          commit -> accepted by Polar at about half of b's capacity: a producer calls
                `record_usage` (and nudges a drain after each commit, as the API does) while
-               pgbench adds the rest of the rate; workers run with beat; latency is
-               delivered_at - created_at of every row committed in the window
+               pgbench adds the rest of the rate as outbox rows, 20 per transaction (one
+               usage transaction per row could not offer half of b on two cores); workers run
+               with beat; latency is delivered_at - created_at of every row committed in the
+               window
   d            workers against an emulator limited to 500 requests per fixed 60 s window, our
                POLAR_REQUESTS_PER_MINUTE=500, for whole windows (>= 2 minutes): events/s vs the
                ceiling 500 x batch / 60, and the emulator's 429 count
@@ -80,6 +82,7 @@ from common import (
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 USAGE_SCRIPT = BENCH / "pgbench_usage.sql"  # the enqueue benchmark's usage transaction
+BATCH_INSERT_SCRIPT = BENCH / "pgbench_outbox_batch.sql"  # N outbox rows per transaction (lat)
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/outbox_bench_drain"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 EMULATOR_TOKEN = "polar_emulator_token"  # polar_emulator.DEFAULT_TOKEN
@@ -148,6 +151,7 @@ class Config:
     latency_warmup: float
     latency_rate: float | None
     latency_lib_rate: float
+    latency_rows_per_tx: int
     latency_margin: float
     only: tuple[str, ...]
     keep_db: bool
@@ -722,6 +726,7 @@ class ProducerSpec:
     threads: int
     seconds: float
     customers: int
+    margin: float  # the workers' OUTBOX_CLOCK_MARGIN_SECONDS: the nudge waits that long
 
 
 def _producer(
@@ -742,7 +747,7 @@ def _producer(
 
         settings = load_settings()
         engine = get_engine(spec.url)
-        nudge = celery_nudger()
+        nudge = celery_nudger(delay=spec.margin)
         total = int(spec.rate * spec.seconds)
         done = [0] * spec.threads
         late = [0.0] * spec.threads
@@ -1114,7 +1119,13 @@ class Bench:
         go, start_at = ctx.Event(), ctx.Value("d", 0.0)
         run_seconds = cfg.latency_warmup + cfg.latency_seconds + 1.0
         spec = ProducerSpec(
-            cfg.url, cfg.redis_url, lib_rate, threads=8, seconds=run_seconds, customers=CUSTOMERS
+            cfg.url,
+            cfg.redis_url,
+            lib_rate,
+            threads=8,
+            seconds=run_seconds,
+            customers=CUSTOMERS,
+            margin=cfg.latency_margin,
         )
         producer = ctx.Process(target=_producer, args=(spec, ready, go, start_at, results))
         producer.start()
@@ -1128,12 +1139,12 @@ class Bench:
                 _sleep_until(start)
                 filler = start_pgbench(
                     cfg.url,
-                    USAGE_SCRIPT,
+                    BATCH_INSERT_SCRIPT,
                     self.log_dir,
                     clients=4,
                     seconds=run_seconds,
-                    rate=fill_rate,
-                    defines={"customers": CUSTOMERS},
+                    rate=fill_rate / cfg.latency_rows_per_tx,
+                    defines={"customers": CUSTOMERS, "rows": cfg.latency_rows_per_tx},
                 )
             window = (start + cfg.latency_warmup, start + cfg.latency_warmup + cfg.latency_seconds)
             assert producer.pid is not None
@@ -1175,7 +1186,8 @@ class Bench:
         share = f" = {result.throughput / capacity:.0%} of {best.key}" if best else ""
         result.notes.append(
             f"asked {target:,.0f} usages/s ({lib_rate:,.0f} record_usage + nudge,"
-            f" {fill_rate:,.0f} pgbench usage transactions); committed"
+            f" {fill_rate:,.0f} outbox rows from pgbench, {cfg.latency_rows_per_tx} per"
+            " transaction); committed"
             f" {result.throughput:,.0f}/s in the window{share}"
         )
         result.notes.append(
@@ -1417,6 +1429,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="of which record_usage + nudge (lat); pgbench adds the rest",
     )
     parser.add_argument(
+        "--latency-rows-per-tx",
+        type=int,
+        default=20,
+        help="outbox rows per pgbench transaction (lat; bench/pgbench_outbox_batch.sql)",
+    )
+    parser.add_argument(
         "--latency-margin",
         type=float,
         default=0.5,
@@ -1464,6 +1482,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         latency_seconds=args.latency_seconds,
         latency_warmup=args.latency_warmup,
         latency_rate=args.latency_rate,
+        latency_rows_per_tx=args.latency_rows_per_tx,
         latency_lib_rate=args.latency_lib_rate,
         latency_margin=args.latency_margin,
         only=tuple(s.strip() for s in args.only.split(",") if s.strip()),

@@ -69,8 +69,9 @@ def test_the_api_nudges_a_worker_after_commit(
     clean_tables: Engine, emulator: polar_emulator.RunningEmulator, start: Start, tmp_path: Path
 ) -> None:
     port = free_port()
-    # No beat anywhere, and a beat interval too long to matter: only the nudge can deliver.
-    quiet = {"OUTBOX_DRAIN_INTERVAL_SECONDS": "3600"}
+    # No beat anywhere, and a beat interval too long to matter: only the nudge can deliver. A
+    # real clock margin: the row is not due when the nudge is sent, so the nudge must wait for it.
+    quiet = {"OUTBOX_DRAIN_INTERVAL_SECONDS": "3600", "OUTBOX_CLOCK_MARGIN_SECONDS": "1"}
     start(sys.executable, "-m", "outbox.cli", "serve", "--port", str(port), **quiet)
     start(
         sys.executable,
