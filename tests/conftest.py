@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import NoReturn
 
 import pytest
 import redis
@@ -33,12 +34,16 @@ TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def service_missing(what: str, exc: BaseException) -> None:
-    """Skip locally, fail in CI: a test suite that silently skips its database proves nothing."""
-    message = f"{what} is not reachable: {exc}"
+def skip_locally_fail_in_ci(message: str) -> NoReturn:
+    """Something the test needs is not on this machine: skip here, but fail in CI, where a
+    suite that silently skips its database (or its restart, or compose) proves nothing."""
     if IN_CI:
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def service_missing(what: str, exc: BaseException) -> NoReturn:
+    skip_locally_fail_in_ci(f"{what} is not reachable: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.conftest import IN_CI
+from tests.conftest import skip_locally_fail_in_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,10 +30,7 @@ def compose_command() -> list[str] | None:
 def test_docker_compose_config_is_valid(tmp_path: Path) -> None:
     command = compose_command()
     if command is None:
-        message = "neither `docker compose` nor `docker-compose` is installed"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_locally_fail_in_ci("neither `docker compose` nor `docker-compose` is installed")
     for name in ("docker-compose.yml", "Dockerfile", ".env.example"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")
