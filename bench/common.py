@@ -7,6 +7,7 @@ whose name does not contain "bench".
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -15,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -456,3 +458,40 @@ def format_table(results: Sequence[ScenarioResult], baseline: str = "a") -> str:
             f" | {r.codes.get(REFUSED, 0):,} | {r.failed:,} | {cpu} | {per_tx} |"
         )
     return "\n".join(lines)
+
+
+def print_report(
+    results: Sequence[ScenarioResult],
+    facts: dict[str, str],
+    *,
+    table: str,
+    command: str,
+    cpu_line: str,
+    goals: Sequence[str],
+    json_path: Path | None,
+) -> None:
+    """A benchmark's report: its table, every row's notes, the machine, how CPU was counted,
+    the speed reference, the command, the goals; and the same as JSON if asked."""
+    print()
+    print(table)
+    print()
+    for r in results:
+        for note in r.notes:
+            print(f"- {r.key}: {note}")
+    print()
+    print(describe_machine(facts))
+    print(cpu_line)
+    references = [r.cpu_reference_ms for r in results if r.cpu_reference_ms]
+    if references:
+        print(
+            f"CPU speed reference (a fixed pure-Python loop, before each scenario):"
+            f" {min(references):.0f}-{max(references):.0f} ms"
+            " (a wide range means the machine's speed drifted during the run)"
+        )
+    print(f"command: {command}")
+    if goals:
+        print()
+        print("\n".join(goals))
+    if json_path is not None:
+        report = {"machine": facts, "command": command, "results": [r.as_dict() for r in results]}
+        json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import multiprocessing as mp
 import os
@@ -69,11 +68,11 @@ from common import (
     ScenarioResult,
     cpu_reference_ms,
     database_name,
-    describe_machine,
     drop_database,
     free_port,
     libpq_url,
     machine_facts,
+    print_report,
     recreate_database,
     reset_tables,
     seed_customers,
@@ -1498,38 +1497,16 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts(cfg.url)
     results = Bench(cfg).run()
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    print()
-    print(format_table(results))
-    print()
-    for r in results:
-        for note in r.notes:
-            print(f"- {r.key}: {note}")
-    print()
-    print(describe_machine(facts))
-    print(
-        "CPU in cores (CPU-seconds per second) from the trigger until the outbox was empty"
-        " (d, lat: the measured window); per row: CPU-seconds / rows delivered"
+    print_report(
+        results,
+        facts,
+        table=format_table(results),
+        command=command,
+        cpu_line="CPU in cores (CPU-seconds per second) from the trigger until the outbox was"
+        " empty (d, lat: the measured window); per row: CPU-seconds / rows delivered",
+        goals=goal_lines(results, cfg),
+        json_path=cfg.json_path,
     )
-    references = [r.cpu_reference_ms for r in results if r.cpu_reference_ms]
-    if references:
-        print(
-            f"CPU speed reference (a fixed pure-Python loop, before each scenario):"
-            f" {min(references):.0f}-{max(references):.0f} ms"
-            " (a wide range means the machine's speed drifted during the run)"
-        )
-    print(f"command: {command}")
-    goals = goal_lines(results, cfg)
-    if goals:
-        print()
-        print("\n".join(goals))
-    if cfg.json_path is not None:
-        cfg.json_path.write_text(
-            json.dumps(
-                {"machine": facts, "command": command, "results": [r.as_dict() for r in results]},
-                indent=2,
-            )
-            + "\n"
-        )
     bad = any(n.startswith(PROBLEMS) for r in results for n in r.notes)
     return 1 if bad else 0
 

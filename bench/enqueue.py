@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import multiprocessing as mp
 import os
@@ -67,12 +66,12 @@ from common import (
     cpu_reference_ms,
     customer_id,
     database_name,
-    describe_machine,
     drop_database,
     format_table,
     free_port,
     libpq_url,
     machine_facts,
+    print_report,
     recreate_database,
     reset_tables,
     seed_customers,
@@ -979,42 +978,16 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts(cfg.url)
     results = Bench(cfg).run()
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    print()
-    print(format_table(results))
-    print()
-    for r in results:
-        for note in r.notes:
-            print(f"- {r.key}: {note}")
-    print()
-    print(describe_machine(facts))
-    print(
-        f"window {cfg.seconds:g} s after {cfg.warmup:g} s warm-up; CPU in cores"
-        " (CPU-seconds per second) during the window"
+    print_report(
+        results,
+        facts,
+        table=format_table(results),
+        command=command,
+        cpu_line=f"window {cfg.seconds:g} s after {cfg.warmup:g} s warm-up; CPU in cores"
+        " (CPU-seconds per second) during the window",
+        goals=goal_lines(results),
+        json_path=cfg.json_path,
     )
-    references = [r.cpu_reference_ms for r in results if r.cpu_reference_ms]
-    if references:
-        print(
-            f"CPU speed reference (a fixed pure-Python loop, before each scenario):"
-            f" {min(references):.0f}-{max(references):.0f} ms"
-            " (a wide range means the machine's speed drifted during the run)"
-        )
-    print(f"command: {command}")
-    goals = goal_lines(results)
-    if goals:
-        print()
-        print("\n".join(goals))
-    if cfg.json_path is not None:
-        cfg.json_path.write_text(
-            json.dumps(
-                {
-                    "machine": facts,
-                    "command": command,
-                    "results": [r.as_dict() for r in results],
-                },
-                indent=2,
-            )
-            + "\n"
-        )
     failed = any(r.failed or (r.ledger is not None and not r.ledger.consistent) for r in results)
     return 1 if failed else 0
 
