@@ -107,6 +107,16 @@ def _auth_refusal(request: Request) -> JSONResponse | None:
     )
 
 
+async def _invalid_body(request: Request, field: str, detail: str) -> JSONResponse:
+    """422 invalid_request naming the field, or 401 when the token is bad: FastAPI reads the
+    body before the auth dependency runs, and without a valid token the answer must still be
+    401, whatever the body."""
+    refusal = await run_in_threadpool(_auth_refusal, request)
+    if refusal is not None:
+        return refusal
+    return JSONResponse(error_body("invalid_request", detail, field=field), status_code=422)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map domain errors, validation errors, HTTP errors and surprises to the one error shape."""
 
@@ -117,26 +127,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI reads the body before the auth dependency runs: without a valid token the
-        # answer must still be 401, whatever the body.
-        refusal = await run_in_threadpool(_auth_refusal, request)
-        if refusal is not None:
-            return refusal
         field, detail = _describe_validation(exc)
-        return JSONResponse(error_body("invalid_request", detail, field=field), status_code=422)
+        return await _invalid_body(request, field, detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.__cause__ is not None:
             # FastAPI's "error parsing the body" (raised from the parser's exception): a bad
-            # body like any other, so 422 invalid_request, after the token check as above.
-            refusal = await run_in_threadpool(_auth_refusal, request)
-            if refusal is not None:
-                return refusal
-            return JSONResponse(
-                error_body("invalid_request", _unparseable(exc.__cause__), field="body"),
-                status_code=422,
-            )
+            # body like any other.
+            return await _invalid_body(request, "body", _unparseable(exc.__cause__))
         if isinstance(exc.detail, dict) and "code" in exc.detail:
             body = exc.detail
         else:
