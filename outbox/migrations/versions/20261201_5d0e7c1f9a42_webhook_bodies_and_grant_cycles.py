@@ -86,9 +86,7 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("units >= 1", name=op.f("ck_polar_grant_cycles_units_positive")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_polar_grant_cycles")),
-        sa.UniqueConstraint(
-            "grant_id", "cycle", name=op.f("uq_polar_grant_cycles_grant_id_cycle")
-        ),
+        sa.UniqueConstraint("grant_id", "cycle", name=op.f("uq_polar_grant_cycles_grant_id_cycle")),
     )
 
 
