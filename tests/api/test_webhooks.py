@@ -230,7 +230,9 @@ SIGNED_ODDITIES: dict[str, bytes] = {
     "units as a string": encode(credited()).replace(
         b'"last_credited_units": 20', b'"last_credited_units": "20"'
     ),
-    "customer is a list": encode(credited() | {"data": {"customer": [1], "benefit": {}}}),
+    "customer is a list": encode(credited()).replace(
+        b'"external_id": "user_1"', b'"external_id": [1]'
+    ),
 }
 
 
