@@ -32,7 +32,7 @@ class TokenScope(StrEnum):
 
 
 class GrantCycleState(StrEnum):
-    """One credit of a Polar Meter Credits grant; docs/webhooks.md draws the transitions."""
+    """One credit of a Polar Meter Credits grant (transitions: docs/explanation/webhooks.md)."""
 
     CREDITED = "credited"  # the credit was applied
     REVOKED_EARLY = "revoked_early"  # its revoke came first: remembered, nothing applied yet

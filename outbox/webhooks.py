@@ -1,5 +1,5 @@
 """Polar webhooks: verify the signature over the raw bytes, store the bytes, then apply the
-Meter Credits benefit as a per-grant state machine (docs/webhooks.md).
+Meter Credits benefit as a per-grant state machine (docs/explanation/webhooks.md).
 
 1. `verify_signature` checks the Standard Webhooks signature over the bytes as received, before
    anything decodes them: nothing unsigned is ever stored.
