@@ -151,6 +151,12 @@ def _event_type(payload: dict[str, Any] | str) -> str:
     return "unparseable" if isinstance(payload, str) else "unknown"
 
 
+def _insert(session: Session, entity: type[Any]) -> Any:
+    """INSERT for the session's dialect (both have ON CONFLICT DO NOTHING ... RETURNING)."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(entity)
+
+
 def receive_webhook(
     session: Session, *, webhook_id: bytes, body: bytes, settings: Settings
 ) -> WebhookOutcome:
@@ -159,11 +165,8 @@ def receive_webhook(
     of our own (the database) raises, so Polar retries it."""
     payload = parse_payload(body)
     kind = _event_type(payload)
-    dialect_insert = (
-        postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    )
     row_id = session.execute(
-        dialect_insert(WebhookEvent)
+        _insert(session, WebhookEvent)
         .values(
             webhook_id_sha256=hashlib.sha256(webhook_id).hexdigest(),
             webhook_id=storable(webhook_id.decode("utf-8", "backslashreplace"), limit=10_000),
@@ -297,11 +300,8 @@ def _get_or_create_cycle_for_update(
     if row is not None:
         return row, False
     now = utcnow()
-    dialect_insert = (
-        postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    )
     created = session.execute(
-        dialect_insert(PolarGrantCycle)
+        _insert(session, PolarGrantCycle)
         .values(
             grant_id=move.grant_id,
             cycle=move.cycle,
