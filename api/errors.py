@@ -19,6 +19,7 @@ log = logging.getLogger("api")
 
 STATUS_BY_ERROR: dict[type[errors.OutboxError], int] = {
     errors.InvalidRequest: 422,
+    errors.InvalidSignature: 403,
     errors.InsufficientCredits: 402,
     errors.CustomerNotFound: 404,
     errors.IdempotencyConflict: 409,

@@ -21,6 +21,12 @@ class InvalidRequest(OutboxError):
     code = "invalid_request"
 
 
+class InvalidSignature(OutboxError):
+    """The webhook is not signed with POLAR_WEBHOOK_SECRET (or its timestamp is stale)."""
+
+    code = "invalid_signature"
+
+
 class InsufficientCredits(OutboxError):
     """The customer does not have enough credits for this usage."""
 

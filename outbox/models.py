@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -28,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from outbox.states import EventStatus, HoldStatus, LedgerKind, TokenScope
+from outbox.states import EventStatus, GrantCycleState, HoldStatus, LedgerKind, TokenScope
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -276,17 +277,43 @@ class Hold(Base):
 
 
 class WebhookEvent(Base):
-    """A verified Polar webhook, stored once per `webhook-id` and then applied."""
+    """A verified Polar webhook: its raw body as received, stored once per `webhook-id`."""
 
     __tablename__ = "webhook_events"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    webhook_id: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    # SHA-256 (hex) of the raw `webhook-id` header: the dedup key, whatever the id's length.
+    webhook_id_sha256: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    webhook_id: Mapped[str] = mapped_column(Text, nullable=False)
     type: Mapped[str] = mapped_column(String(100), nullable=False)
-    payload: Mapped[dict[str, Any]] = mapped_column(Json, nullable=False)
+    # The bytes Polar signed, never re-encoded: JSONB would refuse some signed payloads
+    # (\u0000), and an operator can re-verify these.
+    body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     outcome: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class PolarGrantCycle(Base):
+    """One credit of a Polar Meter Credits grant (grant id + cycle) and where it stands, so
+    webhooks may come in any order and any number of times (outbox/webhooks.py)."""
+
+    __tablename__ = "polar_grant_cycles"
+    __table_args__ = (
+        UniqueConstraint("grant_id", "cycle"),
+        CheckConstraint(_in("state", GrantCycleState), name="state_known"),
+        CheckConstraint("units >= 1", name="units_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    grant_id: Mapped[str] = mapped_column(String(128), nullable=False)  # Polar's `data.id`
+    # The credit's `properties.last_credited_at`, as Polar wrote it.
+    cycle: Mapped[str] = mapped_column(String(64), nullable=False)
+    customer_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 
 class Replay(Base):

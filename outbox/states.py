@@ -29,3 +29,12 @@ class HoldStatus(StrEnum):
 class TokenScope(StrEnum):
     USAGE = "usage"
     ADMIN = "admin"
+
+
+class GrantCycleState(StrEnum):
+    """One credit of a Polar Meter Credits grant (transitions: docs/explanation/webhooks.md)."""
+
+    CREDITED = "credited"  # the credit was applied
+    REVOKED_EARLY = "revoked_early"  # its revoke came first: remembered, nothing applied yet
+    REVOKED = "revoked"  # applied, then taken back
+    CANCELLED = "cancelled"  # the credit came after its revoke: never applied (net zero)

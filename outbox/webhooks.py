@@ -1,36 +1,209 @@
-"""Polar webhooks that move credits: the Meter Credits benefit.
+"""Polar webhooks: verify the signature over the raw bytes, store the bytes, then apply the
+Meter Credits benefit as a per-grant state machine (docs/explanation/webhooks.md).
 
-`benefit_grant.created` / `benefit_grant.cycled` of a `meter_credit` benefit grant
-`data.properties.last_credited_units` credits to the customer whose `external_id` Polar sends;
-`benefit_grant.revoked` takes them back, never below zero (the shortfall is recorded). With
-POLAR_METER_ID set, only grants for that meter count. Each webhook is applied exactly once:
-the `webhook-id` is unique in `webhook_events`, and the grant carries it as idempotency key.
+1. `verify_signature` checks the Standard Webhooks signature over the bytes as received, before
+   anything decodes them: nothing unsigned is ever stored.
+2. `receive_webhook` stores every verified body once per `webhook-id` (its SHA-256, so ids of
+   any length), whatever it contains, and only then parses it, defensively.
+3. `benefit_grant.created` / `cycled` of a `meter_credit` benefit credit
+   `data.properties.last_credited_units`; `benefit_grant.revoked` takes them back, never below
+   zero (the shortfall is recorded). With POLAR_METER_ID set, only that meter's grants count.
+   Each credit is identified by Polar's grant id (`data.id`) and its cycle: the
+   `last_credited_at` Polar writes each time it credits the meter (a revoke names the credit it
+   takes back in `data.previous_properties.last_credited_at`). So redeliveries under new
+   webhook ids credit once, each cycle credits once, and a revoke that arrives before its
+   credit is remembered and cancels it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from outbox.errors import OutboxError
+from outbox.errors import InvalidRequest, InvalidSignature, OutboxError
 from outbox.ledger import grant_credits, revoke_credits
-from outbox.models import WebhookEvent, utcnow
+from outbox.models import PolarGrantCycle, WebhookEvent, utcnow
 from outbox.settings import Settings
+from outbox.states import GrantCycleState
+from outbox.validation import MAX_GRANT_CREDITS, check_credits, check_customer_id
 
 log = logging.getLogger("outbox.webhooks")
 
-GRANT_TYPES = frozenset({"benefit_grant.created", "benefit_grant.cycled"})
+TOLERANCE_SECONDS = 5 * 60
+CREDIT_TYPES = frozenset({"benefit_grant.created", "benefit_grant.cycled"})
 REVOKE_TYPES = frozenset({"benefit_grant.revoked"})
+MAX_GRANT_ID_LENGTH = 128
+MAX_CYCLE_LENGTH = 64
+MAX_OUTCOME_LENGTH = 1000
+
+_TIMESTAMP = re.compile(rb"[0-9]{1,15}")
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
+# Polar's grant ids are UUIDs and its cycles ISO 8601 timestamps: anything printable and short
+# is accepted, so a future format still works; nothing else reaches a text column.
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
+
+
+# --- 1. the signature -------------------------------------------------------------------------
+
+
+def signing_keys(secret: str) -> tuple[bytes, ...]:
+    """The HMAC keys a secret may sign with: older Polar secrets sign with the UTF-8 bytes of
+    the whole secret; Standard Webhooks `whsec_<base64>` secrets with the decoded part (as the
+    SDK's `validate_event` does, both are tried)."""
+    keys = [secret.encode()]
+    encoded = secret.removeprefix("whsec_")
+    try:
+        decoded = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return tuple(keys)
+    if decoded and decoded not in keys:
+        keys.append(decoded)
+    return tuple(keys)
+
+
+def verify_signature(
+    body: bytes,
+    *,
+    webhook_id: bytes | None,
+    timestamp: bytes | None,
+    signature: bytes | None,
+    secret: str,
+    now: float,
+) -> None:
+    """Raise `InvalidSignature` unless one `v1,<base64>` of `signature` is the HMAC-SHA256 of
+    `{id}.{timestamp}.{body}` under one of the secret's keys and `timestamp` is within five
+    minutes of `now`. Works on the raw header and body bytes: nothing is decoded before this.
+    (The SDK's `validate_event` decodes the body first and so cannot tell a non-UTF-8 body from a
+    signed one; the `standardwebhooks` package does the same and knows one key form only.)"""
+    if not webhook_id or not timestamp or not signature:
+        raise InvalidSignature(
+            "missing (or repeated) webhook-id, webhook-timestamp or webhook-signature header"
+        )
+    if not _TIMESTAMP.fullmatch(timestamp):
+        raise InvalidSignature("webhook-timestamp is not a Unix time in seconds")
+    if abs(now - int(timestamp)) > TOLERANCE_SECONDS:
+        raise InvalidSignature("webhook-timestamp is more than 5 minutes from now")
+    signed = webhook_id + b"." + timestamp + b"." + body
+    expected = [hmac.new(key, signed, hashlib.sha256).digest() for key in signing_keys(secret)]
+    for candidate in signature.split():
+        version, comma, encoded = candidate.partition(b",")
+        if version != b"v1" or not comma:
+            continue
+        try:
+            given = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if any(hmac.compare_digest(given, digest) for digest in expected):
+            return
+    raise InvalidSignature("no webhook-signature matches POLAR_WEBHOOK_SECRET")
+
+
+# --- 2. storing and parsing ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class WebhookOutcome:
-    stored: bool  # False: a redelivery of a webhook already stored (nothing applied again)
+    """What became of a verified webhook. `stored` is False for a redelivery of a stored one."""
+
+    stored: bool
     outcome: str
+
+
+def storable(text: str, limit: int = MAX_OUTCOME_LENGTH) -> str:
+    """`text` as PostgreSQL can store it and JSON can encode it: lone surrogates and NUL
+    escaped (both come from signed payloads; either would make the insert fail)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return text[:limit]
+
+
+def parse_payload(body: bytes) -> dict[str, Any] | str:
+    """The JSON object in a verified body, or why there is none (it is stored anyway)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unparseable: the body is not UTF-8"
+    try:
+        payload = json.loads(text)
+    except RecursionError:
+        return "unparseable: the JSON is nested too deeply"
+    except ValueError:
+        return "unparseable: not JSON"
+    if not isinstance(payload, dict):
+        return "unparseable: not a JSON object"
+    return payload
+
+
+def _event_type(payload: dict[str, Any] | str) -> str:
+    kind = payload.get("type") if isinstance(payload, dict) else None
+    if isinstance(kind, str) and _EVENT_TYPE.fullmatch(kind):
+        return kind
+    return "unparseable" if isinstance(payload, str) else "unknown"
+
+
+def _insert(session: Session, entity: type[Any]) -> Any:
+    """INSERT for the session's dialect (both have ON CONFLICT DO NOTHING ... RETURNING)."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(entity)
+
+
+def receive_webhook(
+    session: Session, *, webhook_id: bytes, body: bytes, settings: Settings
+) -> WebhookOutcome:
+    """Store a VERIFIED webhook's body once per `webhook-id` and apply it, in the caller's
+    transaction. Whatever the body holds, this stores it and returns an outcome; only a fault
+    of our own (the database) raises, so Polar retries it."""
+    payload = parse_payload(body)
+    kind = _event_type(payload)
+    row_id = session.execute(
+        _insert(session, WebhookEvent)
+        .values(
+            webhook_id_sha256=hashlib.sha256(webhook_id).hexdigest(),
+            webhook_id=storable(webhook_id.decode("utf-8", "backslashreplace"), limit=10_000),
+            type=kind,
+            body=body,
+            received_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=[WebhookEvent.webhook_id_sha256])
+        .returning(WebhookEvent.id)
+    ).scalar_one_or_none()
+    if row_id is None:
+        return WebhookOutcome(stored=False, outcome="duplicate: this webhook-id was received")
+    outcome = storable(
+        payload if isinstance(payload, str) else apply_payload(session, payload, settings)
+    )
+    event = session.get(WebhookEvent, row_id)
+    assert event is not None
+    event.processed_at = utcnow()
+    event.outcome = outcome
+    log.info("webhook stored", extra={"webhook_event_id": row_id, "type": kind, "outcome": outcome})
+    return WebhookOutcome(stored=True, outcome=outcome)
+
+
+# --- 3. the per-grant state machine -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GrantCredit:
+    """A Meter Credits webhook reduced to what moves credits: credit or revoke `units` of one
+    grant's cycle, for our customer."""
+
+    revoke: bool
+    grant_id: str
+    cycle: str
+    customer_id: str
+    units: int
+    event_type: str
 
 
 def _get(data: Any, *path: str) -> Any:
@@ -41,64 +214,152 @@ def _get(data: Any, *path: str) -> Any:
     return data
 
 
-def credit_change(payload: dict[str, Any], settings: Settings) -> tuple[str, int] | str:
-    """(customer external id, signed credits) for a Meter Credits webhook, or why it is not one."""
-    kind = payload.get("type")
-    if kind not in GRANT_TYPES | REVOKE_TYPES:
+def _describe(value: Any) -> str:
+    """A short, safe description of a payload value for an outcome message."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return repr(value)[:100]
+    return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+
+
+def _identifier(value: Any, limit: int) -> str | None:
+    if isinstance(value, str) and len(value) <= limit and _PRINTABLE.fullmatch(value):
+        return value
+    return None
+
+
+def grant_credit(payload: dict[str, Any], settings: Settings) -> GrantCredit | str:
+    """The credit move a webhook asks for, or why it asks for none (pure: no I/O)."""
+    kind = _event_type(payload)
+    if kind not in CREDIT_TYPES | REVOKE_TYPES:
         return f"ignored: {kind} does not move credits"
     data = payload.get("data")
     if _get(data, "benefit", "type") != "meter_credit":
         return "ignored: not a meter_credit benefit"
     meter_id = _get(data, "benefit", "properties", "meter_id")
     if settings.polar_meter_id and meter_id != settings.polar_meter_id:
-        return f"ignored: meter {meter_id} is not POLAR_METER_ID"
-    customer_id = _get(data, "customer", "external_id")
-    if not isinstance(customer_id, str) or not customer_id:
-        return "ignored: the Polar customer has no external_id (cannot map it to ours)"
+        return f"ignored: meter {_describe(meter_id)} is not POLAR_METER_ID"
+    grant_id = _identifier(_get(data, "id"), MAX_GRANT_ID_LENGTH)
+    if grant_id is None:
+        return f"not applied: data.id (the grant id) is {_describe(_get(data, 'id'))}"
+    try:
+        customer_id = check_customer_id(_get(data, "customer", "external_id"))
+    except InvalidRequest:
+        return "ignored: the Polar customer has no usable external_id (cannot map it to ours)"
     units = _get(data, "properties", "last_credited_units")
-    if isinstance(units, bool) or not isinstance(units, int) or units == 0:
-        return f"ignored: last_credited_units is {units!r}"
-    if kind in REVOKE_TYPES:
-        return customer_id, -abs(units)
-    return customer_id, units
+    if isinstance(units, bool) or not isinstance(units, int):
+        return f"ignored: last_credited_units is {_describe(units)}"
+    revoke = kind in REVOKE_TYPES
+    if revoke:
+        # Polar takes credits back by crediting the meter minus the last credit (negative
+        # units). When other grants of the benefit remain it revokes nothing and leaves the
+        # properties as they were (positive units): so do we.
+        if units >= 0:
+            return "ignored: Polar took no credits back (last_credited_units is not negative)"
+        units, cycle_path = -units, ("previous_properties", "last_credited_at")
+    else:
+        if units <= 0:
+            return f"ignored: last_credited_units is {units}"
+        cycle_path = ("properties", "last_credited_at")
+    cycle = _identifier(_get(data, *cycle_path), MAX_CYCLE_LENGTH)
+    if cycle is None:
+        where = "data." + ".".join(cycle_path)
+        return f"not applied: {where} (the credit's cycle) is {_describe(_get(data, *cycle_path))}"
+    try:
+        units = check_credits(units, maximum=MAX_GRANT_CREDITS, field="last_credited_units")
+    except InvalidRequest as exc:
+        return f"not applied: {exc.detail}"
+    return GrantCredit(revoke, grant_id, cycle, customer_id, units, kind)
 
 
-def receive_webhook(
-    session: Session, *, webhook_id: str, payload: dict[str, Any], settings: Settings
-) -> WebhookOutcome:
-    """Store a verified webhook once and apply it, in the caller's transaction."""
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    kind = str(payload.get("type") or "unknown")[:100]
-    row_id = session.execute(
-        insert(WebhookEvent)
-        .values(webhook_id=webhook_id, type=kind, payload=payload, received_at=utcnow())
-        .on_conflict_do_nothing(index_elements=[WebhookEvent.webhook_id])
-        .returning(WebhookEvent.id)
-    ).scalar_one_or_none()
-    if row_id is None:
-        return WebhookOutcome(stored=False, outcome="duplicate: already received")
-    outcome = _apply(session, webhook_id, payload, settings)
-    event = session.get(WebhookEvent, row_id)
-    assert event is not None
-    event.processed_at = utcnow()
-    event.outcome = outcome
-    log.info("webhook applied", extra={"webhook_id": webhook_id, "type": kind, "outcome": outcome})
-    return WebhookOutcome(stored=True, outcome=outcome)
-
-
-def _apply(session: Session, webhook_id: str, payload: dict[str, Any], settings: Settings) -> str:
-    change = credit_change(payload, settings)
-    if isinstance(change, str):
-        return change
-    customer_id, credits = change
-    key = f"polar-webhook:{webhook_id}"[:255]
-    reason = f"Polar {payload.get('type')} (webhook {webhook_id})"[:500]
+def apply_payload(session: Session, payload: dict[str, Any], settings: Settings) -> str:
+    """Apply a parsed webhook's credit move (if any); return the outcome to store."""
+    move = grant_credit(payload, settings)
+    if isinstance(move, str):
+        return move
     try:
         with session.begin_nested():
-            if credits > 0:
-                result = grant_credits(session, customer_id, credits, reason, idempotency_key=key)
-                return f"granted {credits} credits to {customer_id}: balance {result.balance}"
-            result = revoke_credits(session, customer_id, -credits, reason, idempotency_key=key)
-            return f"revoked up to {-credits} credits of {customer_id}: balance {result.balance}"
+            return revoke_cycle(session, move) if move.revoke else credit_cycle(session, move)
     except OutboxError as exc:
         return f"not applied: {exc.detail}"
+
+
+def _cycle_for_update(session: Session, move: GrantCredit) -> PolarGrantCycle | None:
+    return session.scalars(
+        select(PolarGrantCycle)
+        .where(PolarGrantCycle.grant_id == move.grant_id, PolarGrantCycle.cycle == move.cycle)
+        .with_for_update()
+    ).one_or_none()
+
+
+def _get_or_create_cycle_for_update(
+    session: Session, move: GrantCredit, state: GrantCycleState
+) -> tuple[PolarGrantCycle, bool]:
+    """The grant cycle's row, locked; created in `state` if new (True: created now). Two
+    deliveries of one cycle serialize here, whatever their webhook ids."""
+    row = _cycle_for_update(session, move)
+    if row is not None:
+        return row, False
+    now = utcnow()
+    created = session.execute(
+        _insert(session, PolarGrantCycle)
+        .values(
+            grant_id=move.grant_id,
+            cycle=move.cycle,
+            customer_id=move.customer_id,
+            state=state,
+            units=move.units,
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=[PolarGrantCycle.grant_id, PolarGrantCycle.cycle])
+        .returning(PolarGrantCycle.id)
+    ).scalar_one_or_none()
+    # None: a concurrent delivery created it first; this waits for its commit.
+    row = _cycle_for_update(session, move)
+    assert row is not None
+    return row, created is not None
+
+
+def _key(move: GrantCredit, action: str) -> str:
+    return f"polar-{action}:{move.grant_id}:{move.cycle}"
+
+
+def _reason(move: GrantCredit) -> str:
+    return f"Polar {move.event_type}: grant {move.grant_id}, cycle {move.cycle}"
+
+
+def credit_cycle(session: Session, move: GrantCredit) -> str:
+    """created/cycled: credit the cycle once; a revoke seen first cancels it instead.
+
+    The ledger's unique (customer, kind, idempotency key) is what holds "credited once" in the
+    database: a `credited` cycle seen again goes through `grant_credits` with the same key and
+    adds nothing. The state row adds what the ledger cannot know: a revoke that came first."""
+    row, _ = _get_or_create_cycle_for_update(session, move, GrantCycleState.CREDITED)
+    if row.state == GrantCycleState.REVOKED_EARLY:
+        row.state, row.updated_at = GrantCycleState.CANCELLED, utcnow()
+        return f"cancelled: grant {move.grant_id} cycle {move.cycle} was revoked before it came"
+    if row.state != GrantCycleState.CREDITED:
+        return f"duplicate: grant {move.grant_id} cycle {move.cycle} is already {row.state}"
+    result = grant_credits(
+        session, row.customer_id, row.units, _reason(move), idempotency_key=_key(move, "grant")
+    )
+    if result.replayed:
+        return f"duplicate: grant {move.grant_id} cycle {move.cycle} was already credited"
+    return f"granted {row.units} credits to {row.customer_id}: balance {result.balance}"
+
+
+def revoke_cycle(session: Session, move: GrantCredit) -> str:
+    """revoked: take the cycle's credits back once; before its credit came, remember it."""
+    row, created = _get_or_create_cycle_for_update(session, move, GrantCycleState.REVOKED_EARLY)
+    if created:
+        return (
+            f"remembered: grant {move.grant_id} cycle {move.cycle} revoked before its credit "
+            "came; that credit will be cancelled"
+        )
+    if row.state != GrantCycleState.CREDITED:
+        return f"duplicate: grant {move.grant_id} cycle {move.cycle} is already {row.state}"
+    row.state, row.updated_at = GrantCycleState.REVOKED, utcnow()
+    result = revoke_credits(
+        session, row.customer_id, row.units, _reason(move), idempotency_key=_key(move, "revoke")
+    )
+    return f"revoked up to {row.units} credits of {row.customer_id}: balance {result.balance}"

@@ -1,135 +1,420 @@
-"""Polar webhooks: verified with the SDK, stored once per webhook-id, Meter Credits applied."""
+"""Polar webhooks, attacked: nothing unsigned is stored, every signed body is stored and
+acknowledged, and Meter Credits grants apply once whatever the order and the webhook ids."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 
 from api.app import create_app
 from outbox.db import session_scope
-from outbox.ledger import get_credits, grant_credits, ledger_balance
-from outbox.models import WebhookEvent
+from outbox.ledger import get_credits, grant_credits, ledger_balance, record_usage
+from outbox.models import Customer, LedgerEntry, PolarGrantCycle, WebhookEvent
 from outbox.settings import load_settings
+from tests.api.conftest import LiveServer
+from tests.polar_webhooks import (
+    CYCLE_1,
+    CYCLE_2,
+    CYCLE_3,
+    SECRET,
+    credited,
+    decoded_key,
+    encode,
+    revoked,
+    signature,
+    signed,
+    whole_secret_key,
+)
 
-SECRET = "whsec_" + base64.b64encode(b"a-webhook-signing-key-for-tests").decode()
-
-
-def signed(payload: dict[str, Any] | str, webhook_id: str, secret: str = SECRET) -> dict[str, Any]:
-    body = payload if isinstance(payload, str) else json.dumps(payload)
-    timestamp = str(int(time.time()))
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    digest = hmac.new(key, f"{webhook_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
-    return {
-        "content": body,
-        "headers": {
-            "webhook-id": webhook_id,
-            "webhook-timestamp": timestamp,
-            "webhook-signature": "v1," + base64.b64encode(digest).decode(),
-            "content-type": "application/json",
-        },
-    }
-
-
-def meter_credit(kind: str, customer: str, units: int, meter_id: str = "meter_1") -> dict[str, Any]:
-    return {
-        "type": kind,
-        "timestamp": "2026-11-25T00:00:00Z",
-        "data": {
-            "benefit": {"type": "meter_credit", "properties": {"meter_id": meter_id, "units": 20}},
-            "customer": {"id": "polar_cus_1", "external_id": customer},
-            "properties": {"last_credited_units": units},
-        },
-    }
+URL = "/v1/polar/webhooks"
 
 
 @pytest.fixture
-def client(clean_tables: Engine, pg_url: str) -> Iterator[TestClient]:
+def app(clean_tables: Engine, pg_url: str) -> FastAPI:
     settings = load_settings(
         database_url=pg_url, polar_webhook_secret=SECRET, polar_meter_id="meter_1"
     )
-    yield TestClient(create_app(settings, engine=clean_tables))
+    return create_app(settings, engine=clean_tables)
 
 
-def stored(engine: Engine) -> int:
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def stored(engine: Engine) -> list[WebhookEvent]:
     with session_scope(engine) as session:
-        return int(session.scalar(select(func.count()).select_from(WebhookEvent)) or 0)
+        rows = list(session.scalars(select(WebhookEvent).order_by(WebhookEvent.id)))
+        session.expunge_all()
+        return rows
 
 
-def test_meter_credit_grant_is_applied_once_even_when_redelivered(
+def balance(engine: Engine, customer: str) -> int:
+    with session_scope(engine) as session:
+        assert ledger_balance(session, customer) == get_credits(session, customer).balance
+        return get_credits(session, customer).balance
+
+
+def nothing_written(engine: Engine) -> bool:
+    with session_scope(engine) as session:
+        counts = [
+            session.scalar(select(func.count()).select_from(table))
+            for table in (WebhookEvent, Customer, LedgerEntry, PolarGrantCycle)
+        ]
+    return counts == [0, 0, 0, 0]
+
+
+# --- unsigned: 403, nothing stored --------------------------------------------------------------
+
+
+def _tampered(**change: str) -> dict[str, Any]:
+    request = signed(credited(), "wh_1")
+    request["headers"] |= change
+    return request
+
+
+def _without(header: str) -> dict[str, Any]:
+    request = signed(credited(), "wh_1")
+    del request["headers"][header]
+    return request
+
+
+def _signed_with(key: bytes, *, timestamp: int | None = None) -> dict[str, Any]:
+    return signed(credited(), "wh_1", key=key, timestamp=timestamp)
+
+
+def _non_utf8_bogus_signature() -> dict[str, Any]:
+    headers = {
+        "webhook-id": "wh_1",
+        "webhook-timestamp": str(int(time.time())),
+        "webhook-signature": "v1,AAAA",
+    }
+    return {"content": b"\xff\xfe\x00garbage", "headers": headers}
+
+
+def _other_version() -> dict[str, Any]:
+    request = signed(credited(), "wh_1")
+    request["headers"]["webhook-signature"] = "v2," + request["headers"]["webhook-signature"][3:]
+    return request
+
+
+# Built when the test runs (the timestamps must be fresh), hence the lambdas.
+UNSIGNED: dict[str, Callable[[], dict[str, Any]]] = {
+    # The original hole: a non-UTF-8 body made the SDK raise before checking the signature.
+    "non-UTF-8 body, bogus signature": _non_utf8_bogus_signature,
+    "non-UTF-8 body, no headers": lambda: {"content": b"\xc3\x28"},
+    "empty body, no headers": lambda: {"content": b""},
+    "no webhook-id": lambda: _without("webhook-id"),
+    "no webhook-timestamp": lambda: _without("webhook-timestamp"),
+    "no webhook-signature": lambda: _without("webhook-signature"),
+    "wrong secret": lambda: _signed_with(
+        decoded_key("whsec_" + base64.b64encode(b"another").decode())
+    ),
+    # The base64 text after the prefix used as the key: neither of the two forms.
+    "wrong key form": lambda: _signed_with(SECRET.removeprefix("whsec_").encode()),
+    "stale timestamp": lambda: _signed_with(decoded_key(), timestamp=int(time.time()) - 600),
+    "future timestamp": lambda: _signed_with(decoded_key(), timestamp=int(time.time()) + 600),
+    "fractional timestamp": lambda: _tampered(**{"webhook-timestamp": f"{int(time.time())}.0"}),
+    "another webhook-id than signed": lambda: _tampered(**{"webhook-id": "wh_2"}),
+    "signature version v2": _other_version,
+    "signature not base64": lambda: _tampered(**{"webhook-signature": "v1,***"}),
+    "signature without version": lambda: _tampered(**{"webhook-signature": "AAAA"}),
+}
+
+
+@pytest.mark.parametrize("make_request", UNSIGNED.values(), ids=UNSIGNED.keys())
+def test_unsigned_requests_get_403_and_store_nothing(
+    client: TestClient, clean_tables: Engine, make_request: Callable[[], dict[str, Any]]
+) -> None:
+    response = client.post(URL, **make_request())
+    assert response.status_code == 403, response.text
+    assert response.json()["code"] == "invalid_signature"
+    assert nothing_written(clean_tables)
+
+
+def test_a_tampered_body_is_refused(client: TestClient, clean_tables: Engine) -> None:
+    request = signed(credited(units=20), "wh_1")
+    request["content"] = encode(credited(units=2000))
+    assert client.post(URL, **request).status_code == 403
+    assert nothing_written(clean_tables)
+
+
+def test_a_repeated_webhook_id_header_is_refused(client: TestClient, clean_tables: Engine) -> None:
+    request = signed(credited(), "wh_1")
+    headers = [(k, v) for k, v in request["headers"].items()] + [("webhook-id", "wh_other")]
+    response = client.post(URL, content=request["content"], headers=headers)
+    assert response.status_code == 403
+    assert nothing_written(clean_tables)
+
+
+def test_the_pre_claim_attack_fails(client: TestClient, clean_tables: Engine) -> None:
+    """An attacker posts an unsigned body under the webhook-id Polar will use next: refused,
+    so Polar's real delivery with that id is applied, not dropped as a duplicate."""
+    attack = {
+        "content": b"\xff" * 40,
+        "headers": {
+            "webhook-id": "wh_real",
+            "webhook-timestamp": str(int(time.time())),
+            "webhook-signature": "v1,AAAA",
+        },
+    }
+    assert client.post(URL, **attack).status_code == 403
+    real = client.post(URL, **signed(credited(units=20), "wh_real"))
+    assert real.status_code == 202
+    assert real.json()["outcome"].startswith("granted 20 credits")
+    assert balance(clean_tables, "user_1") == 20
+
+
+# --- signed: the key forms, several signatures ------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [decoded_key(), whole_secret_key()], ids=["decoded", "whole"])
+def test_both_key_forms_are_accepted(client: TestClient, clean_tables: Engine, key: bytes) -> None:
+    assert client.post(URL, **signed(credited(), "wh_1", key=key)).status_code == 202
+    assert balance(clean_tables, "user_1") == 20
+
+
+def test_one_matching_signature_among_several_is_enough(
     client: TestClient, clean_tables: Engine
 ) -> None:
-    request = signed(meter_credit("benefit_grant.created", "user_1", 20), "wh_1")
-    first = client.post("/v1/polar/webhooks", **request)
-    again = client.post("/v1/polar/webhooks", **request)
-    assert first.status_code == again.status_code == 202
-    assert "duplicate" in again.json()["outcome"]
-    with session_scope(clean_tables) as session:
-        assert get_credits(session, "user_1").balance == 20
-    assert stored(clean_tables) == 1
+    request = signed(credited(), "wh_1")
+    other = signature(
+        b"rotated-away",
+        b"wh_1",
+        request["headers"]["webhook-timestamp"].encode(),
+        request["content"],
+    )
+    request["headers"]["webhook-signature"] = (
+        f"{other.decode()} v1a,xx {request['headers']['webhook-signature']}"
+    )
+    assert client.post(URL, **request).status_code == 202
+    assert balance(clean_tables, "user_1") == 20
 
 
-def test_cycle_adds_and_revoke_takes_back_never_below_zero(
-    client: TestClient, clean_tables: Engine
+def test_without_a_secret_webhooks_get_503(clean_tables: Engine, pg_url: str) -> None:
+    app = create_app(load_settings(database_url=pg_url), engine=clean_tables)
+    response = TestClient(app).post(URL, **signed(credited(), "wh_1"))
+    assert response.status_code == 503
+    assert nothing_written(clean_tables)
+
+
+# --- signed: whatever it contains, stored (bytes) and acknowledged -------------------------------
+
+
+DEEP = b'{"type": "benefit_grant.created", "data": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+SIGNED_ODDITIES: dict[str, bytes] = {
+    "\\u0000 in a string": b'{"type": "order.paid", "data": {"note": "a\\u0000b"}}',
+    "\\u0000 in the type": b'{"type": "benefit_grant.\\u0000created", "data": {}}',
+    "lone surrogate": b'{"type": "order.paid", "data": {"name": "\\ud800"}}',
+    "lone surrogate as customer id": encode(credited(customer="user_\ud800")),
+    "\\u0000 as grant id": encode(credited(grant="g\x00")),
+    "nested 50,000 deep": DEEP,
+    "not UTF-8": b'{"type": "order.paid", "data": "\xff\xfe"}',
+    "not JSON": b"not json at all",
+    "a JSON array": b"[1, 2, 3]",
+    "a JSON string": b'"benefit_grant.created"',
+    "null": b"null",
+    "empty": b"",
+    "type is an object": b'{"type": {"a": [1]}, "data": null}',
+    "huge integer units": encode(credited(units=10**400)),
+    "units as a string": encode(credited()).replace(
+        b'"last_credited_units": 20', b'"last_credited_units": "20"'
+    ),
+    "customer is a list": encode(credited()).replace(
+        b'"external_id": "user_1"', b'"external_id": [1]'
+    ),
+}
+
+
+@pytest.mark.parametrize("body", SIGNED_ODDITIES.values(), ids=SIGNED_ODDITIES.keys())
+def test_every_signed_body_is_stored_as_bytes_and_acknowledged(
+    client: TestClient, clean_tables: Engine, body: bytes
 ) -> None:
-    client.post(
-        "/v1/polar/webhooks", **signed(meter_credit("benefit_grant.created", "u2", 20), "a")
-    )
-    client.post("/v1/polar/webhooks", **signed(meter_credit("benefit_grant.cycled", "u2", 20), "b"))
+    response = client.post(URL, **signed(body, "wh_odd"))
+    assert response.status_code == 202, response.text
+    json.loads(response.text)  # the outcome is valid JSON even when the payload was not
+    [row] = stored(clean_tables)
+    assert bytes(row.body) == body
+    assert row.processed_at is not None and row.outcome
     with session_scope(clean_tables) as session:
-        assert get_credits(session, "u2").balance == 40
-        from outbox.ledger import record_usage
+        assert session.scalar(select(func.count()).select_from(LedgerEntry)) == 0
+    again = client.post(URL, **signed(body, "wh_odd"))
+    assert again.status_code == 202 and "duplicate" in again.json()["outcome"]
+    assert len(stored(clean_tables)) == 1
 
-        record_usage(session, "u2", 35)
-    response = client.post(
-        "/v1/polar/webhooks", **signed(meter_credit("benefit_grant.revoked", "u2", -20), "c")
-    )
+
+def test_what_is_irrelevant_does_not_stop_a_grant(client: TestClient, clean_tables: Engine) -> None:
+    """A \\u0000 and a lone surrogate elsewhere in a signed grant: stored and still applied."""
+    payload = credited(units=20)
+    payload["data"]["customer"]["name"] = "Ada\x00\ud800"
+    body = json.dumps(payload).encode()  # json escapes both: \u0000, \ud800
+    assert b"\\u0000" in body and b"\\ud800" in body
+    response = client.post(URL, **signed(body, "wh_1"))
     assert response.status_code == 202
-    with session_scope(clean_tables) as session:
-        assert get_credits(session, "u2").balance == 0
-        assert ledger_balance(session, "u2") == 0
+    assert balance(clean_tables, "user_1") == 20
+    assert bytes(stored(clean_tables)[0].body) == body
 
 
-def test_other_meters_and_other_events_are_stored_and_ignored(
+def test_long_webhook_ids_are_kept_whole_and_do_not_collide(
     client: TestClient, clean_tables: Engine
 ) -> None:
-    other = signed(meter_credit("benefit_grant.created", "u3", 20, meter_id="meter_2"), "x1")
-    state = signed({"type": "customer.state_changed", "data": {"anything": [1, 2]}}, "x2")
-    assert client.post("/v1/polar/webhooks", **other).status_code == 202
-    assert client.post("/v1/polar/webhooks", **state).status_code == 202
-    assert stored(clean_tables) == 2
-    with session_scope(clean_tables) as session:
-        grant_credits(session, "probe", 1)  # the database is fine; u3 simply got nothing
-        from outbox.models import Customer
+    prefix = "wh_" + "x" * 300
+    first = client.post(URL, **signed(credited(grant="g1", customer="u1"), prefix + "1"))
+    second = client.post(URL, **signed(credited(grant="g2", customer="u2"), prefix + "2"))
+    assert first.status_code == second.status_code == 202
+    assert "granted" in second.json()["outcome"]
+    assert [row.webhook_id for row in stored(clean_tables)] == [prefix + "1", prefix + "2"]
+    assert balance(clean_tables, "u1") == balance(clean_tables, "u2") == 20
 
+
+# --- the per-grant state machine ----------------------------------------------------------------
+
+
+def post(client: TestClient, payload: dict[str, Any], webhook_id: str) -> str:
+    response = client.post(URL, **signed(payload, webhook_id))
+    assert response.status_code == 202, response.text
+    return str(response.json()["outcome"])
+
+
+def test_a_redelivery_is_stored_once_and_applied_once(
+    client: TestClient, clean_tables: Engine
+) -> None:
+    post(client, credited(), "wh_1")
+    assert "duplicate" in post(client, credited(), "wh_1")
+    assert balance(clean_tables, "user_1") == 20
+    assert len(stored(clean_tables)) == 1
+
+
+def test_the_same_grant_under_two_webhook_ids_is_credited_once(
+    client: TestClient, clean_tables: Engine
+) -> None:
+    post(client, credited(units=20), "wh_1")
+    assert "already credited" in post(client, credited(units=20), "wh_2")
+    assert balance(clean_tables, "user_1") == 20
+    assert len(stored(clean_tables)) == 2  # both deliveries are kept
+
+
+def test_each_cycle_credits_once(client: TestClient, clean_tables: Engine) -> None:
+    post(client, credited("benefit_grant.created", cycle=CYCLE_1), "wh_1")
+    post(client, credited("benefit_grant.cycled", cycle=CYCLE_2), "wh_2")
+    post(client, credited("benefit_grant.cycled", cycle=CYCLE_2), "wh_2_again")
+    post(client, credited("benefit_grant.cycled", cycle=CYCLE_3), "wh_3")
+    assert balance(clean_tables, "user_1") == 60
+    post(client, revoked(of_cycle=CYCLE_3), "wh_4")
+    assert balance(clean_tables, "user_1") == 40
+
+
+def test_revoke_before_grant_nets_zero(client: TestClient, clean_tables: Engine) -> None:
+    with session_scope(clean_tables) as session:
+        grant_credits(session, "user_1", 5, reason="support")
+    assert "remembered" in post(client, revoked(of_cycle=CYCLE_1), "wh_revoke")
+    assert "cancelled" in post(client, credited(cycle=CYCLE_1), "wh_create")
+    assert "already cancelled" in post(client, credited(cycle=CYCLE_1), "wh_create_again")
+    assert "already cancelled" in post(client, revoked(of_cycle=CYCLE_1), "wh_revoke_again")
+    assert balance(clean_tables, "user_1") == 5
+    with session_scope(clean_tables) as session:
+        assert session.scalars(select(PolarGrantCycle.state)).all() == ["cancelled"]
+
+
+def test_a_revoke_takes_back_never_below_zero_and_records_the_shortfall(
+    client: TestClient, clean_tables: Engine
+) -> None:
+    post(client, credited(units=20), "wh_1")
+    with session_scope(clean_tables) as session:
+        record_usage(session, "user_1", 15)
+    assert "revoked up to 20" in post(client, revoked(units=20), "wh_2")
+    assert "duplicate" in post(client, revoked(units=20), "wh_3")
+    assert balance(clean_tables, "user_1") == 0
+    with session_scope(clean_tables) as session:
+        entry = session.scalars(select(LedgerEntry).where(LedgerEntry.kind == "revoke")).one()
+        assert entry.delta == -5
+        assert "shortfall: 15 of 20" in (entry.reason or "")
+
+
+def test_a_revoke_that_polar_applied_to_nothing_takes_nothing(
+    client: TestClient, clean_tables: Engine
+) -> None:
+    """Polar leaves the credits when another grant of the benefit remains: the revoked
+    payload keeps positive units (benefit/grant/service.py)."""
+    post(client, credited(units=20), "wh_1")
+    unchanged = revoked()
+    unchanged["data"]["properties"] = unchanged["data"]["previous_properties"]
+    assert "took no credits back" in post(client, unchanged, "wh_2")
+    assert balance(clean_tables, "user_1") == 20
+
+
+def test_a_re_granted_grant_credits_its_new_cycle(client: TestClient, clean_tables: Engine) -> None:
+    """Polar reuses the grant (same id) when a customer subscribes again: a new credit time."""
+    post(client, credited(cycle=CYCLE_1), "wh_1")
+    post(client, revoked(of_cycle=CYCLE_1), "wh_2")
+    post(client, credited(cycle=CYCLE_3), "wh_3")
+    assert balance(clean_tables, "user_1") == 20
+
+
+def test_other_meters_and_events_are_stored_and_ignored(
+    client: TestClient, clean_tables: Engine
+) -> None:
+    assert "ignored" in post(client, credited(meter_id="meter_2", customer="u3"), "x1")
+    assert "ignored" in post(client, {"type": "customer.state_changed", "data": {"a": [1]}}, "x2")
+    no_cycle = credited(customer="u3")
+    del no_cycle["data"]["properties"]["last_credited_at"]
+    assert "not applied" in post(client, no_cycle, "x3")
+    assert len(stored(clean_tables)) == 3
+    with session_scope(clean_tables) as session:
         assert session.get(Customer, "u3") is None
 
 
-def test_bad_signature_is_refused_and_stores_nothing(
-    client: TestClient, clean_tables: Engine
+# --- concurrency (real threads, real PostgreSQL) ------------------------------------------------
+
+
+def _post_all_at_once(live_server: LiveServer, requests: list[dict[str, Any]]) -> list[int]:
+    barrier = threading.Barrier(len(requests))
+    statuses: list[int] = []
+    lock = threading.Lock()
+    with live_server.http() as http:
+
+        def send(request: dict[str, Any]) -> None:
+            barrier.wait()
+            status = http.post(URL, **request).status_code
+            with lock:
+                statuses.append(status)
+
+        threads = [threading.Thread(target=send, args=(r,)) for r in requests]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    return statuses
+
+
+def test_one_delivery_posted_from_many_threads_credits_once(
+    live_server: LiveServer, clean_tables: Engine
 ) -> None:
-    request = signed(
-        meter_credit("benefit_grant.created", "u4", 20), "bad", secret="whsec_" + "A" * 40
-    )
-    response = client.post("/v1/polar/webhooks", **request)
-    assert response.status_code == 403
-    assert response.json()["code"] == "invalid_signature"
-    missing = client.post(
-        "/v1/polar/webhooks", content="{}", headers={"content-type": "application/json"}
-    )
-    assert missing.status_code == 403
-    assert stored(clean_tables) == 0
+    request = signed(credited(units=20), "wh_concurrent")
+    statuses = _post_all_at_once(live_server, [request] * 8)
+    assert statuses == [202] * 8
+    assert balance(clean_tables, "user_1") == 20
+    assert len(stored(clean_tables)) == 1
 
 
-def test_signed_garbage_is_acknowledged_not_500(client: TestClient, clean_tables: Engine) -> None:
-    response = client.post("/v1/polar/webhooks", **signed("not json at all", "g1"))
-    assert response.status_code == 202
-    assert stored(clean_tables) == 1
+def test_one_grant_under_many_webhook_ids_at_once_credits_once(
+    live_server: LiveServer, clean_tables: Engine
+) -> None:
+    requests = [signed(credited(units=20), f"wh_{i}") for i in range(8)]
+    requests += [signed(revoked(grant="grant_2", units=7), f"wh_r{i}") for i in range(4)]
+    requests += [signed(credited(grant="grant_2", units=7), f"wh_c{i}") for i in range(4)]
+    statuses = _post_all_at_once(live_server, requests)
+    assert statuses == [202] * 16
+    # grant_1 credited once; grant_2 revoked and credited in any order: net zero.
+    assert balance(clean_tables, "user_1") == 20
+    assert len(stored(clean_tables)) == 16
