@@ -188,8 +188,8 @@ def placeholder_secrets(settings: Settings) -> list[str]:
         # The values are not shown: a real secret may look like a placeholder.
         if _is_placeholder(value):
             problems.append(
-                f"{name} is an example placeholder (like change-me or polar_oat_xxx): "
-                "set the real secret"
+                f"{name} is still an example placeholder, not a real secret: "
+                "set the real one"
             )
         elif production and "password" in name and value.lower() in DEFAULT_PASSWORDS:
             problems.append(
