@@ -8,6 +8,7 @@ The same commands the containers run are exercised elsewhere: `outbox db upgrade
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -147,6 +148,17 @@ def test_a_missing_secret_stops_compose_naming_it(tmp_path: Path, missing: str) 
     result = compose_config(tmp_path, {**FILLED, missing: ""})
     assert result.returncode != 0
     assert f"set {missing} in .env" in result.stderr
+
+
+def test_no_secret_has_a_silent_default() -> None:
+    """`${POSTGRES_PASSWORD:-outbox}` would start with a guessable password: every use of a
+    secret in the file is `${VAR:?message}` (Flower checks its own at start, see below)."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for variable in SECRET_HOLDERS:
+        uses = re.findall(r"\$\{" + variable + r"(:?[-?]?)", text)
+        assert uses, variable
+        allowed = {":-"} if variable == "FLOWER_BASIC_AUTH" else {":?"}
+        assert set(uses) == allowed, (variable, uses)
 
 
 def test_the_env_example_is_refused_until_filled_in(tmp_path: Path) -> None:
