@@ -58,16 +58,25 @@ def _command_help(command: Any, path: str, out: list[str]) -> None:
     out.append("")
     out.append((command.help or "").strip())
     out.append("")
-    usage = command.collect_usage_pieces(ctx)
+    # Click's usage line hides required options inside [OPTIONS]: name them first.
+    required = [
+        f"{param.opts[0]} {(param.name or '').upper()}"
+        for param in command.params
+        if param.param_type_name == "option" and param.required
+    ]
+    usage = [*required, *command.collect_usage_pieces(ctx)]
     out.append(f"Usage: `{path} {' '.join(usage)}`")
     out.append("")
     rows = []
     for param in command.params:
         if param.param_type_name == "option":
             names = ", ".join(f"`{o}`" for o in param.opts)
-            default = (
-                "" if param.default in (None, False) or param.is_flag else f"`{param.default}`"
-            )
+            if param.required:
+                default = "**required**"
+            elif param.default in (None, False) or param.is_flag:
+                default = ""
+            else:
+                default = f"`{param.default}`"
             rows.append(f"| {names} | {default} | {param.help or ''} |")
         elif param.param_type_name == "argument":
             rows.append(f"| `{param.name.upper() if param.name else ''}` | | (argument) |")
