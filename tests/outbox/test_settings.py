@@ -79,3 +79,36 @@ def test_a_placeholder_in_dotenv_stops_the_worker_command_with_one_line(tmp_path
     assert "POLAR_ACCESS_TOKEN" in result.stderr and "placeholder" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outbox.db").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "outbox.cli", "serve", "--port", "1"],
+        ["-m", "celery", "-A", "worker", "worker", "--pool=solo"],
+        ["-m", "celery", "-A", "worker", "beat"],
+    ],
+    ids=["serve", "worker", "beat"],
+)
+def test_production_processes_refuse_a_placeholder_at_start(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """What compose runs stops at once (never "ready" first), naming the variable."""
+    result = subprocess.run(
+        [sys.executable, *command],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),
+            "POLAR_ENVIRONMENT": "production",
+            "POLAR_ACCESS_TOKEN": "polar_oat_AbCd1234",
+            "DATABASE_URL": "postgresql+psycopg://outbox:outbox@127.0.0.1:1/outbox",
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+        },
+    )
+    assert result.returncode != 0
+    assert "DATABASE_URL's password is a well-known default" in result.stderr
+    assert "outbox:outbox@" not in result.stderr + result.stdout
