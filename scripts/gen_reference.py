@@ -111,6 +111,12 @@ def http_api() -> str:
 
     settings = load_settings(database_url="sqlite://")
     spec: dict[str, Any] = create_app(settings, engine=make_engine("sqlite://")).openapi()
+    return http_api_page(spec)
+
+
+def http_api_page(spec: dict[str, Any]) -> str:
+    """The HTTP reference of an OpenAPI spec: every operation with every status it declares
+    (2xx by code; 4xx and 5xx, e.g. /readyz's 503, with their description)."""
     out = [
         "# HTTP API reference",
         "",

@@ -130,3 +130,27 @@ def test_the_tutorial_runs_as_written_and_drains_the_apps_own_database(tmp_path:
     # The HTTP generation and the library's, both reached Polar from the app's database.
     assert report["totals"] == {"demo_customer": 1, "user_123": 2}
     assert report["status"]["counts"]["failed"] == 0
+
+
+def test_the_http_reference_lists_every_declared_status_with_its_meaning() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gen_reference import http_api_page
+
+    spec = {
+        "paths": {
+            "/readyz": {
+                "get": {
+                    "description": "Readiness.",
+                    "responses": {
+                        "200": {"description": "OK"},
+                        "503": {"description": "not ready: database down or token rejected"},
+                    },
+                }
+            }
+        }
+    }
+    page = http_api_page(spec)
+    assert (
+        "| GET | `/readyz` | Readiness. | 200, 503 not ready: database down or token rejected |"
+        in page
+    )
