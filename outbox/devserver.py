@@ -39,7 +39,7 @@ log = logging.getLogger("outbox.dev")
 DEMO_CUSTOMER = "demo_customer"
 DEMO_CREDITS = 100
 DEV_DATABASE_URL = "sqlite:///./outbox.db"
-DEV_TOKEN_NAME = "outbox dev"
+DEV_TOKEN_NAME = "outbox dev"  # noqa: S105 - a label, not a secret
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,7 @@ def _url_password(url: str) -> str | None:
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return make_url(url).password  # type: ignore[return-value]
+        return make_url(url).password
     except (ArgumentError, ValueError):
         return None  # not a URL SQLAlchemy parses: its own check names it later
 
@@ -188,8 +188,7 @@ def placeholder_secrets(settings: Settings) -> list[str]:
         # The values are not shown: a real secret may look like a placeholder.
         if _is_placeholder(value):
             problems.append(
-                f"{name} is still an example placeholder, not a real secret: "
-                "set the real one"
+                f"{name} is still an example placeholder, not a real secret: set the real one"
             )
         elif production and "password" in name and value.lower() in DEFAULT_PASSWORDS:
             problems.append(
