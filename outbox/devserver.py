@@ -125,6 +125,10 @@ def export_lines(settings: Settings, token: str, emulated: bool) -> list[str]:
     if emulated:
         assert settings.polar_access_token is not None
         lines.append(f"export POLAR_ACCESS_TOKEN={shlex.quote(settings.polar_access_token)}")
+        for name in ("polar_product_id", "polar_meter_id"):
+            value = getattr(settings, name)
+            if value:
+                lines.append(f"export {name.upper()}={shlex.quote(value)}")
     else:
         lines.append("# POLAR_ACCESS_TOKEN: your sandbox token, as in this shell (not printed)")
     lines.append(f"export TOKEN={shlex.quote(token)}")
@@ -187,6 +191,9 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
         os.environ["POLAR_BASE_URL"] = emulator.url
         os.environ["POLAR_ACCESS_TOKEN"] = emulator.token
         os.environ["POLAR_ENVIRONMENT"] = "sandbox"
+        # The emulator's own product and meter, not the deployment's (doctor checks them).
+        os.environ["POLAR_PRODUCT_ID"] = polar_emulator.PRODUCT_ID
+        os.environ["POLAR_METER_ID"] = polar_emulator.METER_ID
     try:
         serve(options, emulator, echo)
     finally:

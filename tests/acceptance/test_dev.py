@@ -236,6 +236,8 @@ def test_dev_ignores_a_deployment_env_and_prints_exports_for_a_second_terminal(
         "DATABASE_URL=postgresql+psycopg://outbox:s3cretpw@postgres:5432/outbox\n"
         "POLAR_ACCESS_TOKEN=polar_oat_AbCdEf0123456789\n"
         "POLAR_ENVIRONMENT=sandbox\n"
+        "POLAR_PRODUCT_ID=prod_of_the_real_organization\n"
+        "POLAR_METER_ID=meter_of_the_real_organization\n"
     )
     port, emulator_port = free_port(), free_port()
     process = start_dev(
@@ -262,12 +264,18 @@ def test_dev_ignores_a_deployment_env_and_prints_exports_for_a_second_terminal(
         emulator = httpx.Client(base_url=f"http://127.0.0.1:{emulator_port}")
         eventually(lambda: emulator.get("/_emulator/totals").json() == {"demo_customer": 4})
 
-        elsewhere = tmp_path / "elsewhere"  # no .env, no outbox.db: only the exports
+        # The second terminal: the exports pasted, in the same directory (its `.env` is read
+        # too, and must not win) and in another one (no .env, no outbox.db).
+        elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         second_terminal = clean_env(**env)
-        doctor = run_cli(elsewhere, second_terminal, "doctor")
-        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-        assert f"127.0.0.1:{emulator_port}" in doctor.stdout or "accepted" in doctor.stdout
+        for cwd in (tmp_path, elsewhere):
+            doctor = run_cli(cwd, second_terminal, "doctor", "--json")
+            assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+            report = json.loads(doctor.stdout)
+            listed = report["checks"] if isinstance(report, dict) else report
+            checks = {c.get("check") or c.get("name"): c for c in listed}
+            assert checks["product"]["ok"] and checks["meter"]["ok"], checks
         status = run_cli(elsewhere, second_terminal, "status", "--json")
         assert json.loads(status.stdout)["counts"]["delivered"] == 1
         reconcile = run_cli(
