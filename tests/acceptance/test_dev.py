@@ -1,5 +1,7 @@
 """The README's first command path: `outbox dev` from an empty directory, then the README's
-curl steps (with httpx), and the event accepted by the emulator."""
+curl steps (with httpx), and the event accepted by the emulator; dev keeps to its own database
+and emulator whatever a deployment's `.env` says, prints the exports that point a second
+terminal's `outbox` commands at them, never prints a password, and revokes its earlier tokens."""
 
 from __future__ import annotations
 
