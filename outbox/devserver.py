@@ -135,8 +135,33 @@ def export_lines(settings: Settings, token: str, emulated: bool) -> list[str]:
     return lines
 
 
-def banner(settings: Settings, options: DevOptions, token: str, emulated: bool) -> str:
+def ignored_settings(settings: Settings, options: DevOptions) -> list[str]:
+    """The deployment's variables (shell or `.env`) that dev does not use, to say so."""
+    ignored = []
+    if settings.database_url not in (DEV_DATABASE_URL, options.database_url):
+        ignored.append("DATABASE_URL")
+    if options.polar == "emulator":
+        ignored += [
+            name.upper()
+            for name in ("polar_access_token", "polar_base_url", "polar_product_id")
+            if getattr(settings, name)
+        ]
+    return ignored
+
+
+def banner(
+    settings: Settings,
+    options: DevOptions,
+    token: str,
+    emulated: bool,
+    ignored: list[str] | None = None,
+) -> str:
     base = f"http://{options.host}:{options.port}"
+    note = (
+        f"  not used   {', '.join(ignored)} (the deployment's; see --database-url, --polar)\n"
+        if ignored
+        else ""
+    )
     exports = "\n".join("  " + line for line in export_lines(settings, token, emulated))
     polar = (
         f"the local Polar emulator at {settings.polar_base_url} (events: "
@@ -151,7 +176,7 @@ polar-usage-outbox dev is running
   database   {shown_url(settings.database_url)}
   Polar      {polar}
   customer   {options.demo_customer} (granted {options.demo_credits} credits on first start)
-
+{note}
 in a second terminal, paste these so `outbox status`, `outbox doctor`, `outbox reconcile`...
 use this database and this Polar (TOKEN is a usage token, shown once; a restart mints a new
 one and revokes this one):
@@ -173,6 +198,7 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
     check_port_free(options.host, options.port, "--port")
     emulator: Any = None
     settings = get_settings()
+    ignored = ignored_settings(settings, options)
     # The whole process (API, drainer, ledger) reads get_settings(): the environment is where
     # dev's choices override the shell's and `.env`'s (an environment variable beats `.env`).
     os.environ["DATABASE_URL"] = dev_database_url(options.database_url)
@@ -195,13 +221,15 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
         os.environ["POLAR_PRODUCT_ID"] = polar_emulator.PRODUCT_ID
         os.environ["POLAR_METER_ID"] = polar_emulator.METER_ID
     try:
-        serve(options, emulator, echo)
+        serve(options, emulator, echo, ignored)
     finally:
         if emulator is not None:
             emulator.stop()
 
 
-def serve(options: DevOptions, emulator: Any, echo: Callable[[str], Any]) -> None:
+def serve(
+    options: DevOptions, emulator: Any, echo: Callable[[str], Any], ignored: list[str]
+) -> None:
     """Migrate, seed, then run the API and the drainer until Ctrl-C."""
     import uvicorn
 
@@ -221,7 +249,7 @@ def serve(options: DevOptions, emulator: Any, echo: Callable[[str], Any]) -> Non
     drainer = BackgroundDrainer(settings, interval=1.0)
     drainer.start()
     app = create_app(settings, nudge=drainer.poke)
-    echo(banner(settings, options, token, emulated=emulator is not None))
+    echo(banner(settings, options, token, emulated=emulator is not None, ignored=ignored))
     server = uvicorn.Server(
         uvicorn.Config(app, host=options.host, port=options.port, log_level="warning")
     )

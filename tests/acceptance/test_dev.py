@@ -253,6 +253,7 @@ def test_dev_ignores_a_deployment_env_and_prints_exports_for_a_second_terminal(
         token, banner = read_token(process)
         wait_ready(port)
         assert "polar_oat_AbCdEf0123456789" not in banner and "s3cretpw" not in banner
+        assert "not used   DATABASE_URL, POLAR_ACCESS_TOKEN, POLAR_PRODUCT_ID" in banner
         env = exports(banner)
         assert env["DATABASE_URL"] == f"sqlite:///{tmp_path / 'outbox.db'}"
         assert env["POLAR_BASE_URL"] == f"http://127.0.0.1:{emulator_port}"
