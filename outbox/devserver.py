@@ -111,12 +111,11 @@ def export_lines(settings: Settings, token: str, emulated: bool) -> list[str]:
     """The shell lines that make `outbox` commands in another terminal use this server's
     database and Polar (the emulator's token is no secret; a real token is never printed)."""
     lines = []
-    database_url = shown_url(settings.database_url)
-    if database_url == settings.database_url:
-        lines.append(f"export DATABASE_URL={shlex.quote(database_url)}")
+    if make_url(settings.database_url).password is None:
+        lines.append(f"export DATABASE_URL={shlex.quote(settings.database_url)}")
     else:
         lines.append(
-            f"export DATABASE_URL={shlex.quote(database_url)}"
+            f"export DATABASE_URL={shlex.quote(shown_url(settings.database_url))}"
             "  # put the password back in place of ***"
         )
     lines.append(f"export POLAR_ENVIRONMENT={settings.polar_environment}")
