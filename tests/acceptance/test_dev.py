@@ -364,3 +364,41 @@ def run_cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedP
         text=True,
         timeout=60,
     )
+
+
+def test_dev_polar_sandbox_uses_the_shells_token_and_never_prints_it(tmp_path: Path) -> None:
+    """--polar sandbox: the token of the shell (here Polar is an emulator at POLAR_BASE_URL,
+    standing in for the sandbox), never printed, and no emulator of dev's own."""
+    import polar_emulator
+
+    polar = polar_emulator.serve_in_thread(port=0)
+    port, emulator_port = free_port(), free_port()
+    try:
+        process = start_dev(
+            tmp_path,
+            port,
+            emulator_port,
+            "--polar",
+            "sandbox",
+            POLAR_ACCESS_TOKEN=polar.token,
+            POLAR_BASE_URL=polar.url,
+        )
+        try:
+            token, banner = read_token(process)
+            wait_ready(port)
+            assert polar.token not in banner
+            assert "your sandbox token, as in this shell (not printed)" in banner
+            usage = httpx.post(
+                f"http://127.0.0.1:{port}/v1/usage",
+                json={"customer_id": "demo_customer"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert usage.status_code == 201, usage.text
+            eventually(lambda: polar.state.totals() == {"demo_customer": 1})  # default: 1
+            with socket.socket() as sock:  # dev started no emulator of its own
+                assert sock.connect_ex(("127.0.0.1", emulator_port)) != 0
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(30)
+    finally:
+        polar.stop()
