@@ -388,11 +388,23 @@ def dev(
     ] = 8765,
     demo_customer: Annotated[str, typer.Option(help="The demo customer's id.")] = "demo_customer",
     demo_credits: Annotated[int, typer.Option(help="Credits granted on first start.", min=1)] = 100,
+    database_url: Annotated[
+        str, typer.Option(help="dev's database (never DATABASE_URL: that is the deployment's).")
+    ] = "sqlite:///./outbox.db",
+    polar: Annotated[
+        str,
+        typer.Option(
+            help="emulator, or sandbox: Polar's sandbox with POLAR_ACCESS_TOKEN (never production)."
+        ),
+    ] = "emulator",
 ) -> None:
-    """The embedded default: SQLite, the API, an in-process drainer and the Polar emulator."""
+    """The embedded default: SQLite, the API, an in-process drainer and the Polar emulator;
+    prints the `export` lines for a second terminal."""
     from outbox.devserver import DevOptions, run_dev
     from outbox.logs import configure_logging
 
+    if polar not in ("emulator", "sandbox"):
+        fail(f"--polar must be emulator or sandbox; got {polar!r}")
     settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
     with domain_errors():
@@ -403,6 +415,8 @@ def dev(
                 emulator_port=emulator_port,
                 demo_customer=demo_customer,
                 demo_credits=demo_credits,
+                database_url=database_url,
+                polar="sandbox" if polar == "sandbox" else "emulator",
             ),
             echo=lambda text: out.print(text, highlight=False, markup=False, soft_wrap=True),
         )

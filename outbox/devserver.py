@@ -1,5 +1,11 @@
-"""`outbox dev`: the embedded default — SQLite, the API, an in-process drainer and (unless
-POLAR_ACCESS_TOKEN is set) the local Polar emulator, in one process. No Redis, no PostgreSQL.
+"""`outbox dev`: the embedded default — SQLite, the API, an in-process drainer and the local
+Polar emulator, in one process. No Redis, no PostgreSQL.
+
+It never uses the deployment's DATABASE_URL or POLAR_ACCESS_TOKEN (a `.env` made for docker
+compose, a production token in the shell): its database is `--database-url` (default
+`./outbox.db`), and it sends to Polar's sandbox only when asked with `--polar sandbox`.
+It prints the `export` lines that point a second terminal's `outbox` commands at the same
+database and emulator.
 
 Stopping (Ctrl-C) finishes the batch in flight; rows not yet delivered stay `pending` in the
 database and the next start carries on.
@@ -9,23 +15,31 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from outbox.db import get_engine, session_scope
 from outbox.errors import ConfigError
 from outbox.ledger import grant_credits
 from outbox.migrate import upgrade
-from outbox.models import Customer
+from outbox.models import ApiToken, Customer
 from outbox.settings import Settings, get_settings
-from outbox.tokens import create_token
+from outbox.tokens import create_token, revoke_token
 
 log = logging.getLogger("outbox.dev")
 
 DEMO_CUSTOMER = "demo_customer"
 DEMO_CREDITS = 100
+DEV_DATABASE_URL = "sqlite:///./outbox.db"
+DEV_TOKEN_NAME = "outbox dev"  # noqa: S105 - a label, not a secret
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,26 @@ class DevOptions:
     emulator_port: int = 8765
     demo_customer: str = DEMO_CUSTOMER
     demo_credits: int = DEMO_CREDITS
+    database_url: str = DEV_DATABASE_URL
+    polar: Literal["emulator", "sandbox"] = "emulator"
+
+
+def dev_database_url(url: str) -> str:
+    """`url` with a relative SQLite path made absolute, so the printed `export DATABASE_URL`
+    works from any directory; `ConfigError` if it is not a database URL."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--database-url: not a database URL: {url!r}") from None
+    database = parsed.database
+    if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
+        parsed = parsed.set(database=str(Path(database).resolve()))
+    return parsed.render_as_string(hide_password=False)
+
+
+def shown_url(url: str) -> str:
+    """The URL as it may be printed: the password replaced by ***."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
@@ -51,8 +85,16 @@ def check_port_free(host: str, port: int, flag: str) -> None:
 
 
 def seed_demo(settings: Settings, options: DevOptions) -> str:
-    """Create the demo customer (once) and a fresh usage token; return the token."""
+    """Create the demo customer (once) and a fresh usage token, revoking the tokens earlier
+    starts minted (only one dev token is ever valid); return the token."""
     with session_scope(get_engine(settings.database_url)) as session:
+        earlier = session.scalars(
+            select(ApiToken.id).where(
+                ApiToken.name == DEV_TOKEN_NAME, ApiToken.revoked_at.is_(None)
+            )
+        )
+        for token_id in list(earlier):
+            revoke_token(session, token_id)
         if session.get(Customer, options.demo_customer) is None:
             grant_credits(
                 session,
@@ -61,12 +103,65 @@ def seed_demo(settings: Settings, options: DevOptions) -> str:
                 reason="outbox dev: demo credits",
                 idempotency_key="outbox-dev-demo",
             )
-        token, _ = create_token(session, "usage", name="outbox dev")
+        token, _ = create_token(session, "usage", name=DEV_TOKEN_NAME)
     return token
 
 
-def banner(settings: Settings, options: DevOptions, token: str, emulated: bool) -> str:
+def export_lines(settings: Settings, token: str, emulated: bool) -> list[str]:
+    """The shell lines that make `outbox` commands in another terminal use this server's
+    database and Polar (the emulator's token is no secret; a real token is never printed)."""
+    lines = []
+    if make_url(settings.database_url).password is None:
+        lines.append(f"export DATABASE_URL={shlex.quote(settings.database_url)}")
+    else:
+        lines.append(
+            f"export DATABASE_URL={shlex.quote(shown_url(settings.database_url))}"
+            "  # put the password back in place of ***"
+        )
+    lines.append(f"export POLAR_ENVIRONMENT={settings.polar_environment}")
+    if settings.polar_base_url:
+        lines.append(f"export POLAR_BASE_URL={shlex.quote(settings.polar_base_url)}")
+    if emulated:
+        assert settings.polar_access_token is not None
+        lines.append(f"export POLAR_ACCESS_TOKEN={shlex.quote(settings.polar_access_token)}")
+        for name in ("polar_product_id", "polar_meter_id"):
+            value = getattr(settings, name)
+            if value:
+                lines.append(f"export {name.upper()}={shlex.quote(value)}")
+    else:
+        lines.append("# POLAR_ACCESS_TOKEN: your sandbox token, as in this shell (not printed)")
+    lines.append(f"export TOKEN={shlex.quote(token)}")
+    return lines
+
+
+def ignored_settings(settings: Settings, options: DevOptions) -> list[str]:
+    """The deployment's variables (shell or `.env`) that dev does not use, to say so."""
+    ignored = []
+    if settings.database_url not in (DEV_DATABASE_URL, options.database_url):
+        ignored.append("DATABASE_URL")
+    if options.polar == "emulator":
+        ignored += [
+            name.upper()
+            for name in ("polar_access_token", "polar_base_url", "polar_product_id")
+            if getattr(settings, name)
+        ]
+    return ignored
+
+
+def banner(
+    settings: Settings,
+    options: DevOptions,
+    token: str,
+    emulated: bool,
+    ignored: list[str] | None = None,
+) -> str:
     base = f"http://{options.host}:{options.port}"
+    note = (
+        f"  not used   {', '.join(ignored)} (the deployment's; see --database-url, --polar)\n"
+        if ignored
+        else ""
+    )
+    exports = "\n".join("  " + line for line in export_lines(settings, token, emulated))
     polar = (
         f"the local Polar emulator at {settings.polar_base_url} (events: "
         f"{settings.polar_base_url}/_emulator/events)"
@@ -77,12 +172,14 @@ def banner(settings: Settings, options: DevOptions, token: str, emulated: bool) 
     return f"""
 polar-usage-outbox dev is running
   API        {base}   (docs: {base}/docs)
-  database   {settings.database_url}
+  database   {shown_url(settings.database_url)}
   Polar      {polar}
   customer   {options.demo_customer} (granted {options.demo_credits} credits on first start)
-
-usage token (shown once):
-  export TOKEN={token}
+{note}
+in a second terminal, paste these so `outbox status`, `outbox doctor`, `outbox reconcile`...
+use this database and this Polar (TOKEN is a usage token, shown once; a restart mints a new
+one and revokes this one):
+{exports}
 
 try it:
   curl -s -X POST {base}/v1/usage \\
@@ -97,29 +194,61 @@ Ctrl-C stops cleanly; undelivered rows are kept and sent on the next start.
 
 def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
     """Run everything until interrupted."""
-    import uvicorn
-
-    from api.app import create_app  # the CLI's dev command is the one place both rooms meet
-    from outbox.runtime import BackgroundDrainer, close
-
     check_port_free(options.host, options.port, "--port")
     emulator: Any = None
     settings = get_settings()
-    if not settings.polar_access_token:
+    ignored = ignored_settings(settings, options)
+    # The whole process (API, drainer, ledger) reads get_settings(): the environment is where
+    # dev's choices override the shell's and `.env`'s (an environment variable beats `.env`).
+    os.environ["DATABASE_URL"] = dev_database_url(options.database_url)
+    if options.polar == "sandbox":
+        if not settings.polar_access_token:
+            raise ConfigError("--polar sandbox needs POLAR_ACCESS_TOKEN (a sandbox token)")
+        if settings.polar_environment != "sandbox":
+            raise ConfigError(
+                "--polar sandbox: POLAR_ENVIRONMENT is production; outbox dev never bills it"
+            )
+    else:
         check_port_free("127.0.0.1", options.emulator_port, "--emulator-port")
         import polar_emulator
 
         emulator = polar_emulator.serve_in_thread(host="127.0.0.1", port=options.emulator_port)
         os.environ["POLAR_BASE_URL"] = emulator.url
         os.environ["POLAR_ACCESS_TOKEN"] = emulator.token
-        get_settings.cache_clear()
-        settings = get_settings()
-    upgrade(settings.database_url)
+        os.environ["POLAR_ENVIRONMENT"] = "sandbox"
+        # The emulator's own product and meter, not the deployment's (doctor checks them).
+        os.environ["POLAR_PRODUCT_ID"] = polar_emulator.PRODUCT_ID
+        os.environ["POLAR_METER_ID"] = polar_emulator.METER_ID
+    try:
+        serve(options, emulator, echo, ignored)
+    finally:
+        if emulator is not None:
+            emulator.stop()
+
+
+def serve(
+    options: DevOptions, emulator: Any, echo: Callable[[str], Any], ignored: list[str]
+) -> None:
+    """Migrate, seed, then run the API and the drainer until Ctrl-C."""
+    import uvicorn
+
+    from api.app import create_app  # the CLI's dev command is the one place both rooms meet
+    from outbox.runtime import BackgroundDrainer, close
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    try:
+        upgrade(settings.database_url)
+    except Exception as exc:  # unreachable server, wrong password: one line, no traceback
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"--database-url {shown_url(settings.database_url)}: cannot migrate: {reason}"
+        ) from None
     token = seed_demo(settings, options)
     drainer = BackgroundDrainer(settings, interval=1.0)
     drainer.start()
     app = create_app(settings, nudge=drainer.poke)
-    echo(banner(settings, options, token, emulated=emulator is not None))
+    echo(banner(settings, options, token, emulated=emulator is not None, ignored=ignored))
     server = uvicorn.Server(
         uvicorn.Config(app, host=options.host, port=options.port, log_level="warning")
     )
@@ -131,6 +260,4 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
         log.info("stopping: finishing the batch in flight")
         drainer.stop()
         close()
-        if emulator is not None:
-            emulator.stop()
         log.info("stopped")

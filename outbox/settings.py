@@ -130,6 +130,13 @@ class Settings(BaseSettings):
             self.polar_requests_per_minute = DEFAULT_REQUESTS_PER_MINUTE[self.polar_environment]
         return self
 
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> Settings:
+        problems = placeholder_secrets(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @property
     def requests_per_minute(self) -> int:
         """The organization's Polar request budget (never None after validation)."""
@@ -141,10 +148,62 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
 
+# Values copied from examples and compose defaults: never a real secret. Lower-cased; a value
+# ending in "xxx" (`polar_oat_xxx`, `whsec_xxx`) or wrapped in <...> is a placeholder too.
+PLACEHOLDERS = frozenset({"change-me", "changeme", "change_me", "secret", "xxx", "todo"})
+# Passwords that are someone's default (docker images, the old compose file): refused only in
+# production, where a guessable password is an open door; sandbox and tests may use them.
+DEFAULT_PASSWORDS = frozenset({"outbox", "postgres", "password", "redis", "admin"})
+
+
+def _is_placeholder(value: str) -> bool:
+    value = value.strip().lower()
+    return value in PLACEHOLDERS or value.endswith("xxx") or value.startswith("<")
+
+
+def _url_password(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password
+    except (ArgumentError, ValueError):
+        return None  # not a URL SQLAlchemy parses: its own check names it later
+
+
+def placeholder_secrets(settings: Settings) -> list[str]:
+    """Each secret (Polar token, webhook secret, database/Redis password) that is an example
+    placeholder (`change-me`, `polar_oat_xxx`), or in production a well-known default."""
+    production = settings.polar_environment == "production"
+    secrets = {
+        "POLAR_ACCESS_TOKEN": settings.polar_access_token,
+        "POLAR_WEBHOOK_SECRET": settings.polar_webhook_secret,
+        "DATABASE_URL's password": _url_password(settings.database_url),
+        "REDIS_URL's password": _url_password(settings.redis_url),
+    }
+    problems = []
+    for name, value in secrets.items():
+        if not value:
+            continue
+        # The values are not shown: a real secret may look like a placeholder.
+        if _is_placeholder(value):
+            problems.append(
+                f"{name} is still an example placeholder, not a real secret: set the real one"
+            )
+        elif production and "password" in name and value.lower() in DEFAULT_PASSWORDS:
+            problems.append(
+                f"{name} is a well-known default: POLAR_ENVIRONMENT=production needs a real one"
+            )
+    return problems
+
+
 def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
-        name = "_".join(str(part) for part in error["loc"]).upper() or "configuration"
+        if not error["loc"]:  # a check across fields: its message names the variables
+            problems.append(error["msg"].removeprefix("Value error, "))
+            continue
+        name = "_".join(str(part) for part in error["loc"]).upper()
         problems.append(f"{name}: {error['msg']}")
     return "invalid configuration: " + "; ".join(problems)
 

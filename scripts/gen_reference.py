@@ -28,7 +28,12 @@ def configuration() -> str:
         "",
         "Environment variables (a `.env` file in the working directory is read too). A malformed",
         "value, or an unknown `OUTBOX_*`/`POLAR_*`/`USAGE_*`/`HOLD_*` variable (a typo), stops",
-        "the process at start-up with a message naming the variable.",
+        "the process at start-up with a message naming the variable. So does a secret that is",
+        "still an example placeholder (`change-me`, `polar_oat_xxx`, `whsec_xxx`, `<...>`) in",
+        "`POLAR_ACCESS_TOKEN`, `POLAR_WEBHOOK_SECRET` or the password of `DATABASE_URL` or",
+        "`REDIS_URL`; with `POLAR_ENVIRONMENT=production`, a well-known default password",
+        "(`outbox`, `postgres`, `password`, ...) too. `outbox dev` uses none of the deployment's",
+        "`DATABASE_URL` and Polar settings (see `outbox dev --help`).",
         "",
         "| variable | default | meaning |",
         "|---|---|---|",
@@ -58,16 +63,25 @@ def _command_help(command: Any, path: str, out: list[str]) -> None:
     out.append("")
     out.append((command.help or "").strip())
     out.append("")
-    usage = command.collect_usage_pieces(ctx)
+    # Click's usage line hides required options inside [OPTIONS]: name them first.
+    required = [
+        f"{param.opts[0]} {(param.name or '').upper()}"
+        for param in command.params
+        if param.param_type_name == "option" and param.required
+    ]
+    usage = [*required, *command.collect_usage_pieces(ctx)]
     out.append(f"Usage: `{path} {' '.join(usage)}`")
     out.append("")
     rows = []
     for param in command.params:
         if param.param_type_name == "option":
             names = ", ".join(f"`{o}`" for o in param.opts)
-            default = (
-                "" if param.default in (None, False) or param.is_flag else f"`{param.default}`"
-            )
+            if param.required:
+                default = "**required**"
+            elif param.default in (None, False) or param.is_flag:
+                default = ""
+            else:
+                default = f"`{param.default}`"
             rows.append(f"| {names} | {default} | {param.help or ''} |")
         elif param.param_type_name == "argument":
             rows.append(f"| `{param.name.upper() if param.name else ''}` | | (argument) |")
@@ -97,6 +111,12 @@ def http_api() -> str:
 
     settings = load_settings(database_url="sqlite://")
     spec: dict[str, Any] = create_app(settings, engine=make_engine("sqlite://")).openapi()
+    return http_api_page(spec)
+
+
+def http_api_page(spec: dict[str, Any]) -> str:
+    """The HTTP reference of an OpenAPI spec: every operation with every status it declares
+    (2xx by code; 4xx and 5xx, e.g. /readyz's 503, with their description)."""
     out = [
         "# HTTP API reference",
         "",

@@ -1,11 +1,14 @@
 """The README's first command path: `outbox dev` from an empty directory, then the README's
-curl steps (with httpx), and the event accepted by the emulator."""
+curl steps (with httpx), and the event accepted by the emulator; dev keeps to its own database
+and emulator whatever a deployment's `.env` says, prints the exports that point a second
+terminal's `outbox` commands at them, never prints a password, and revokes its earlier tokens."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,9 +27,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_dev(cwd: Path, port: int, emulator_port: int) -> subprocess.Popen[str]:
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without our settings (plus `extra`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POLAR_"))}
     env.pop("DATABASE_URL", None)  # the default: sqlite:///./outbox.db in the working dir
+    env.pop("TOKEN", None)
+    env.update(extra)
+    return env
+
+
+def start_dev(
+    cwd: Path, port: int, emulator_port: int, *args: str, **extra_env: str
+) -> subprocess.Popen[str]:
+    env = clean_env(**extra_env)
     env["PYTHONUNBUFFERED"] = "1"
     return subprocess.Popen(
         [
@@ -38,6 +51,7 @@ def start_dev(cwd: Path, port: int, emulator_port: int) -> subprocess.Popen[str]
             str(port),
             "--emulator-port",
             str(emulator_port),
+            *args,
         ],
         cwd=cwd,
         env=env,
@@ -118,16 +132,24 @@ def test_outbox_dev_from_an_empty_directory_bills_the_readme_example(tmp_path: P
     assert process.returncode == 0
     assert (tmp_path / "outbox.db").exists()
 
-    # The next start carries on with the same database (the demo customer is not re-granted).
+    # The next start carries on with the same database (the demo customer is not re-granted),
+    # and mints a new token while revoking the first: one dev token is valid at a time.
     process = start_dev(tmp_path, port, emulator_port)
     try:
-        token, _ = read_token(process)
+        second, _ = read_token(process)
         wait_ready(port)
         credits = httpx.get(
             f"http://127.0.0.1:{port}/v1/customers/demo_customer/credits",
+            headers={"Authorization": f"Bearer {second}"},
+        )
+        assert credits.json()["balance"] == 115  # 100 + 20 - 3 - 2: nothing re-granted
+        stale = httpx.get(
+            f"http://127.0.0.1:{port}/v1/customers/demo_customer/credits",
             headers={"Authorization": f"Bearer {token}"},
-        ).json()
-        assert credits["balance"] == 115  # 100 + 20 - 3 - 2: nothing re-granted
+        )
+        assert stale.status_code == 401
+        tokens = json.loads(outbox(tmp_path, "token", "list", "--json").stdout)
+        assert [t["name"] for t in tokens if t["revoked_at"] is None] == ["outbox dev"]
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)
@@ -192,3 +214,191 @@ def test_outbox_dev_names_a_busy_port_and_the_flag(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"port {port}" in result.stderr and "--port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def exports(banner: str) -> dict[str, str]:
+    """The banner's `export NAME=value` lines, as a shell would set them."""
+    script = "\n".join(
+        line.strip() for line in banner.splitlines() if line.strip().startswith("export ")
+    )
+    result = subprocess.run(
+        ["bash", "-c", script + "\nenv -0"], env={}, capture_output=True, text=True, check=True
+    )
+    pairs = (item.split("=", 1) for item in result.stdout.split("\0") if "=" in item)
+    return {k: v for k, v in pairs if k in {"DATABASE_URL", "TOKEN"} or k.startswith("POLAR_")}
+
+
+def test_dev_ignores_a_deployment_env_and_prints_exports_for_a_second_terminal(
+    tmp_path: Path,
+) -> None:
+    """A `.env` written for a deployment (its database on host `postgres`, a real-looking
+    Polar token; the same exported in the shell) changes nothing for dev: its own SQLite, the
+    emulator; the printed exports make doctor and reconcile work from any directory."""
+    (tmp_path / ".env").write_text(
+        "DATABASE_URL=postgresql+psycopg://outbox:s3cretpw@postgres:5432/outbox\n"
+        "POLAR_ACCESS_TOKEN=polar_oat_AbCdEf0123456789\n"
+        "POLAR_ENVIRONMENT=sandbox\n"
+        "POLAR_PRODUCT_ID=prod_of_the_real_organization\n"
+        "POLAR_METER_ID=meter_of_the_real_organization\n"
+    )
+    port, emulator_port = free_port(), free_port()
+    process = start_dev(
+        tmp_path,
+        port,
+        emulator_port,
+        DATABASE_URL="postgresql+psycopg://outbox:s3cretpw@postgres:5432/outbox",
+        POLAR_ACCESS_TOKEN="polar_oat_AbCdEf0123456789",
+    )
+    try:
+        token, banner = read_token(process)
+        wait_ready(port)
+        assert "polar_oat_AbCdEf0123456789" not in banner and "s3cretpw" not in banner
+        assert "not used   DATABASE_URL, POLAR_ACCESS_TOKEN, POLAR_PRODUCT_ID" in banner
+        env = exports(banner)
+        assert env["DATABASE_URL"] == f"sqlite:///{tmp_path / 'outbox.db'}"
+        assert env["POLAR_BASE_URL"] == f"http://127.0.0.1:{emulator_port}"
+        assert env["TOKEN"] == token
+        usage = httpx.post(
+            f"http://127.0.0.1:{port}/v1/usage",
+            json={"customer_id": "demo_customer", "credits": 4},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert usage.status_code == 201, usage.text
+        emulator = httpx.Client(base_url=f"http://127.0.0.1:{emulator_port}")
+        eventually(lambda: emulator.get("/_emulator/totals").json() == {"demo_customer": 4})
+
+        # The second terminal: the exports pasted, in the same directory (its `.env` is read
+        # too, and must not win) and in another one (no .env, no outbox.db).
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        second_terminal = clean_env(**env)
+        for cwd in (tmp_path, elsewhere):
+            doctor = run_cli(cwd, second_terminal, "doctor", "--json")
+            assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+            report = json.loads(doctor.stdout)
+            listed = report["checks"] if isinstance(report, dict) else report
+            checks = {c.get("check") or c.get("name"): c for c in listed}
+            assert checks["product"]["ok"] and checks["meter"]["ok"], checks
+        status = run_cli(elsewhere, second_terminal, "status", "--json")
+        assert json.loads(status.stdout)["counts"]["delivered"] == 1
+        reconcile = run_cli(
+            elsewhere, second_terminal, "reconcile", "--until", "2100-01-01T00:00:00Z", "--json"
+        )
+        assert reconcile.returncode == 0, reconcile.stdout + reconcile.stderr
+        assert not (elsewhere / "outbox.db").exists()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
+    assert process.returncode == 0
+
+
+def test_dev_starts_with_the_env_example_copied_as_the_deploy_guide_says(tmp_path: Path) -> None:
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+    port, emulator_port = free_port(), free_port()
+    process = start_dev(tmp_path, port, emulator_port)
+    try:
+        _, banner = read_token(process)
+        wait_ready(port)
+        assert "local Polar emulator" in banner
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
+    assert process.returncode == 0
+
+
+def test_dev_never_prints_a_database_password(tmp_path: Path) -> None:
+    """Nothing listens on port 1: dev names the URL it could not migrate, password hidden."""
+    result = run_cli(
+        tmp_path,
+        clean_env(),
+        "dev",
+        "--port",
+        str(free_port()),
+        "--emulator-port",
+        str(free_port()),
+        "--database-url",
+        "postgresql+psycopg://app:hunter2pw@127.0.0.1:1/homeify",
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "postgresql+psycopg://app:***@127.0.0.1:1/homeify" in result.stderr
+    assert "hunter2pw" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_banner_hides_the_password_of_a_database_url() -> None:
+    from outbox.devserver import DevOptions, banner
+    from outbox.settings import load_settings
+
+    settings = load_settings(
+        database_url="postgresql+psycopg://app:hunter2pw@db/homeify",
+        polar_base_url="http://127.0.0.1:8765",
+        polar_access_token="polar_emulator_token",
+    )
+    text = banner(settings, DevOptions(), "pou_x", emulated=True)
+    assert "hunter2pw" not in text
+    assert "export DATABASE_URL='postgresql+psycopg://app:***@db/homeify'" in text
+
+
+def test_dev_never_sends_to_polar_production_nor_without_a_token(tmp_path: Path) -> None:
+    production = run_cli(
+        tmp_path,
+        clean_env(POLAR_ACCESS_TOKEN="polar_oat_AbCdEf0123456789", POLAR_ENVIRONMENT="production"),
+        "dev",
+        "--polar",
+        "sandbox",
+    )
+    assert production.returncode == 2
+    assert "never bills it" in production.stderr and "Traceback" not in production.stderr
+    tokenless = run_cli(tmp_path, clean_env(), "dev", "--polar", "sandbox")
+    assert tokenless.returncode == 2
+    assert "POLAR_ACCESS_TOKEN" in tokenless.stderr
+    assert not (tmp_path / "outbox.db").exists()
+
+
+def run_cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "outbox.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_dev_polar_sandbox_uses_the_shells_token_and_never_prints_it(tmp_path: Path) -> None:
+    """--polar sandbox: the token of the shell (here Polar is an emulator at POLAR_BASE_URL,
+    standing in for the sandbox), never printed, and no emulator of dev's own."""
+    import polar_emulator
+
+    polar = polar_emulator.serve_in_thread(port=0)
+    port, emulator_port = free_port(), free_port()
+    try:
+        process = start_dev(
+            tmp_path,
+            port,
+            emulator_port,
+            "--polar",
+            "sandbox",
+            POLAR_ACCESS_TOKEN=polar.token,
+            POLAR_BASE_URL=polar.url,
+        )
+        try:
+            token, banner = read_token(process)
+            wait_ready(port)
+            assert polar.token not in banner
+            assert "your sandbox token, as in this shell (not printed)" in banner
+            usage = httpx.post(
+                f"http://127.0.0.1:{port}/v1/usage",
+                json={"customer_id": "demo_customer"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert usage.status_code == 201, usage.text
+            eventually(lambda: polar.state.totals() == {"demo_customer": 1})  # default: 1
+            with socket.socket() as sock:  # dev started no emulator of its own
+                assert sock.connect_ex(("127.0.0.1", emulator_port)) != 0
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(30)
+    finally:
+        polar.stop()
