@@ -70,6 +70,8 @@ class EmulatorConfig:
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     reject_customers: list[str] = field(default_factory=list)
+    known_customer_ids: list[str] = field(default_factory=list)  # Polar customer UUIDs
+    unattributed_422_next: int = 0  # the next N ingests: a 422 naming no event
     clock_offset_seconds: float = 0.0
     seed: int | None = None
     meters: list[dict[str, Any]] = field(default_factory=default_meters)
@@ -135,6 +137,7 @@ class Stats:
     duplicates: int = 0
     status_401: int = 0
     status_422: int = 0
+    unattributed_422: int = 0
     status_429: int = 0
     status_429_window: int = 0
     injected_5xx: int = 0

@@ -212,7 +212,9 @@ def test_parse_batch_rejections(
 def test_an_event_is_judged_by_the_variant_we_send() -> None:
     """Had we sent `customer_id`, the spurious error would be ours: the variant decides."""
     detail = [{"loc": ["body", "events", 0, OTHER, "customer_id"], "msg": SPURIOUS}]
-    assert parse_batch_rejections(detail, 1, variant=OTHER).poison == {0: "customer_id: " + SPURIOUS}
+    assert parse_batch_rejections(detail, 1, variant=OTHER).poison == {
+        0: "customer_id: " + SPURIOUS
+    }
     assert parse_batch_rejections(detail, 1).poison == {}
 
 
