@@ -24,15 +24,25 @@ PRODUCT_ID = "22222222-2222-4222-8222-222222222222"
 
 
 def default_meters() -> list[dict[str, Any]]:
+    """As Polar lists a meter (tests/contract/fixtures/meters_list_item.json): Polar strips the
+    `metadata.` prefix of the aggregation's property."""
     return [
         {
+            "metadata": {},
+            "created_at": "2026-01-01T00:00:00Z",
+            "modified_at": "2026-01-01T00:00:00Z",
             "id": METER_ID,
             "name": "AI Generation Credits",
+            "unit": "scalar",
+            "custom_label": None,
+            "custom_multiplier": None,
             "filter": {
                 "conjunction": "and",
                 "clauses": [{"property": "name", "operator": "eq", "value": "ai_generation"}],
             },
-            "aggregation": {"func": "sum", "property": "metadata.credits_used"},
+            "aggregation": {"func": "sum", "property": "credits_used"},
+            "organization_id": ORGANIZATION_ID,
+            "archived_at": None,
         }
     ]
 
