@@ -16,7 +16,7 @@ import pytest
 import polar_emulator
 
 ENV_URL = "CONTRACT_POLAR_URL"
-ENV_TOKEN = "CONTRACT_POLAR_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+ENV_TOKEN = "CONTRACT_POLAR_TOKEN"
 ENV_METER = "CONTRACT_POLAR_METER_ID"
 ENV_RECORD = "CONTRACT_POLAR_RECORD"
 
