@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 import zlib
 from datetime import UTC, datetime, timedelta
@@ -26,12 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import sessionmaker
 
+from outbox.db import session_scope
+from outbox.delivery import Deliverer, drain
+from outbox.ledger import record_usage
+from outbox.models import OutboxEvent, utcnow
 from outbox.polar import Outcome, PolarGateway
 from outbox.policy import parse_batch_rejections
 from outbox.ratelimit import LocalRateBudget
 from outbox.settings import load_settings
 from tests.contract.conftest import Target
+from tests.factories import make_customer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -118,10 +126,11 @@ def quantities(target: Target, start: datetime, end: datetime, **params: Any) ->
     return body
 
 
-def billed(target: Target, start: datetime, end: datetime) -> float:
-    """What Polar's meter counts in [start, end]: its quantities (the emulator, until it has
-    them: its stored events, summed the way a sum meter sums)."""
-    body = quantities(target, start, end)
+def billed(target: Target, start: datetime, end: datetime, customer: str | None = None) -> float:
+    """What Polar's meter counts in [start, end] (for one external customer): its quantities
+    (the emulator, until it has them: its stored events, summed as a sum meter sums)."""
+    params = {"external_customer_id": customer} if customer else {}
+    body = quantities(target, start, end, **params)
     if body is not None:
         return float(body["total"])
     assert target.emulator is not None
@@ -129,7 +138,8 @@ def billed(target: Target, start: datetime, end: datetime) -> float:
         sum(
             e.metadata["credits_used"]
             for e in list(target.emulator.state.events)
-            if (e.external_customer_id or "").startswith(target.run) and start <= e.timestamp <= end
+            if (e.external_customer_id or "").startswith(customer or target.run)
+            and start <= e.timestamp <= end
         )
     )
 
@@ -251,6 +261,72 @@ def test_the_projects_client_classifies_polars_422s(target: Target) -> None:
     accepted = gateway.ingest(batch[:1])
     assert (accepted.outcome, accepted.inserted) == (Outcome.OK, 1)
     gateway.close()
+
+
+def test_the_outbox_delivers_through_clock_skew_and_poison(
+    target: Target, clean_tables: Engine, pg_url: str
+) -> None:
+    """The outbox's own Deliverer against this Polar, its clock (and the clock that recorded
+    the usage) 3 s ahead of Polar's, no margin: the batch is refused as from Polar's future
+    until Polar's clock passes it, then billed, without spending an attempt; the one row
+    Polar's schema refuses fails alone, with Polar's message."""
+    skew = timedelta(seconds=3)
+    customer = f"{target.run}-alice"
+    with session_scope(clean_tables) as session:
+        make_customer(session, credits=100, customer_id=customer)
+        ids = [record_usage(session, customer, n + 1).event_id for n in range(5)]
+        for row in session.scalars(select(OutboxEvent)):  # recorded by a clock 3 s ahead
+            row.occurred_at += skew
+        session.execute(
+            update(OutboxEvent).where(OutboxEvent.id == ids[3]).values(event_metadata={"note": ""})
+        )
+    settings = load_settings(
+        database_url=pg_url,
+        polar_access_token=target.token,
+        polar_base_url=target.url,
+        polar_timeout_seconds=30,
+        outbox_clock_margin_seconds=0,
+        outbox_max_attempts=2,
+    )
+    gateway = PolarGateway(settings, budget=LocalRateBudget(10_000))
+    deliverer = Deliverer(
+        sessionmaker(bind=clean_tables),
+        gateway,
+        settings,
+        worker_id="ct",
+        clock=lambda: utcnow() + skew,
+    )
+    started = datetime.now(UTC)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        drain(deliverer, max_seconds=5, max_sleep=1.0)
+        with session_scope(clean_tables) as session:
+            rows = {
+                row.id: row
+                for row in session.execute(
+                    select(
+                        OutboxEvent.id,
+                        OutboxEvent.status,
+                        OutboxEvent.attempts,
+                        OutboxEvent.last_error,
+                    )
+                )
+            }
+        if all(row.status in ("delivered", "failed") for row in rows.values()):
+            break
+        time.sleep(0.2)
+    gateway.close()
+    assert {i: rows[i].status for i in ids} == {
+        ids[0]: "delivered",
+        ids[1]: "delivered",
+        ids[2]: "delivered",
+        ids[3]: "failed",
+        ids[4]: "delivered",
+    }
+    assert {rows[i].attempts for i in ids if i != ids[3]} == {0}  # skew is nobody's fault
+    assert rows[ids[3]].last_error == "metadata.note: String should have at least 1 character"
+    window_end = datetime.now(UTC) + timedelta(minutes=1)
+    assert billed(target, started - timedelta(minutes=1), window_end, customer) == 1 + 2 + 3 + 5
 
 
 # -- meters --------------------------------------------------------------------------------
