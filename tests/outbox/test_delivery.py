@@ -233,6 +233,14 @@ def test_isolation_is_bounded(
     assert emulator.state.events == []
 
 
+def metric(text: str, name: str) -> float:
+    """One unlabelled sample of a /metrics page."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def test_a_422_naming_no_event_fails_nothing_and_is_loud(
     clean_tables: Engine,
     pg_url: str,
@@ -259,6 +267,7 @@ def test_a_422_naming_no_event_fails_nothing_and_is_loud(
     )
     after = REGISTRY.get_sample_value("outbox_polar_unattributed_rejections_total")
     assert after == before + 1
+    assert metric(api.get("/metrics").text, "outbox_polar_unattributed_422") == 1
     ready = api.get("/readyz")
     assert ready.status_code == 503
     assert "naming no event" in ready.json()["checks"]["polar_ingest"]
@@ -270,6 +279,7 @@ def test_a_422_naming_no_event_fails_nothing_and_is_loud(
     assert counts(clean_tables) == {"delivered": 10}
     assert emulator.state.totals() == spent
     assert api.get("/readyz").json()["checks"]["polar_ingest"] == "ok"
+    assert metric(api.get("/metrics").text, "outbox_polar_unattributed_422") == 0
 
 
 def test_rejected_credentials_pause_delivery_without_failing_rows_and_it_resumes(
