@@ -53,14 +53,14 @@ class BatchCheck:
     errors: list[dict[str, Any]] = field(default_factory=list)
 
 
-def validate_batch(state: EmulatorState, payload: Any) -> BatchCheck:
+def validate_batch(state: EmulatorState, payload: Any, body: bytes | None = None) -> BatchCheck:
     """Validate an ingest body as Polar does (server/polar/event/endpoints.py + service.py):
     first the schema (`schemas.validate_ingest`: every error, union-shaped), and only if it
     passes the service checks (organization_id with an organization token, unknown
     `customer_id`; here also `reject_customers`), one error per refused event."""
     config = state.config
     try:
-        ingest = schemas.validate_ingest(payload, state.now())
+        ingest = schemas.validate_ingest(payload, state.now(), body)
     except ValidationError as exc:
         return BatchCheck([], SCHEMA_STAGE, schemas.request_errors(exc))
     errors: list[dict[str, Any]] = []
@@ -183,7 +183,7 @@ def build_app(state: EmulatorState) -> Starlette:
                 return JSONResponse(
                     {"error": SCHEMA_STAGE, "detail": UNATTRIBUTED_DETAIL}, status_code=422
                 )
-            check = validate_batch(state, payload)
+            check = validate_batch(state, payload, body)
             if check.stage is not None:
                 state.stats.status_422 += 1
                 return JSONResponse({"error": check.stage, "detail": check.errors}, 422)

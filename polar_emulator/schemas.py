@@ -70,7 +70,9 @@ class _Schema(BaseModel):
 
     @field_validator("*", mode="after")
     @classmethod
-    def _reject_nul_characters(cls, value: Any) -> Any:
+    def _reject_nul_characters(cls, value: Any, info: ValidationInfo) -> Any:
+        if not (info.context or {}).get("check_nul", True):
+            return value  # the body has no NUL at all (see `validate_ingest`): skip the walk
         pending = [value]
         visited: set[int] = set()
         while pending:
@@ -184,9 +186,13 @@ def json_error(exc: json.JSONDecodeError) -> list[dict[str, Any]]:
     ]
 
 
-def validate_ingest(payload: Any, now: datetime) -> EventsIngest:
-    """The schema stage: the parsed body, or `ValidationError` (see `request_errors`)."""
-    ingest = _INGEST.validate_python(payload, context={"now": now})
+def validate_ingest(payload: Any, now: datetime, body: bytes | None = None) -> EventsIngest:
+    """The schema stage: the parsed body, or `ValidationError` (see `request_errors`).
+
+    Given the raw JSON `body`, Polar's walk for NUL characters (three quarters of the time
+    spent here) runs only if the body can contain one: JSON can only carry it as `\u0000`."""
+    check_nul = body is None or b"\\u0000" in body
+    ingest = _INGEST.validate_python(payload, context={"now": now, "check_nul": check_nul})
     for event in ingest.events:
         if "timestamp" not in event.model_fields_set:
             event.timestamp = now  # Polar fills in its own now
