@@ -124,6 +124,12 @@ def validate_batch(state: EmulatorState, payload: Any, body: bytes | None = None
     return BatchCheck(clean)
 
 
+# Polar's error text for a token it does not know (not a secret).
+INVALID_TOKEN_MESSAGE = (
+    "The access token provided is expired, revoked, malformed, or invalid for other reasons."  # noqa: S105
+)
+
+
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -143,11 +149,22 @@ async def _gate(request: Request, state: EmulatorState) -> Response | None:
         retry_after = state.count_request()
         if retry_after is not None:
             return Response(status_code=429, headers={"Retry-After": str(int(retry_after))})
-        if _bearer(request) not in config.accepted_tokens:
+        token = _bearer(request)
+        if token not in config.accepted_tokens:
             state.stats.status_401 += 1
+            if not token:  # as Polar answers (tests/contract/fixtures/auth_401.json)
+                return JSONResponse(
+                    {"error": "Unauthorized", "detail": "Unauthorized"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="polar"'},
+                )
             return JSONResponse(
-                {"error": "Unauthorized", "detail": "Invalid or missing access token."},
+                {"error": "invalid_token", "error_description": INVALID_TOKEN_MESSAGE},
                 status_code=401,
+                headers={
+                    "WWW-Authenticate": f'Bearer realm="polar", error="invalid_token", '
+                    f'error_description="{INVALID_TOKEN_MESSAGE}"'
+                },
             )
         if state.chance(config.rate_429_rate):
             state.stats.status_429 += 1

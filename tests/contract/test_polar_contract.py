@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import sessionmaker
@@ -38,6 +39,7 @@ from outbox.polar import Outcome, PolarGateway
 from outbox.policy import parse_batch_rejections
 from outbox.ratelimit import LocalRateBudget
 from outbox.settings import load_settings
+from polar_emulator.state import is_sum_number
 from tests.contract.conftest import Target
 from tests.factories import make_customer
 
@@ -136,10 +138,11 @@ def billed(target: Target, start: datetime, end: datetime, customer: str | None 
     assert target.emulator is not None
     return float(
         sum(
-            e.metadata["credits_used"]
+            e.metadata.get("credits_used", 0)
             for e in list(target.emulator.state.events)
             if (e.external_customer_id or "").startswith(customer or target.run)
             and start <= e.timestamp <= end
+            and is_sum_number(e.metadata.get("credits_used"))
         )
     )
 
@@ -330,6 +333,25 @@ def test_the_outbox_delivers_through_clock_skew_and_poison(
     assert billed(target, started - timedelta(minutes=1), window_end, customer) == 1 + 2 + 3 + 5
 
 
+def test_a_refused_token_gets_polars_401_and_pauses_delivery(target: Target) -> None:
+    answers = {}
+    for name, headers in (("invalid", {"Authorization": "Bearer not-a-token"}), ("missing", {})):
+        response = httpx.post(
+            f"{target.url.rstrip('/')}/v1/events/ingest", json={"events": []}, headers=headers
+        )
+        answers[name] = {
+            "status": response.status_code,
+            "body": response.json(),
+            "www_authenticate": response.headers.get("www-authenticate"),
+        }
+    pin("auth_401", answers, target)
+    settings = load_settings(polar_access_token="not-a-token", polar_base_url=target.url)
+    gateway = PolarGateway(settings, budget=LocalRateBudget(10_000))
+    result = gateway.ingest([event(target, 0)])
+    gateway.close()
+    assert (result.outcome, result.status_code) == (Outcome.AUTH, 401)
+
+
 # -- meters --------------------------------------------------------------------------------
 
 
@@ -341,6 +363,17 @@ def test_meters_list(target: Target) -> None:
     meter = next(m for m in body["items"] if m["id"] == target.meter_id)
     pin("meters_list_item", normalize(meter, target.run), target)
     assert set(body["pagination"]) == {"total_count", "max_page"}
+
+
+def test_a_sum_meter_counts_numbers_only(target: Target) -> None:
+    """`credits_used` as "3" or true is accepted and not billed; 2.5 is billed as 2.5."""
+    values: list[Any] = ["3", True, 2.5, 4]
+    answer = ingest(
+        target, [event(target, n, metadata={"credits_used": v}) for n, v in enumerate(values)]
+    )
+    assert answer["body"] == {"inserted": 4, "duplicates": 0}
+    start = window(target)
+    assert billed(target, start, start + timedelta(hours=1)) == 6.5
 
 
 def test_meter_quantities_sum_per_hour_and_per_customer(target: Target) -> None:
