@@ -17,7 +17,13 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from outbox.operations import outbox_stats
-from outbox.service_state import CREDENTIALS_REJECTED, POLAR_CREDENTIALS, get_state
+from outbox.service_state import (
+    CREDENTIALS_REJECTED,
+    INGEST_UNATTRIBUTED_422,
+    POLAR_CREDENTIALS,
+    POLAR_INGEST,
+    get_state,
+)
 
 log = logging.getLogger("outbox.collector")
 
@@ -32,6 +38,7 @@ class OutboxCollector(Collector):
             with Session(self.engine) as session:
                 stats = outbox_stats(session)
                 credentials = get_state(session, POLAR_CREDENTIALS)
+                ingest = get_state(session, POLAR_INGEST)
         except Exception as exc:
             log.warning("metrics: database unreachable: %s", exc)
             up.add_metric([], 0)
@@ -66,4 +73,11 @@ class OutboxCollector(Collector):
             "outbox_polar_credentials_rejected",
             "1 while Polar rejects the access token (401/403): delivery is paused.",
             value=1 if rejected else 0,
+        )
+        unattributed = ingest is not None and ingest.value == INGEST_UNATTRIBUTED_422
+        yield GaugeMetricFamily(
+            "outbox_polar_unattributed_422",
+            "1 while Polar refuses our batches with 422s naming no event (retried with "
+            "backoff, nothing failed): until a batch goes through again.",
+            value=1 if unattributed else 0,
         )

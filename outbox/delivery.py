@@ -4,8 +4,13 @@ The rules (DESIGN.md "Delivery rules", POLAR.md):
 - OK → delivered (inserted or duplicate: Polar dedups on `external_id`, so a resend is free).
 - Network error, timeout, 5xx, an unattributable 4xx → pending with backoff; counts an attempt.
 - 429 / our own rate budget → pending after Retry-After; not the events' fault, no attempt.
-- 422 naming events → those rows failed with Polar's message (poison); the rest resent at once.
-- 422 "timestamp must be in the past" → pending shortly (clock skew); never dead-lettered.
+- 422 naming events → those rows failed with Polar's message (poison); the rest resent at once,
+  and again if the resend is refused for other events (Polar validates in two stages), bounded.
+  An event is judged only by the errors of the union variant we send (`outbox.policy`).
+- 422 "timestamp must be in the past" → pending shortly (clock skew); never dead-lettered,
+  whatever else Polar lists beside it.
+- 422 naming no event we can attribute → the whole batch pending with backoff (an attempt),
+  loudly: an ERROR log line, a metric, a detail in /readyz. Nothing is failed for it.
 - 401/403 → every row back to pending, no attempt; delivery pauses and says so (flag in the
   database for /readyz, a log line at ERROR, a metric) until the credentials work again.
 
@@ -42,7 +47,10 @@ from outbox.polar import IngestResult, Outcome, PolarGateway, build_event
 from outbox.service_state import (
     CREDENTIALS_OK,
     CREDENTIALS_REJECTED,
+    INGEST_OK,
+    INGEST_UNATTRIBUTED_422,
     POLAR_CREDENTIALS,
+    POLAR_INGEST,
     set_state,
 )
 from outbox.settings import Settings
@@ -106,6 +114,7 @@ class Deliverer:
         self.rng = rng or random.Random()
         self.clock = clock
         self._credentials_ok: bool | None = None
+        self._unattributed_422: bool | None = None
 
     # -- transactions -----------------------------------------------------------------------
 
@@ -193,6 +202,7 @@ class Deliverer:
             report.duplicates += result.duplicates
             metrics.observe_delivered(pending, now)
             self._credentials(True, None)
+            self._ingest_alert(None)
             return []
         if outcome is Outcome.AUTH:
             now = self.clock()
@@ -249,8 +259,20 @@ class Deliverer:
             if i < len(pending) and pending[i].id not in poison
         ]
         if rejections.unattributed or (not poison and not early):
+            # We cannot tell which event Polar means (or whether our indexes are its indexes):
+            # failing the batch would dead-letter good usage. Retry it, and say so loudly.
+            reasons = rejections.unattributed or ("a 422 listing no error",)
+            detail = f"{len(pending)} events, Polar said: {'; '.join(reasons)}"[:1000]
+            log.error(
+                "Polar refused a batch with a 422 that names no event of it: the batch is "
+                "retried with backoff, nothing is failed. Check what we send (a Polar API "
+                "change?) in the reasons.",
+                extra={"batch_id": owner, "events": len(pending), "reasons": list(reasons)},
+            )
+            metrics.UNATTRIBUTED_REJECTIONS.inc()
+            self._ingest_alert(detail)
             moved, failed = self._retry(
-                owner, pending, result.message or "unattributed 422", count_attempt=True
+                owner, pending, f"422 naming no event: {detail}", count_attempt=True
             )
             report.retried += moved
             report.failed += failed
@@ -318,6 +340,18 @@ class Deliverer:
         with session_scope(self.sessions) as session:
             set_state(
                 session, POLAR_CREDENTIALS, CREDENTIALS_OK if ok else CREDENTIALS_REJECTED, detail
+            )
+
+    def _ingest_alert(self, detail: str | None) -> None:
+        """Record (for /readyz) that Polar refuses our batches without naming an event, or
+        that a batch went through again (written on the change only)."""
+        alert = detail is not None
+        if self._unattributed_422 is False and not alert:
+            return
+        self._unattributed_422 = alert
+        with session_scope(self.sessions) as session:
+            set_state(
+                session, POLAR_INGEST, INGEST_UNATTRIBUTED_422 if alert else INGEST_OK, detail
             )
 
     def _log(self, report: BatchReport) -> None:

@@ -37,6 +37,11 @@ DELIVERY_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400),
 )
 POISON_EVENTS = Counter("outbox_poison_events", "Events Polar refused permanently (now failed).")
+UNATTRIBUTED_REJECTIONS = Counter(
+    "outbox_polar_unattributed_rejections",
+    "422s from Polar naming no event of the batch: the batch is retried with backoff, "
+    "nothing is failed (look at the worker's ERROR log).",
+)
 RESCUED = Counter("outbox_rescued_rows", "Rows whose lease expired (lost worker) and were rescued.")
 POLAR_AUTH_OK = Gauge(
     "outbox_polar_credentials_ok",

@@ -122,10 +122,6 @@ def classify_failure(exc: BaseException, batch_len: int, secret: str | None = No
         )
     if isinstance(exc, HTTPValidationError):
         rejections = parse_batch_rejections(_detail_of(exc), batch_len)
-        if rejections.unattributed and not rejections.poison and not rejections.future_timestamp:
-            return IngestResult(
-                Outcome.TRANSIENT, status_code=422, message=f"422 naming no event: {text}"
-            )
         return IngestResult(
             Outcome.REJECTED, status_code=422, message=f"422: {text}", rejections=rejections
         )

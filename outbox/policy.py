@@ -59,6 +59,16 @@ def hold_back_cutoff(now: datetime, margin_seconds: float) -> datetime:
     return now - timedelta(seconds=margin_seconds)
 
 
+# The union variant of Polar's `EventCreate` that our events are (they carry
+# `external_customer_id`). Polar checks each event against every variant, with no
+# discriminator, and lists the errors of each (POLAR.md "Schema errors come once per union
+# variant"): only this variant's say anything about our event.
+SENT_VARIANT = "EventCreateExternalCustomer"
+# The members of Polar's metadata value union (str | int | float | bool): one bad value is
+# listed once per member, its `loc` ending in the member's tag.
+_METADATA_MEMBER_TAGS = frozenset({"constrained-str", "str", "int", "float", "bool"})
+
+
 @dataclass(frozen=True)
 class BatchRejections:
     """A whole-batch 422, sorted by what it means for each event of the batch."""
@@ -79,6 +89,21 @@ def _index_of(loc: object, batch_len: int) -> int | None:
     return index if 0 <= index < batch_len else None
 
 
+def _variant_of(loc: list[object] | tuple[object, ...]) -> str | None:
+    """The union variant a schema error names (`loc[3]`, a class name); None for a service
+    error, whose `loc` names the field right after the index."""
+    part = loc[3] if len(loc) > 3 else None
+    return part if isinstance(part, str) and part[:1].isupper() else None
+
+
+def _field_path(parts: list[object] | tuple[object, ...]) -> str:
+    """`metadata.bad` for [metadata, bad, constrained-str]: the union member tag is noise."""
+    names = [str(p) for p in parts if isinstance(p, str | int) and not isinstance(p, bool)]
+    if len(names) >= 3 and names[0] == "metadata" and names[-1] in _METADATA_MEMBER_TAGS:
+        names = names[:-1]
+    return ".".join(names)
+
+
 def _is_future_timestamp(error: dict[str, object], loc: object) -> bool:
     message = str(error.get("msg", "")).lower()
     return FUTURE_TIMESTAMP_MESSAGE in message or (
@@ -89,15 +114,26 @@ def _is_future_timestamp(error: dict[str, object], loc: object) -> bool:
     )
 
 
-def parse_batch_rejections(detail: object, batch_len: int) -> BatchRejections:
-    """Map a 422's `detail` to batch indexes. `loc` is `["body", "events", i, ...]`; an error
-    we cannot pin to an event of this batch is `unattributed` (the caller retries the batch).
-    "Timestamp must be in the past" is clock skew (transient); anything else is poison, and an
-    index with both kinds of error is poison."""
+def parse_batch_rejections(
+    detail: object, batch_len: int, *, variant: str = SENT_VARIANT
+) -> BatchRejections:
+    """Map a 422's `detail` to batch indexes (POLAR.md: `loc` is `["body", "events", i, ...]`).
+
+    - An event is judged only by the errors of the union `variant` we send and by service
+      errors (no variant in `loc`); the other variants' errors (e.g. the spurious
+      `EventCreateCustomer.customer_id` "Field required") are ignored.
+    - "Timestamp must be in the past" is clock skew: transient, whatever else is listed for
+      that event (once Polar's clock has passed it, a real fault is named alone).
+    - Any other error of ours makes the event poison.
+    - What cannot be pinned to an event of this batch is `unattributed` (the caller retries the
+      whole batch with backoff, loudly): a `loc` without an index in range, or an index named
+      only under another variant.
+    """
     if not isinstance(detail, list):
         return BatchRejections(unattributed=(str(detail)[:500],))
-    poison: dict[int, str] = {}
+    reasons: dict[int, dict[str, str]] = {}  # index -> field path -> Polar's first message
     future: set[int] = set()
+    other_variant_only: dict[int, str] = {}
     unattributed: list[str] = []
     for error in detail:
         if not isinstance(error, dict):
@@ -106,17 +142,28 @@ def parse_batch_rejections(detail: object, batch_len: int) -> BatchRejections:
         loc = error.get("loc")
         index = _index_of(loc, batch_len)
         message = str(error.get("msg") or error.get("type") or "rejected by Polar")
-        if index is None:
+        if index is None or not isinstance(loc, list | tuple):
             unattributed.append(f"{loc}: {message}"[:500])
-        elif _is_future_timestamp(error, loc):
+            continue
+        tag = _variant_of(loc)
+        if tag is not None and tag != variant:
+            other_variant_only.setdefault(index, f"{tag}: {message}")
+            continue
+        if _is_future_timestamp(error, loc):
             future.add(index)
-        else:
-            field_name = ".".join(str(p) for p in (loc or [])[3:] if isinstance(p, str | int))
-            text = f"{field_name}: {message}" if field_name else message
-            poison[index] = f"{poison[index]}; {text}" if index in poison else text
+            continue
+        path = _field_path(loc[4:] if tag is not None else loc[3:])
+        reasons.setdefault(index, {}).setdefault(path, message)
+    for index, text in sorted(other_variant_only.items()):
+        if index not in reasons and index not in future:
+            unattributed.append(f"events[{index}] refused only as {text}"[:500])
     return BatchRejections(
-        poison=poison,
-        future_timestamp=frozenset(future - set(poison)),
+        poison={
+            i: "; ".join(f"{path}: {msg}" if path else msg for path, msg in by_path.items())[:2000]
+            for i, by_path in reasons.items()
+            if i not in future
+        },
+        future_timestamp=frozenset(future),
         unattributed=tuple(unattributed),
     )
 

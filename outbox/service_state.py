@@ -1,5 +1,6 @@
 """Facts shared by every process through the database (the API's /readyz reads what workers
-learn): today, whether Polar accepts our credentials."""
+learn): whether Polar accepts our credentials, and whether it refuses batches with 422s that
+name no event."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from outbox.models import ServiceState, utcnow
 POLAR_CREDENTIALS = "polar_credentials"
 CREDENTIALS_OK = "ok"
 CREDENTIALS_REJECTED = "rejected"
+POLAR_INGEST = "polar_ingest"
+INGEST_OK = "ok"
+INGEST_UNATTRIBUTED_422 = "unattributed_422"
 
 
 @dataclass(frozen=True)

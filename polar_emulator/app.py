@@ -5,24 +5,33 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from polar_emulator import schemas
 from polar_emulator.state import EmulatorConfig, EmulatorState
 
 log = logging.getLogger("polar_emulator")
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
-SCHEMA_VARIANT = "EventCreateExternalCustomer"
+SCHEMA_STAGE = "RequestValidationError"  # Polar's body "error" for a schema 422
+SERVICE_STAGE = "PolarRequestValidationError"  # ... and for a service 422 (after the schema)
+# What `unattributed_422_next` answers: a 422 naming no event (as Polar answers a body without
+# `events`), for tests of the delivery's loud retry.
+UNATTRIBUTED_DETAIL = [
+    {"type": "missing", "loc": ["body", "events"], "msg": "Field required", "input": {}}
+]
 
 
 def _error(loc: list[Any], msg: str, type_: str, value: Any = None) -> dict[str, Any]:
-    return {"loc": loc, "msg": msg, "type": type_, "input": value}
+    return {"type": type_, "loc": loc, "msg": msg, "input": value}
 
 
 def _parse_timestamp(value: Any) -> datetime | None:
@@ -34,81 +43,91 @@ def _parse_timestamp(value: Any) -> datetime | None:
         return None
 
 
-def validate_batch(
-    state: EmulatorState, events: Any
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Polar's validation of a batch: (clean events, errors). Schema errors name the union
-    variant, service errors (future timestamp, refused customer) the field alone."""
-    if not isinstance(events, list):
-        return [], [_error(["body", "events"], "Input should be a valid list", "list_type")]
+@dataclass(frozen=True)
+class BatchCheck:
+    """Polar's two validation stages over one body: the events to store, or the 422's
+    `error` (which stage refused it) and `detail`."""
+
+    events: list[dict[str, Any]]
+    stage: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def validate_batch(state: EmulatorState, payload: Any, body: bytes | None = None) -> BatchCheck:
+    """Validate an ingest body as Polar does (server/polar/event/endpoints.py + service.py):
+    first the schema (`schemas.validate_ingest`: every error, union-shaped), and only if it
+    passes the service checks (organization_id with an organization token, unknown
+    `customer_id`; here also `reject_customers`), one error per refused event."""
     config = state.config
+    try:
+        ingest = schemas.validate_ingest(payload, state.now(), body)
+    except ValidationError as exc:
+        return BatchCheck([], SCHEMA_STAGE, schemas.request_errors(exc))
     errors: list[dict[str, Any]] = []
     clean: list[dict[str, Any]] = []
-    now = state.now()
-    for i, event in enumerate(events):
-        base = ["body", "events", i, SCHEMA_VARIANT]
-        if not isinstance(event, dict):
-            errors.append(_error(["body", "events", i], "Input should be an object", "dict_type"))
+    known = set(config.known_customer_ids)
+    for i, event in enumerate(ingest.events):
+        base = ["body", "events", i]
+        if event.organization_id is not None:
+            errors.append(
+                _error(
+                    [*base, "organization_id"],
+                    "Setting organization_id is disallowed when using an organization token.",
+                    "organization_token",
+                    str(event.organization_id),
+                )
+            )
             continue
-        name = event.get("name")
-        if not isinstance(name, str) or not name:
-            errors.append(_error([*base, "name"], "Field required", "missing"))
-        customer = event.get("external_customer_id", event.get("customer_id"))
-        if not isinstance(customer, str) or not customer:
-            errors.append(_error([*base, "external_customer_id"], "Field required", "missing"))
-        raw_ts = event.get("timestamp")
-        timestamp = now if raw_ts is None else _parse_timestamp(raw_ts)
-        if timestamp is None:
-            errors.append(
-                _error([*base, "timestamp"], "Input should be a valid datetime", "datetime_type")
-            )
-        elif timestamp.tzinfo is None:
-            errors.append(
-                _error([*base, "timestamp"], "Input should have timezone info", "timezone_aware")
-            )
-        metadata = event.get("metadata", {})
-        if not isinstance(metadata, dict):
-            errors.append(_error([*base, "metadata"], "Input should be an object", "dict_type"))
-            metadata = {}
-        for key, value in metadata.items():
-            ok = isinstance(value, bool | int | float) or (
-                isinstance(value, str) and 1 <= len(value) <= 500
-            )
-            if not ok:
+        if isinstance(event, schemas.EventCreateCustomer):
+            if str(event.customer_id) not in known:
                 errors.append(
                     _error(
-                        [*base, "metadata", key],
-                        "Input should be a string (1-500 characters), a number or a boolean",
-                        "metadata_value",
-                        value,
+                        [*base, "customer_id"],
+                        "Customer not found.",
+                        "customer_id",
+                        str(event.customer_id),
                     )
                 )
-        if errors and errors[-1]["loc"][2] == i:
-            continue
-        # Service-level rules, checked by Polar after the schema.
-        assert timestamp is not None
-        if timestamp > now:
-            errors.append(
-                _error(
-                    ["body", "events", i, "timestamp"],
-                    "Timestamp must be in the past.",
-                    "value_error",
-                    raw_ts,
+                continue
+            if event.member_id is not None:
+                errors.append(
+                    _error(
+                        [*base, "member_id"], "Member not found.", "member_id", str(event.member_id)
+                    )
                 )
-            )
-            continue
-        if customer in config.reject_customers:
-            errors.append(
-                _error(
-                    ["body", "events", i, "external_customer_id"],
-                    f"Customer {customer} is not accepted (emulator reject_customers).",
-                    "value_error",
-                    customer,
+                continue
+            customer = {"customer_id": str(event.customer_id), "external_customer_id": None}
+        else:
+            if event.external_customer_id in config.reject_customers:
+                errors.append(
+                    _error(
+                        [*base, "external_customer_id"],
+                        f"Customer {event.external_customer_id} is not accepted "
+                        "(emulator reject_customers).",
+                        "external_customer_id",
+                        event.external_customer_id,
+                    )
                 )
-            )
-            continue
-        clean.append({**event, "timestamp": timestamp, "metadata": metadata})
-    return clean, errors
+                continue
+            customer = {"customer_id": None, "external_customer_id": event.external_customer_id}
+        clean.append(
+            {
+                "name": event.name,
+                "external_id": event.external_id,
+                "timestamp": event.timestamp,
+                "metadata": dict(event.metadata),
+                **customer,
+            }
+        )
+    if errors:
+        return BatchCheck([], SERVICE_STAGE, errors)
+    return BatchCheck(clean)
+
+
+# Polar's error text for a token it does not know (not a secret).
+INVALID_TOKEN_MESSAGE = (
+    "The access token provided is expired, revoked, malformed, or invalid for other reasons."  # noqa: S105
+)
 
 
 def _bearer(request: Request) -> str | None:
@@ -130,11 +149,22 @@ async def _gate(request: Request, state: EmulatorState) -> Response | None:
         retry_after = state.count_request()
         if retry_after is not None:
             return Response(status_code=429, headers={"Retry-After": str(int(retry_after))})
-        if _bearer(request) not in config.accepted_tokens:
+        token = _bearer(request)
+        if token not in config.accepted_tokens:
             state.stats.status_401 += 1
+            if not token:  # as Polar answers (tests/contract/fixtures/auth_401.json)
+                return JSONResponse(
+                    {"error": "Unauthorized", "detail": "Unauthorized"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="polar"'},
+                )
             return JSONResponse(
-                {"error": "Unauthorized", "detail": "Invalid or missing access token."},
+                {"error": "invalid_token", "error_description": INVALID_TOKEN_MESSAGE},
                 status_code=401,
+                headers={
+                    "WWW-Authenticate": f'Bearer realm="polar", error="invalid_token", '
+                    f'error_description="{INVALID_TOKEN_MESSAGE}"'
+                },
             )
         if state.chance(config.rate_429_rate):
             state.stats.status_429 += 1
@@ -154,22 +184,27 @@ def build_app(state: EmulatorState) -> Starlette:
         body = await request.body()
         try:
             payload = json.loads(body)
-        except ValueError:
+        except json.JSONDecodeError as exc:
             return JSONResponse(
-                {"detail": [_error(["body"], "JSON decode error", "json_invalid")]},
-                status_code=422,
+                {"error": SCHEMA_STAGE, "detail": schemas.json_error(exc)}, status_code=422
             )
         with state.lock:
             state.stats.ingest_requests += 1
             if state.chance(state.config.error_5xx_rate):
                 state.stats.injected_5xx += 1
                 return JSONResponse({"detail": "injected 503"}, status_code=503)
-            events = payload.get("events") if isinstance(payload, dict) else None
-            clean, errors = validate_batch(state, events)
-            if errors:
+            if state.config.unattributed_422_next > 0:
+                state.config.unattributed_422_next -= 1
                 state.stats.status_422 += 1
-                return JSONResponse({"detail": errors}, status_code=422)
-            inserted, duplicates = state.store(clean)
+                state.stats.unattributed_422 += 1
+                return JSONResponse(
+                    {"error": SCHEMA_STAGE, "detail": UNATTRIBUTED_DETAIL}, status_code=422
+                )
+            check = validate_batch(state, payload, body)
+            if check.stage is not None:
+                state.stats.status_422 += 1
+                return JSONResponse({"error": check.stage, "detail": check.errors}, 422)
+            inserted, duplicates = state.store(check.events)
             state.stats.accepted_batches += 1
             if state.chance(state.config.accept_then_drop_rate):
                 state.stats.dropped_after_store += 1
@@ -182,11 +217,30 @@ def build_app(state: EmulatorState) -> Starlette:
         if refused is not None:
             return refused
         q = request.query_params
-        try:
-            page = max(1, int(q.get("page", "1")))
-            limit = min(100, max(1, int(q.get("limit", "10"))))
-        except ValueError:
-            return JSONResponse({"detail": [_error(["query", "page"], "bad int", "int")]}, 422)
+        errors = []
+        numbers = {}
+        for key, default in (("page", "1"), ("limit", "10")):
+            raw = q.get(key, default)
+            try:
+                numbers[key] = int(raw)
+            except ValueError:
+                errors.append(
+                    _error(
+                        ["query", key],
+                        "Input should be a valid integer, unable to parse string as an integer",
+                        "int_parsing",
+                        raw,
+                    )
+                )
+                continue
+            if numbers[key] <= 0:
+                error = _error(
+                    ["query", key], "Input should be greater than 0", "greater_than", raw
+                )
+                errors.append({**error, "ctx": {"gt": 0}})
+        if errors:
+            return JSONResponse({"error": SCHEMA_STAGE, "detail": errors}, 422)
+        page, limit = numbers["page"], min(100, numbers["limit"])  # Polar clamps the limit
         names = q.getlist("name")
         customers = q.getlist("external_customer_id")
         start = _parse_timestamp(q.get("start_timestamp"))
@@ -211,7 +265,7 @@ def build_app(state: EmulatorState) -> Starlette:
         matches.sort(key=lambda e: e.timestamp, reverse=descending)
         total = len(matches)
         items = [e.public() for e in matches[(page - 1) * limit : page * limit]]
-        max_page = max(1, -(-total // limit))
+        max_page = -(-total // limit)  # ceil: 0 when nothing matches, as Polar answers
         return JSONResponse(
             {"items": items, "pagination": {"total_count": total, "max_page": max_page}}
         )

@@ -24,15 +24,25 @@ PRODUCT_ID = "22222222-2222-4222-8222-222222222222"
 
 
 def default_meters() -> list[dict[str, Any]]:
+    """As Polar lists a meter (tests/contract/fixtures/meters_list_item.json): Polar strips the
+    `metadata.` prefix of the aggregation's property."""
     return [
         {
+            "metadata": {},
+            "created_at": "2026-01-01T00:00:00Z",
+            "modified_at": "2026-01-01T00:00:00Z",
             "id": METER_ID,
             "name": "AI Generation Credits",
+            "unit": "scalar",
+            "custom_label": None,
+            "custom_multiplier": None,
             "filter": {
                 "conjunction": "and",
                 "clauses": [{"property": "name", "operator": "eq", "value": "ai_generation"}],
             },
-            "aggregation": {"func": "sum", "property": "metadata.credits_used"},
+            "aggregation": {"func": "sum", "property": "credits_used"},
+            "organization_id": ORGANIZATION_ID,
+            "archived_at": None,
         }
     ]
 
@@ -70,6 +80,8 @@ class EmulatorConfig:
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     reject_customers: list[str] = field(default_factory=list)
+    known_customer_ids: list[str] = field(default_factory=list)  # Polar customer UUIDs
+    unattributed_422_next: int = 0  # the next N ingests: a 422 naming no event
     clock_offset_seconds: float = 0.0
     seed: int | None = None
     meters: list[dict[str, Any]] = field(default_factory=default_meters)
@@ -135,6 +147,7 @@ class Stats:
     duplicates: int = 0
     status_401: int = 0
     status_422: int = 0
+    unattributed_422: int = 0
     status_429: int = 0
     status_429_window: int = 0
     injected_5xx: int = 0

@@ -8,7 +8,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from outbox.service_state import CREDENTIALS_REJECTED, POLAR_CREDENTIALS, get_state
+from outbox.service_state import (
+    CREDENTIALS_REJECTED,
+    INGEST_UNATTRIBUTED_422,
+    POLAR_CREDENTIALS,
+    POLAR_INGEST,
+    get_state,
+)
 
 router = APIRouter(tags=["health"])
 
@@ -21,13 +27,15 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
-    """Readiness: the database answers and Polar has not rejected our access token."""
+    """Readiness: the database answers, Polar has not rejected our access token, and Polar's
+    last refusal of a batch named the events it refused."""
     checks: dict[str, str] = {}
     try:
         with Session(request.app.state.engine) as session:
             session.execute(text("SELECT 1"))
             checks["database"] = "ok"
             credentials = get_state(session, POLAR_CREDENTIALS)
+            ingest = get_state(session, POLAR_INGEST)
         if credentials is not None and credentials.value == CREDENTIALS_REJECTED:
             checks["polar_credentials"] = (
                 f"rejected by Polar since {credentials.updated_at.isoformat()}: "
@@ -35,6 +43,13 @@ def readyz(request: Request) -> JSONResponse:
             )
         else:
             checks["polar_credentials"] = "ok"
+        if ingest is not None and ingest.value == INGEST_UNATTRIBUTED_422:
+            checks["polar_ingest"] = (
+                f"Polar refused a batch with a 422 naming no event (last at "
+                f"{ingest.updated_at.isoformat()}); retrying with backoff: {ingest.detail}"
+            )
+        else:
+            checks["polar_ingest"] = "ok"
     except Exception as exc:
         checks.setdefault("database", f"unreachable: {type(exc).__name__}")
     ready = all(value == "ok" for value in checks.values())

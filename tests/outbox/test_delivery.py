@@ -9,10 +9,14 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, func, select
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import sessionmaker
 
 import polar_emulator
+from api.app import create_app
+from outbox import delivery
 from outbox.db import session_scope
 from outbox.delivery import Deliverer, drain
 from outbox.ledger import record_usage
@@ -137,16 +141,145 @@ def test_a_poison_event_fails_alone_and_its_batch_is_delivered_in_the_same_cycle
     assert emulator.state.totals() == {good: 499}
 
 
-def test_a_worker_clock_ahead_of_polar_dead_letters_nothing(
+def test_a_worker_clock_5s_ahead_of_polar_bills_everything_and_fails_nothing(
     clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
 ) -> None:
+    """Issue 11: Polar (the emulator, answering in Polar's union shape: the timestamp error
+    under both variants plus a spurious customer_id "Field required") runs 5 s behind the
+    workers, and the clock margin (1 s) is smaller than the skew. Every usage is billed once
+    Polar's clock passes it, none spends an attempt, none is failed."""
     spent = spend(clean_tables, customers=2, events=40)
     emulator.configure(clock_offset_seconds=-5)  # Polar's clock is 5 s behind ours
-    settings = make_settings(pg_url, emulator, outbox_max_attempts=2)
-    drain_until_settled(make_deliverer(clean_tables, settings), clean_tables, timeout=30)
+    settings = make_settings(pg_url, emulator, outbox_max_attempts=2, outbox_clock_margin_seconds=1)
+    drain_until_settled(make_deliverer(clean_tables, settings), clean_tables, timeout=60)
     assert counts(clean_tables) == {"delivered": 40}
     assert emulator.state.stats.status_422 > 0  # Polar did refuse the future timestamps
     assert emulator.state.totals() == spent
+    with session_scope(clean_tables) as session:
+        rows = session.execute(
+            select(OutboxEvent.attempts, OutboxEvent.occurred_at, OutboxEvent.delivered_at)
+        ).all()
+    assert {row.attempts for row in rows} == {0}  # skew is nobody's fault
+    lag = max((row.delivered_at - row.occurred_at).total_seconds() for row in rows)
+    assert lag < 5 + 10  # within seconds of the skew (generous bound: a busy machine)
+
+
+def test_the_clock_margin_holds_young_rows_back_so_polar_never_sees_the_future(
+    clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
+) -> None:
+    """A margin larger than the skew: Polar never refuses anything (a Deliverer that ignored
+    the margin would send rows from Polar's future and get 422s)."""
+    spent = spend(clean_tables, customers=2, events=20)
+    emulator.configure(clock_offset_seconds=-1)
+    settings = make_settings(pg_url, emulator, outbox_clock_margin_seconds=2.5)
+    drain_until_settled(make_deliverer(clean_tables, settings), clean_tables, timeout=30)
+    assert counts(clean_tables) == {"delivered": 20}
+    assert emulator.state.stats.status_422 == 0
+    assert emulator.state.totals() == spent
+
+
+def _poison_in_both_stages(engine: Engine, emulator: polar_emulator.RunningEmulator) -> list[int]:
+    """Ten rows: #3 with a metadata value Polar's schema refuses (written past our validation,
+    as an older release could have), #7 for a customer Polar's service refuses."""
+    with session_scope(engine) as session:
+        good = make_customer(session, credits=100)
+        refused = make_customer(session, credits=100)
+        ids = [record_usage(session, refused if n == 7 else good, 1).event_id for n in range(10)]
+        session.execute(
+            update(OutboxEvent).where(OutboxEvent.id == ids[3]).values(event_metadata={"note": ""})
+        )
+    emulator.configure(reject_customers=[refused])
+    return ids
+
+
+def test_isolation_goes_on_through_polars_second_validation_stage(
+    clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
+) -> None:
+    ids = _poison_in_both_stages(clean_tables, emulator)
+    deliverer = make_deliverer(clean_tables, make_settings(pg_url, emulator))
+
+    report = deliverer.deliver_batch()
+
+    # schema 422 naming #3, then (resent without it) a service 422 naming #7, then accepted
+    assert (report.requests, report.delivered, report.failed) == (3, 8, 2)
+    with session_scope(clean_tables) as session:
+        failed = dict(
+            session.execute(
+                select(OutboxEvent.id, OutboxEvent.last_error).where(OutboxEvent.status == "failed")
+            ).all()
+        )
+    assert set(failed) == {ids[3], ids[7]}
+    assert failed[ids[3]] == "metadata.note: String should have at least 1 character"
+    assert "not accepted" in (failed[ids[7]] or "")
+    assert sum(emulator.state.totals().values()) == 8
+
+
+def test_isolation_is_bounded(
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Polar that keeps naming new events is given a bounded number of resends; the rest of
+    the batch goes back to pending with backoff (an attempt), nothing more is failed."""
+    monkeypatch.setattr(delivery, "MAX_REJECTION_ROUNDS", 2)
+    _poison_in_both_stages(clean_tables, emulator)
+    deliverer = make_deliverer(clean_tables, make_settings(pg_url, emulator))
+
+    report = deliverer.deliver_batch()
+
+    assert (report.requests, report.failed, report.retried) == (2, 2, 8)
+    assert counts(clean_tables) == {"failed": 2, "pending": 8}
+    assert emulator.state.events == []
+
+
+def metric(text: str, name: str) -> float:
+    """One unlabelled sample of a /metrics page."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_422_naming_no_event_fails_nothing_and_is_loud(
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spent = spend(clean_tables, customers=2, events=10)
+    emulator.configure(unattributed_422_next=1)  # Polar: 422 {"loc": ["body", "events"]}
+    settings = make_settings(pg_url, emulator)
+    deliverer = make_deliverer(clean_tables, settings)
+    api = TestClient(create_app(settings, engine=clean_tables))
+    before = REGISTRY.get_sample_value("outbox_polar_unattributed_rejections_total") or 0.0
+
+    report = deliverer.deliver_batch()
+
+    assert (report.delivered, report.failed, report.retried) == (0, 0, 10)
+    assert counts(clean_tables) == {"pending": 10}
+    with session_scope(clean_tables) as session:
+        rows = session.execute(select(OutboxEvent.attempts, OutboxEvent.last_error)).all()
+    assert {row.attempts for row in rows} == {1}  # retried with backoff
+    assert all("422 naming no event" in (row.last_error or "") for row in rows)
+    assert any(
+        r.levelname == "ERROR" and "names no event" in r.getMessage() for r in caplog.records
+    )
+    after = REGISTRY.get_sample_value("outbox_polar_unattributed_rejections_total")
+    assert after == before + 1
+    assert metric(api.get("/metrics").text, "outbox_polar_unattributed_422") == 1
+    ready = api.get("/readyz")
+    assert ready.status_code == 503
+    assert "naming no event" in ready.json()["checks"]["polar_ingest"]
+    assert "['body', 'events']: Field required" in ready.json()["checks"]["polar_ingest"]
+
+    with session_scope(clean_tables) as session:  # Polar accepts batches again
+        session.execute(update(OutboxEvent).values(next_attempt_at=func.now()))
+    drain_until_settled(deliverer, clean_tables)
+    assert counts(clean_tables) == {"delivered": 10}
+    assert emulator.state.totals() == spent
+    assert api.get("/readyz").json()["checks"]["polar_ingest"] == "ok"
+    assert metric(api.get("/metrics").text, "outbox_polar_unattributed_422") == 0
 
 
 def test_rejected_credentials_pause_delivery_without_failing_rows_and_it_resumes(

@@ -53,51 +53,151 @@ def test_lease_expiry(expires: datetime | None, expired: bool) -> None:
     assert is_lease_expired(NOW, expires) is expired
 
 
-FUTURE = {
-    "loc": ["body", "events", 1, "timestamp"],
-    "msg": "Timestamp must be in the past.",
-    "type": "value_error",
+# Polar's real 422 shapes (POLAR.md; recorded from Polar's server in tests/contract/fixtures/):
+# an event is checked against both union variants, so each schema error comes once per variant,
+# plus a spurious "customer_id Field required" from the variant we do not send.
+OURS, OTHER = "EventCreateExternalCustomer", "EventCreateCustomer"
+SPURIOUS = "Field required"
+
+
+def schema_errors(i: int, field: list[object], msg: str, type_: str) -> list[dict[str, object]]:
+    """One schema fault of event `i`, as Polar lists it: under both variants, plus the spurious
+    `EventCreateCustomer.customer_id` "Field required"."""
+    return [
+        {"type": type_, "loc": ["body", "events", i, OTHER, *field], "msg": msg, "input": "x"},
+        {"type": "missing", "loc": ["body", "events", i, OTHER, "customer_id"], "msg": SPURIOUS},
+        {"type": type_, "loc": ["body", "events", i, OURS, *field], "msg": msg, "input": "x"},
+    ]
+
+
+def bad_metadata(i: int, key: str) -> list[dict[str, object]]:
+    """A metadata value that is none of str(1-500) | int | float | bool: four errors a variant."""
+    members = [
+        ("constrained-str", "string_too_short", "String should have at least 1 character"),
+        ("int", "int_parsing", "Input should be a valid integer, unable to parse string"),
+        ("float", "float_parsing", "Input should be a valid number, unable to parse string"),
+        ("bool", "bool_parsing", "Input should be a valid boolean, unable to interpret input"),
+    ]
+    out: list[dict[str, object]] = []
+    for variant in (OTHER, OURS):
+        out += [
+            {"type": t, "loc": ["body", "events", i, variant, "metadata", key, tag], "msg": m}
+            for tag, t, m in members
+        ]
+        if variant == OTHER:
+            out.append({"type": "missing", "loc": ["body", "events", i, OTHER, "customer_id"]})
+    return out
+
+
+FUTURE_MSG = "Value error, Timestamp must be in the past."
+FUTURE_1 = schema_errors(1, ["timestamp"], FUTURE_MSG, "value_error")
+SERVICE_CUSTOMER = {
+    "type": "customer_id",
+    "loc": ["body", "events", 3, "customer_id"],
+    "msg": "Customer not found.",
+    "input": "8fbb14ec-1c84-4ad9-9411-04df40b93f37",
 }
 
 
 @pytest.mark.parametrize(
     ("detail", "poison", "future", "unattributed"),
     [
-        (  # a schema error names the union variant, then the field
+        pytest.param(FUTURE_1, {}, {1}, 0, id="future timestamp in union shape: transient only"),
+        pytest.param(  # the old emulator shape (field alone) is still clock skew
+            [{"loc": ["body", "events", 1, "timestamp"], "msg": "Timestamp must be in the past."}],
+            {},
+            {1},
+            0,
+            id="future timestamp, no variant",
+        ),
+        pytest.param(
+            FUTURE_1 + bad_metadata(1, "bad"),
+            {},
+            {1},
+            0,
+            id="future timestamp beside a real fault: transient (the fault is named next time)",
+        ),
+        pytest.param(
+            schema_errors(2, ["name"], "String should have at most 128 characters", "too_long"),
+            {2: "name: String should have at most 128 characters"},
+            set(),
+            0,
+            id="name too long: poison by our variant's message, spurious customer_id ignored",
+        ),
+        pytest.param(
+            bad_metadata(0, "bad"),
+            {0: "metadata.bad: String should have at least 1 character"},
+            set(),
+            0,
+            id="bad metadata value: one reason, not eight",
+        ),
+        pytest.param(
+            schema_errors(4, ["timestamp"], "Input should have timezone info", "timezone_aware"),
+            {4: "timestamp: Input should have timezone info"},
+            set(),
+            0,
+            id="naive timestamp: poison",
+        ),
+        pytest.param(
+            [SERVICE_CUSTOMER],
+            {3: "customer_id: Customer not found."},
+            set(),
+            0,
+            id="service stage error (no variant in loc): poison",
+        ),
+        pytest.param(
             [
-                {
-                    "loc": ["body", "events", 2, "EventCreateExternalCustomer", "timestamp"],
-                    "msg": "Input should have timezone info",
-                    "type": "timezone_aware",
-                }
+                {"loc": ["body", "events", 0, OURS], "msg": "Input should be a valid dictionary"},
+                {"loc": ["body", "events", 0, OTHER], "msg": "Input should be a valid dictionary"},
             ],
-            {2: "EventCreateExternalCustomer.timestamp: Input should have timezone info"},
+            {0: "Input should be a valid dictionary"},
             set(),
             0,
+            id="not an object: poison",
         ),
-        (  # a service error names the field alone
-            [{"loc": ["body", "events", 0, "external_customer_id"], "msg": "bad", "type": "v"}],
-            {0: "external_customer_id: bad"},
-            set(),
+        pytest.param(
+            FUTURE_1 + schema_errors(2, ["name"], "missing", "missing"),
+            {2: "name: missing"},
+            {1},
             0,
+            id="two events, two kinds",
         ),
-        ([FUTURE], {}, {1}, 0),  # clock skew: transient, never poison
-        (  # both kinds on one index: poison
-            [FUTURE, {"loc": ["body", "events", 1, "name"], "msg": "missing", "type": "m"}],
-            {1: "name: missing"},
+        pytest.param(
+            [{"loc": ["body", "events", 2, OTHER, "customer_id"], "msg": SPURIOUS}],
+            {},
             set(),
-            0,
+            1,
+            id="named only under the other variant: unattributed, never poison",
         ),
-        ([{"loc": ["body", "events", 9, "name"], "msg": "x"}], {}, set(), 1),  # out of range
-        ([{"loc": ["body", "events", -1, "name"], "msg": "x"}], {}, set(), 1),
-        ([{"loc": ["body", "events", "1", "name"], "msg": "x"}], {}, set(), 1),  # not an int
-        ([{"loc": ["body", "events", True, "name"], "msg": "x"}], {}, set(), 1),  # bool
-        ([{"loc": ["body"], "msg": "JSON decode error"}], {}, set(), 1),
-        ([{"msg": "no loc"}], {}, set(), 1),
-        (["a string"], {}, set(), 1),
-        ("Not a list", {}, set(), 1),
-        ({"detail": "dict"}, {}, set(), 1),
-        ([], {}, set(), 0),
+        pytest.param(
+            [{"loc": ["body", "events", 9, "name"], "msg": "x"}], {}, set(), 1, id="out of range"
+        ),
+        pytest.param([{"loc": ["body", "events", -1, "name"], "msg": "x"}], {}, set(), 1, id="-1"),
+        pytest.param(
+            [{"loc": ["body", "events", "1", "name"], "msg": "x"}], {}, set(), 1, id="str index"
+        ),
+        pytest.param(
+            [{"loc": ["body", "events", True, "name"], "msg": "x"}], {}, set(), 1, id="bool index"
+        ),
+        pytest.param(
+            [{"type": "json_invalid", "loc": ["body", 1], "msg": "JSON decode error"}],
+            {},
+            set(),
+            1,
+            id="JSON decode error",
+        ),
+        pytest.param(
+            [{"type": "missing", "loc": ["body", "events"], "msg": "Field required"}],
+            {},
+            set(),
+            1,
+            id="no events field",
+        ),
+        pytest.param([{"msg": "no loc"}], {}, set(), 1, id="no loc"),
+        pytest.param(["a string"], {}, set(), 1, id="not an object"),
+        pytest.param("Not a list", {}, set(), 1, id="detail a string"),
+        pytest.param({"detail": "dict"}, {}, set(), 1, id="detail a dict"),
+        pytest.param([], {}, set(), 0, id="empty"),
     ],
 )
 def test_parse_batch_rejections(
@@ -109,10 +209,19 @@ def test_parse_batch_rejections(
     assert len(parsed.unattributed) == unattributed
 
 
+def test_an_event_is_judged_by_the_variant_we_send() -> None:
+    """Had we sent `customer_id`, the spurious error would be ours: the variant decides."""
+    detail = [{"loc": ["body", "events", 0, OTHER, "customer_id"], "msg": SPURIOUS}]
+    assert parse_batch_rejections(detail, 1, variant=OTHER).poison == {
+        0: "customer_id: " + SPURIOUS
+    }
+    assert parse_batch_rejections(detail, 1).poison == {}
+
+
 def test_two_errors_on_one_event_are_both_kept() -> None:
     detail = [
-        {"loc": ["body", "events", 0, "metadata", "a"], "msg": "too long"},
-        {"loc": ["body", "events", 0, "name"], "msg": "missing"},
+        {"loc": ["body", "events", 0, OURS, "metadata", "a"], "msg": "too long"},
+        {"loc": ["body", "events", 0, OURS, "name"], "msg": "missing"},
     ]
     assert parse_batch_rejections(detail, 1).poison == {0: "metadata.a: too long; name: missing"}
 

@@ -15,6 +15,8 @@ from polar.v2026_10.errors import HTTPValidationError
 
 import polar_emulator
 
+FUTURE = "Value error, Timestamp must be in the past."
+
 
 @pytest.fixture
 def emulator() -> Iterator[polar_emulator.RunningEmulator]:
@@ -57,29 +59,34 @@ def test_one_bad_event_rejects_the_whole_batch_with_its_index(
         sdk.events.ingest(events=[event(1), naive, event(3, metadata={"a": [1]})])
     locs = [e.loc for e in refused.value.error.detail or []]
     assert ["body", "events", 1, "EventCreateExternalCustomer", "timestamp"] in locs
-    assert ["body", "events", 2, "EventCreateExternalCustomer", "metadata", "a"] in locs
+    assert ["body", "events", 2, "EventCreateExternalCustomer", "metadata", "a", "int"] in locs
+    assert ["body", "events", 1, "EventCreateCustomer", "customer_id"] in locs  # Polar's noise
     assert emulator.state.events == []  # nothing stored
 
 
-def test_future_timestamps_and_refused_customers_are_service_errors(
+def test_future_timestamps_are_schema_errors_and_refused_customers_service_errors(
     sdk: Polar, emulator: polar_emulator.RunningEmulator
 ) -> None:
+    """Stage one (schema, union-shaped) refuses the future timestamp; stage two (service) is
+    reached only by a batch whose schema passes."""
     emulator.configure(clock_offset_seconds=-5, reject_customers=["blocked"])
+    old = event(0, timestamp=(datetime.now(UTC) - timedelta(minutes=1)).isoformat())
     fresh = event(1, timestamp=datetime.now(UTC).isoformat())
+    blocked = event(2, "blocked", timestamp="2026-01-01T00:00:00+00:00")
     with pytest.raises(HTTPValidationError) as refused:
-        sdk.events.ingest(
-            events=[
-                event(0, timestamp=(datetime.now(UTC) - timedelta(minutes=1)).isoformat()),
-                fresh,
-                event(2, "blocked", timestamp="2026-01-01T00:00:00+00:00"),
-            ]
-        )
+        sdk.events.ingest(events=[old, fresh, blocked])
     detail = refused.value.error.detail or []
-    assert (detail[0].loc, detail[0].msg) == (
-        ["body", "events", 1, "timestamp"],
-        "Timestamp must be in the past.",
-    )
-    assert detail[1].loc == ["body", "events", 2, "external_customer_id"]
+    assert [(d.loc, d.msg) for d in detail] == [
+        (["body", "events", 1, "EventCreateCustomer", "timestamp"], FUTURE),
+        (["body", "events", 1, "EventCreateCustomer", "customer_id"], "Field required"),
+        (["body", "events", 1, "EventCreateExternalCustomer", "timestamp"], FUTURE),
+    ]
+    with pytest.raises(HTTPValidationError) as refused:
+        sdk.events.ingest(events=[old, blocked])
+    assert [d.loc for d in refused.value.error.detail or []] == [
+        ["body", "events", 1, "external_customer_id"]
+    ]
+    assert emulator.state.events == []
 
 
 def test_wrong_token_is_401_and_works_again_once_accepted(
