@@ -21,12 +21,17 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
-    """Readiness: the database answers and Polar has not rejected our access token."""
+    """Readiness: the database answers, its schema is at head (`outbox db upgrade`) and Polar
+    has not rejected our access token."""
     checks: dict[str, str] = {}
     try:
         with Session(request.app.state.engine) as session:
             session.execute(text("SELECT 1"))
             checks["database"] = "ok"
+            schema = request.app.state.schema_cache.state(session.connection())
+            checks["schema"] = "ok" if schema.ok else schema.describe()
+            if not schema.ok:
+                return _not_ready(checks, "schema_not_migrated")
             credentials = get_state(session, POLAR_CREDENTIALS)
         if credentials is not None and credentials.value == CREDENTIALS_REJECTED:
             checks["polar_credentials"] = (
@@ -42,6 +47,10 @@ def readyz(request: Request) -> JSONResponse:
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,
     )
+
+
+def _not_ready(checks: dict[str, str], code: str) -> JSONResponse:
+    return JSONResponse({"status": "not_ready", "code": code, "checks": checks}, status_code=503)
 
 
 @router.get("/metrics", include_in_schema=False)
