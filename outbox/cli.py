@@ -261,7 +261,13 @@ def token_list(json_out: JsonFlag = False) -> None:
 @token_app.command("revoke")
 def token_revoke(
     token_id: Annotated[
-        int, typer.Argument(help="The token's id (see `outbox token list`).", min=1, max=MAX_ID)
+        int,
+        typer.Argument(
+            help="The token's id (see `outbox token list`).",
+            metavar="TOKEN_ID",
+            min=1,
+            max=MAX_ID,
+        ),
     ],
 ) -> None:
     """Revoke a token; the API refuses it within 10 seconds (its lookup cache)."""

@@ -84,13 +84,13 @@ def _check_replay_target(body: ReplayIn) -> None:
         raise InvalidRequest(
             'give either "event_ids" or "status": "failed", not both', field="status"
         )
+    if body.customer_id is not None and body.status is None:
+        raise InvalidRequest('"customer_id" only goes with "status": "failed"', field="customer_id")
     if body.event_ids is None and body.status is None:
         raise InvalidRequest(
             'give "event_ids": [...], or "status": "failed" (optionally with "customer_id")',
             field="event_ids",
         )
-    if body.customer_id is not None and body.status is None:
-        raise InvalidRequest('"customer_id" only goes with "status": "failed"', field="customer_id")
 
 
 @router.get("/stats", responses=ERROR_RESPONSES)
