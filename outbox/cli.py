@@ -125,7 +125,9 @@ def _passwords() -> list[str]:
     for url in urls:
         match = re.match(r"^[^:/]+://[^/@:]*:(?P<password>.+)@[^@]*$", url)
         if match:
-            found.append(match.group("password"))
+            # An unescaped "@" in a password makes URL parsers take its tail for the host.
+            password = match.group("password")
+            found += [password, *(part for part in password.split("@") if len(part) >= 4)]
     return sorted(set(found), key=len, reverse=True)
 
 
