@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from typer.core import TyperGroup
 from outbox.errors import ConfigError, OutboxError
 from outbox.settings import Settings, get_settings
 from outbox.validation import MAX_GRANT_CREDITS
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 MAX_ID = 2**63 - 1  # ids, limits and counts are 64-bit in the database
 
@@ -184,7 +187,7 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
 
 
-def database(*, migrated: bool = True) -> Any:
+def database(*, migrated: bool = True) -> Engine:
     """The checked engine of DATABASE_URL: exit 2 with one line if the URL is unusable, a SQLite
     file is missing (none is created), the database does not answer or is not migrated."""
     from outbox.db import open_database
