@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -118,29 +117,19 @@ def _root(
     _debug = debug
 
 
-def _passwords() -> list[str]:
-    """The passwords in DATABASE_URL and REDIS_URL (environment or settings), to keep out of
-    every message, even when a URL cannot be parsed."""
+def _redact(text: str) -> str:
+    """`text` without the passwords of DATABASE_URL and REDIS_URL (environment or settings),
+    even when a URL cannot be parsed."""
+    from outbox.db import redact
+
     urls = [os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")]
     if _settings is not None:
         urls += [_settings.database_url, _settings.redis_url]
-    found = []
-    for url in urls:
-        match = re.match(r"^[^:/]+://[^/@:]*:(?P<password>.+)@[^@]*$", url)
-        if match:
-            # An unescaped "@" in a password makes URL parsers take its tail for the host.
-            password = match.group("password")
-            found += [password, *(part for part in password.split("@") if len(part) >= 4)]
-    return sorted(set(found), key=len, reverse=True)
+    return redact(text, *urls)
 
 
 def _print_error(message: str) -> None:
-    from outbox.db import redact_urls
-
-    message = redact_urls(message)
-    for password in _passwords():
-        message = message.replace(password, "***")
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(_redact(message))}", highlight=False, soft_wrap=True)
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -630,11 +619,12 @@ def doctor(json_out: JsonFlag = False) -> None:
     with domain_errors():
         checks = run_checks(settings, lambda: get_gateway(settings))
     if json_out:
-        print_json([c.as_dict() for c in checks])
+        print_json([{**c.as_dict(), "detail": _redact(c.detail)} for c in checks])
     else:
         for c in checks:
             mark = "-" if c.skipped else "[green]✓[/green]" if c.ok else "[red]✗[/red]"
-            out.print(f"{mark} {c.name}: {c.detail}", highlight=False, soft_wrap=True)
+            line = f"{mark} {c.name}: {escape(_redact(c.detail))}"
+            out.print(line, highlight=False, soft_wrap=True)
             if (not c.ok or c.skipped) and c.fix:
                 out.print(f"    fix: {c.fix}", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if all(c.ok for c in checks) else 1)

@@ -116,12 +116,32 @@ def redact_urls(text: str) -> str:
     return _USERINFO_PASSWORD.sub(lambda m: m.group("keep") + "***@", text)
 
 
+def url_passwords(*urls: str) -> list[str]:
+    """The passwords in `urls`, longest first, found even when a URL cannot be parsed; with an
+    unescaped "@" in a password (parsers then take its tail for the host), its pieces too."""
+    found: set[str] = set()
+    for url in urls:
+        match = re.match(r"^[^:/]+://[^/@:]*:(?P<password>.+)@[^@]*$", url or "")
+        if match:
+            password = match.group("password")
+            found |= {password, *(part for part in password.split("@") if len(part) >= 4)}
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(text: str, *urls: str) -> str:
+    """`text` with every URL's password in it replaced by *** (see `url_passwords`)."""
+    text = redact_urls(text)
+    for password in url_passwords(*urls):
+        text = text.replace(password, "***")
+    return text
+
+
 def safe_url(url: str) -> str:
     """`url` for messages and logs: its password hidden, even when it cannot be parsed."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return redact(make_url(url).render_as_string(hide_password=True), url)
     except Exception:
-        return redact_urls(url)
+        return redact(url, url)
 
 
 def sqlite_file(url: str) -> Path | None:

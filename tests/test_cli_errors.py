@@ -346,3 +346,20 @@ def test_an_unexpected_error_is_one_line_unless_debug(tmp_path: Path) -> None:
             assert_one_line_failure(
                 result.returncode, result.stdout, result.stderr, "unexpected KeyError", "--debug"
             )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        UNREACHABLE_PG,
+        f"postgresql+psycopg://outbox:p@{SECRET}@127.0.0.1:1/outbox",
+        f"postgresql+psycopg://outbox:{SECRET}@db:notaport/outbox",
+    ],
+)
+@pytest.mark.parametrize("json_out", [False, True])
+def test_doctor_names_an_unusable_database_without_its_password(
+    env: pytest.MonkeyPatch, url: str, json_out: bool
+) -> None:
+    code, out, err = invoke(env, url, ["doctor", *(["--json"] if json_out else [])])
+    assert code == 1 and "Traceback" not in out + err and SECRET not in out + err, out + err
+    assert "database" in out and ("✗ database" in out or '"ok": false' in out), out

@@ -9,6 +9,7 @@ from typing import Any
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from outbox import runtime
+from outbox.db import redact
 from outbox.errors import OutboxError
 from outbox.settings import get_settings
 from worker.celery_app import app
@@ -25,7 +26,9 @@ def _refuse_to_start_unable_to_deliver(**_: Any) -> None:
     try:
         runtime.check_can_deliver(get_settings())
     except OutboxError as exc:
-        sys.stderr.write(f"error: {exc.detail}\n")
+        settings = get_settings()
+        detail = redact(exc.detail, settings.database_url, settings.redis_url)
+        sys.stderr.write(f"error: {detail}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
 
