@@ -9,7 +9,7 @@ from typing import Any
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from outbox import runtime
-from outbox.db import redact
+from outbox.db import dispose_engines, redact
 from outbox.errors import OutboxError
 from outbox.settings import get_settings
 from worker.celery_app import app
@@ -31,6 +31,9 @@ def _refuse_to_start_unable_to_deliver(**_: Any) -> None:
         sys.stderr.write(f"error: {detail}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
+    finally:
+        # The check ran in the parent: prefork children must not inherit its connection.
+        dispose_engines()
 
 
 @worker_init.connect
