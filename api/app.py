@@ -16,6 +16,7 @@ from api.errors import error_body, install_error_handlers
 from api.routes import admin, customers, health, holds, usage, webhooks
 from outbox.collector import OutboxCollector
 from outbox.db import get_engine, session_factory
+from outbox.migrate import SchemaCache
 from outbox.settings import Settings, get_settings
 
 MAX_BODY_BYTES = 256 * 1024
@@ -69,6 +70,7 @@ def create_app(
     app.state.engine = engine
     app.state.sessionmaker = session_factory(engine)
     app.state.token_cache = TokenCache()
+    app.state.schema_cache = SchemaCache()
     app.state.nudge = nudge or _no_nudge
     registry = CollectorRegistry()
     registry.register(OutboxCollector(engine))

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -118,6 +118,24 @@ async def _invalid_body(request: Request, field: str, detail: str) -> JSONRespon
     return JSONResponse(error_body("invalid_request", detail, field=field), status_code=422)
 
 
+def _missing_table(exc: Exception) -> bool:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == "42P01" or "no such table" in str(orig)
+
+
+def _schema_not_migrated() -> JSONResponse:
+    """An unmigrated database is an operator's mistake the client can only wait out: 503."""
+    log.error("the database schema is not migrated: run `outbox db upgrade`")
+    return JSONResponse(
+        error_body(
+            "schema_not_migrated",
+            "the database schema is not migrated; nothing was recorded, retry later",
+        ),
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map domain errors, validation errors, HTTP errors and surprises to the one error shape."""
 
@@ -144,9 +162,17 @@ def install_error_handlers(app: FastAPI) -> None:
             body = error_body(code, str(exc.detail))
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(ProgrammingError)
+    async def _schema_missing(request: Request, exc: Exception) -> JSONResponse:
+        if _missing_table(exc):
+            return _schema_not_migrated()
+        return await _unexpected(request, exc)
+
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+        if _missing_table(exc):  # SQLite's "no such table"
+            return _schema_not_migrated()
         log.error("database unavailable: %s", type(exc).__name__)
         return JSONResponse(
             error_body(

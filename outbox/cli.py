@@ -1,6 +1,8 @@
 """The `outbox` command: operators' and developers' entry point (Typer).
 
-Exit codes: 0 done, 1 a check found a difference, 2 bad usage or configuration.
+Exit codes: 0 done, 1 a check found a difference, 2 the command could not do its work: bad
+usage or configuration, a database that cannot be reached or is not migrated. Every failure is
+one line on stderr naming the problem, never a traceback, never a password.
 """
 
 from __future__ import annotations
@@ -10,17 +12,77 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from sqlalchemy.exc import DBAPIError
+from typer.core import TyperGroup
 
 from outbox.errors import ConfigError, OutboxError
 from outbox.settings import Settings, get_settings
+from outbox.validation import MAX_GRANT_CREDITS
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+MAX_ID = 2**63 - 1  # ids, limits and counts are 64-bit in the database
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("polar-usage-outbox")
+    except PackageNotFoundError:  # a checkout that is not installed
+        return "unknown"
+
+
+_debug = False
+
+
+class OneLineErrors(TyperGroup):
+    """The root command: every expected failure (Click's usage errors, the domain's and the
+    database's) becomes one line on stderr and exit 2, here, for every command."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:  # the help was printed
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            _print_error(" ".join(exc.format_message().split()) + hint)
+            sys.exit(2)
+        except typer.Abort:
+            _print_error("aborted")
+            sys.exit(1)
+        except (OutboxError, DBAPIError) as exc:
+            _print_error(describe_failure(exc))
+            sys.exit(2)
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 app = typer.Typer(
     name="outbox",
     help="polar-usage-outbox: credit ledger + transactional outbox that bills usage via Polar.",
+    cls=OneLineErrors,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -30,23 +92,75 @@ token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
 
-out = Console()
-err = Console(stderr=True)
-
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"outbox (polar-usage-outbox) {_version()}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the Python traceback of an unexpected error.")
+    ] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def _redact(text: str) -> str:
+    """`text` without the passwords of DATABASE_URL and REDIS_URL (environment or settings),
+    even when a URL cannot be parsed."""
+    from outbox.db import redact
+
+    urls = [os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")]
+    if _settings is not None:
+        urls += [_settings.database_url, _settings.redis_url]
+    return redact(text, *urls)
+
+
+def _print_error(message: str) -> None:
+    err.print(f"[red]error:[/red] {escape(_redact(message))}", highlight=False, soft_wrap=True)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an expected failure: a domain refusal, a database error."""
+    if isinstance(exc, DBAPIError):
+        from outbox.db import describe_database_error
+
+        url = _settings.database_url if _settings is not None else ""
+        return describe_database_error(exc, url)
+    if isinstance(exc, OutboxError):
+        field = str(exc.context.get("field") or "")
+        return exc.detail + (f" ({field})" if field and field not in exc.detail else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print `message` to stderr and exit (2: bad usage or configuration)."""
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """Print `message` to stderr (one line, passwords hidden) and exit (2: could not do it)."""
+    _print_error(message)
     raise typer.Exit(code)
 
 
+_settings: Settings | None = None
+
+
 def settings_or_exit() -> Settings:
+    global _settings
     try:
-        return get_settings()
+        _settings = get_settings()
     except ConfigError as exc:
         fail(str(exc))
+    return _settings
 
 
 @contextmanager
@@ -54,45 +168,51 @@ def domain_errors() -> Iterator[None]:
     """Domain refusals become a clear message and exit code 2, never a traceback."""
     try:
         yield
-    except ConfigError as exc:
-        fail(str(exc))
-    except OutboxError as exc:
-        field = str(exc.context.get("field") or "")
-        fail(f"{exc.detail}" + (f" ({field})" if field and field not in exc.detail else ""))
+    except (OutboxError, DBAPIError) as exc:
+        fail(describe_failure(exc))
 
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
 
 
-def with_session(fn: Callable[..., Any]) -> Any:
-    from outbox.db import session_scope
+def database(*, migrated: bool = True) -> Engine:
+    """The checked engine of DATABASE_URL: exit 2 with one line if the URL is unusable, a SQLite
+    file is missing (none is created), the database does not answer or is not migrated."""
+    from outbox.db import open_database
 
     settings = settings_or_exit()
     with domain_errors():
-        from outbox.db import get_engine
+        return open_database(settings.database_url, migrated=migrated)
 
-        try:
-            engine = get_engine(settings.database_url)
-        except Exception as exc:  # bad URL
-            fail(f"DATABASE_URL: cannot use {settings.database_url!r}: {exc}")
-        with session_scope(engine) as session:
-            return fn(session)
+
+def with_session(fn: Callable[..., Any]) -> Any:
+    from outbox.db import session_scope
+
+    engine = database()
+    with domain_errors(), session_scope(engine) as session:
+        return fn(session)
 
 
 @db_app.command("upgrade")
 def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
-    """Apply the migrations (Alembic) to DATABASE_URL."""
-    from outbox.migrate import upgrade
+    """Apply the migrations (Alembic) to DATABASE_URL (a new SQLite file is created)."""
+    from outbox.db import first_line, open_database
+    from outbox.migrate import schema_state, upgrade
 
     settings = settings_or_exit()
+    with domain_errors():
+        engine = open_database(settings.database_url, create=True, migrated=False)
     try:
         upgrade(settings.database_url, revision)
     except Exception as exc:
-        fail(f"migration failed: {exc}", code=1)
-    err.print(f"database at revision {revision}")
+        fail(f"migration to {revision} failed: {first_line(exc)}")
+    with domain_errors(), engine.connect() as connection:
+        state = schema_state(connection)
+    head = " (head)" if state.ok else f" (head is {', '.join(sorted(state.head))})"
+    err.print(f"database at revision {', '.join(sorted(state.current))}{head}", highlight=False)
 
 
 @token_app.command("create")
@@ -134,7 +254,15 @@ def token_list(json_out: JsonFlag = False) -> None:
 
 @token_app.command("revoke")
 def token_revoke(
-    token_id: Annotated[int, typer.Argument(help="The token's id (see `outbox token list`).")],
+    token_id: Annotated[
+        int,
+        typer.Argument(
+            help="The token's id (see `outbox token list`).",
+            metavar="TOKEN_ID",
+            min=1,
+            max=MAX_ID,
+        ),
+    ],
 ) -> None:
     """Revoke a token; the API refuses it within 10 seconds (its lookup cache)."""
     from outbox.tokens import revoke_token
@@ -191,8 +319,15 @@ def worker(
     beat: Annotated[bool, typer.Option(help="Also run the beat schedule (-B).")] = True,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
-    """Run a Celery worker with its beat schedule (same as `celery -A worker worker -B`)."""
-    settings_or_exit()
+    """Run a Celery worker with its beat schedule (same as `celery -A worker worker -B`).
+
+    Refuses to start (exit 2) without POLAR_ACCESS_TOKEN, or on a database that does not
+    answer or is not migrated."""
+    from outbox.runtime import check_can_deliver
+
+    settings = settings_or_exit()
+    with domain_errors():
+        check_can_deliver(settings)
     argv = [
         sys.executable,
         "-m",
@@ -250,7 +385,7 @@ def status(json_out: JsonFlag = False) -> None:
 @app.command()
 def failed(
     customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many rows.", min=1)] = 1000,
+    limit: Annotated[int, typer.Option(help="At most this many rows.", min=1, max=MAX_ID)] = 1000,
     json_out: JsonFlag = False,
 ) -> None:
     """Failed events: id, customer, credits, attempts, last error, when."""
@@ -278,7 +413,10 @@ def failed(
 @app.command("replay")
 def replay_cmd(
     event_id: Annotated[
-        list[int] | None, typer.Option("--event-id", help="A failed event to replay (repeatable).")
+        list[int] | None,
+        typer.Option(
+            "--event-id", help="A failed event to replay (repeatable).", min=1, max=MAX_ID
+        ),
     ] = None,
     all_failed: Annotated[bool, typer.Option("--all-failed", help="Every failed event.")] = False,
     customer: Annotated[
@@ -307,16 +445,8 @@ def replay_cmd(
             reason=reason,
         )
     )
-    summary = {
-        "replayed": 0 if dry_run else result.replayed,
-        "would_replay": result.replayed if dry_run else None,
-        "event_ids": result.event_ids,
-        "credits": result.credits,
-        "dry_run": dry_run,
-        "replay_id": result.replay_id,
-    }
     if json_out:
-        print_json(summary)
+        print_json(result.as_dict())
         return
     verb = "would replay" if dry_run else "replayed"
     out.print(
@@ -337,19 +467,20 @@ def prune(
     older_than: Annotated[
         str, typer.Option(help="Retention: delivered rows older than this go (e.g. 30d, 12h).")
     ] = "30d",
-    batch_size: Annotated[int, typer.Option(help="Rows per transaction.", min=1)] = 1000,
+    batch_size: Annotated[
+        int, typer.Option(help="Rows per transaction.", min=1, max=1_000_000)
+    ] = 1000,
     json_out: JsonFlag = False,
 ) -> None:
     """Delete delivered rows past the retention, in small batches; ledger entries are kept."""
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from outbox.db import get_engine
     from outbox.operations import parse_duration, prune_delivered
 
-    settings = settings_or_exit()
     with domain_errors():
         retention = parse_duration(older_than)
-        engine = get_engine(settings.database_url)
+    engine = database()
+    with domain_errors():  # noqa: SIM117 (the progress bar must close before the error prints)
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), console=err, disable=json_out
         ) as progress:
@@ -387,7 +518,9 @@ def dev(
         int, typer.Option(help="Port for the local Polar emulator.", min=1, max=65535)
     ] = 8765,
     demo_customer: Annotated[str, typer.Option(help="The demo customer's id.")] = "demo_customer",
-    demo_credits: Annotated[int, typer.Option(help="Credits granted on first start.", min=1)] = 100,
+    demo_credits: Annotated[
+        int, typer.Option(help="Credits granted on first start.", min=1, max=MAX_GRANT_CREDITS)
+    ] = 100,
     database_url: Annotated[
         str, typer.Option(help="dev's database (never DATABASE_URL: that is the deployment's).")
     ] = "sqlite:///./outbox.db",
@@ -500,13 +633,14 @@ def doctor(json_out: JsonFlag = False) -> None:
     with domain_errors():
         checks = run_checks(settings, lambda: get_gateway(settings))
     if json_out:
-        print_json([c.as_dict() for c in checks])
+        print_json([{**c.as_dict(), "detail": _redact(c.detail)} for c in checks])
     else:
         for c in checks:
-            mark = "[green]✓[/green]" if c.ok else "[red]✗[/red]"
-            out.print(f"{mark} {c.name}: {c.detail}", highlight=False)
-            if not c.ok and c.fix:
-                out.print(f"    fix: {c.fix}", highlight=False)
+            mark = "-" if c.skipped else "[green]✓[/green]" if c.ok else "[red]✗[/red]"
+            line = f"{mark} {c.name}: {escape(_redact(c.detail))}"
+            out.print(line, highlight=False, soft_wrap=True)
+            if (not c.ok or c.skipped) and c.fix:
+                out.print(f"    fix: {c.fix}", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if all(c.ok for c in checks) else 1)
 
 
@@ -522,9 +656,19 @@ def polar_emulator(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: an unexpected error is one line too (`--debug` shows the
+    traceback); tests that call `app` directly see the exception itself."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    try:
+        app()
+    except Exception as exc:
+        if _debug:
+            raise
+        _print_error(
+            f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+            "(rerun with `outbox --debug ...` for the traceback, and report it)"
+        )
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,27 @@
 """Engine and sessions: one engine per process (re-made after fork), and `session_scope()`,
-one of the only two places that commit (the other is the API's session dependency)."""
+one of the only two places that commit (the other is the API's session dependency).
+
+`open_database()` is how commands start: a usable URL, an existing SQLite file (never a new
+empty one), a database that answers, a schema at head; each failure is one `OutboxError` line
+with the password hidden.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from outbox.errors import ConfigError, DatabaseUnavailable
 from outbox.settings import get_settings
 
 _lock = threading.Lock()
@@ -96,3 +106,98 @@ def session_scope(bind: Engine | sessionmaker[Session] | None = None) -> Iterato
         raise
     finally:
         session.close()
+
+
+_USERINFO_PASSWORD = re.compile(r"(?P<keep>://[^/@\s:]*:)[^@\s]*@")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the password of every `scheme://user:password@...` in it replaced by ***."""
+    return _USERINFO_PASSWORD.sub(lambda m: m.group("keep") + "***@", text)
+
+
+def url_passwords(*urls: str) -> list[str]:
+    """The passwords in `urls`, longest first, found even when a URL cannot be parsed; with an
+    unescaped "@" in a password (parsers then take its tail for the host), its pieces too."""
+    found: set[str] = set()
+    for url in urls:
+        match = re.match(r"^[^:/]+://[^/@:]*:(?P<password>.+)@[^@]*$", url or "")
+        if match:
+            password = match.group("password")
+            found |= {password, *(part for part in password.split("@") if len(part) >= 4)}
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(text: str, *urls: str) -> str:
+    """`text` with every URL's password in it replaced by *** (see `url_passwords`)."""
+    text = redact_urls(text)
+    for password in url_passwords(*urls):
+        text = text.replace(password, "***")
+    return text
+
+
+def safe_url(url: str) -> str:
+    """`url` for messages and logs: its password hidden, even when it cannot be parsed."""
+    try:
+        return redact(make_url(url).render_as_string(hide_password=True), url)
+    except Exception:
+        return redact(url, url)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names (None: not SQLite, in memory, or a `file:` URI)."""
+    if not url.startswith("sqlite"):
+        return None
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().resolve()
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (the DBAPI's own, for SQLAlchemy's errors)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(cause).strip().splitlines()
+    return redact_urls(lines[0].strip() if lines else type(cause).__name__)
+
+
+def describe_database_error(exc: DBAPIError, url: str) -> str:
+    """One line for an error the database raised: a missing table means an unmigrated schema."""
+    message = first_line(exc)
+    if getattr(exc.orig, "sqlstate", None) == "42P01" or "no such table" in message:
+        return f"the database schema is not migrated ({message}): run `outbox db upgrade`"
+    return f"database error ({safe_url(url)}): {message}"
+
+
+def open_database(url: str, *, create: bool = False, migrated: bool = True) -> Engine:
+    """The process engine for `url`, checked: the URL is usable (`ConfigError`), a SQLite file
+    exists unless `create` (`DatabaseUnavailable`: a typo in the path must not make a new empty
+    database), the database answers (`DatabaseUnavailable`) and, if `migrated`, its schema is
+    at head (`SchemaNotMigrated`)."""
+    try:
+        path = sqlite_file(url)
+        engine = get_engine(url)
+    except Exception as exc:
+        hint = " (PostgreSQL: postgresql+psycopg://...)" if url.startswith("postgres") else ""
+        raise ConfigError(
+            f"DATABASE_URL {safe_url(url)} is not a usable SQLAlchemy URL: {first_line(exc)}{hint}"
+        ) from None
+    if path is not None and not create and not path.is_file():
+        raise DatabaseUnavailable(
+            f"no SQLite database at {path} (DATABASE_URL={safe_url(url)}): create it with "
+            "`outbox db upgrade` (or `outbox dev`), or set DATABASE_URL to yours"
+        )
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        where = f"the SQLite database {path}" if path else safe_url(url)
+        reason = first_line(exc)
+        if path is not None and not path.parent.is_dir():
+            reason = f"its directory {path.parent} does not exist"
+        raise DatabaseUnavailable(f"cannot open {where}: {reason}") from None
+    if migrated:
+        from outbox.migrate import check_schema
+
+        check_schema(engine)
+    return engine

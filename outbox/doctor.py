@@ -1,5 +1,5 @@
 """`outbox doctor`: the production checklist as a command. Each check says ✓ or ✗ and, when it
-fails, the fix in one line."""
+fails, the fix in one line; a check that cannot run says - and why (it does not fail)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from outbox.errors import OutboxError
 from outbox.settings import Settings
 
 
@@ -18,9 +19,16 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    skipped: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"check": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix}
+        return {
+            "check": self.name,
+            "ok": self.ok,
+            "detail": self.detail,
+            "fix": self.fix,
+            "skipped": self.skipped,
+        }
 
 
 def _sums_our_field(meter: dict[str, Any], settings: Settings) -> bool:
@@ -41,14 +49,72 @@ def _sums_our_field(meter: dict[str, Any], settings: Settings) -> bool:
 
 
 def check_database(settings: Settings) -> Check:
-    from outbox.db import get_engine
+    """Reachable, without creating a SQLite file that is not there."""
+    from outbox.db import open_database, safe_url, sqlite_file
+
+    try:
+        engine = open_database(settings.database_url, migrated=False)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OutboxError as exc:
+        return Check("database", False, exc.detail, "check DATABASE_URL")
+    except Exception as exc:
+        return Check("database", False, f"unreachable: {type(exc).__name__}", "check DATABASE_URL")
+    path = sqlite_file(settings.database_url)
+    where = f"SQLite {path}" if path else safe_url(settings.database_url)
+    return Check("database", True, f"reachable ({where})")
+
+
+def check_schema(settings: Settings) -> Check:
+    """Migrated to this code's head (pending migrations fail)."""
+    from outbox.db import first_line, get_engine
+    from outbox.migrate import schema_state
 
     try:
         with get_engine(settings.database_url).connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return Check("database", True, "reachable")
+            state = schema_state(conn)
     except Exception as exc:
-        return Check("database", False, f"unreachable: {type(exc).__name__}", "check DATABASE_URL")
+        return Check("schema", False, f"cannot read: {first_line(exc)}", "outbox db upgrade")
+    return Check("schema", state.ok, state.describe(), "" if state.ok else "outbox db upgrade")
+
+
+def check_production_database(settings: Settings) -> Check | None:
+    """SQLite is `outbox dev`'s database; production billing needs PostgreSQL."""
+    if not (settings.is_sqlite and settings.polar_environment == "production"):
+        return None
+    return Check(
+        "production database",
+        False,
+        "SQLite with POLAR_ENVIRONMENT=production: SQLite is for `outbox dev` (one process, "
+        "no worker, no backups of its own)",
+        "set DATABASE_URL to PostgreSQL (postgresql+psycopg://...) and run `outbox db upgrade`",
+    )
+
+
+def check_webhook_secret(settings: Settings) -> Check:
+    """Without the secret every webhook is refused, so no grant ever becomes credits."""
+    if settings.polar_webhook_secret:
+        return Check("webhook secret", True, "POLAR_WEBHOOK_SECRET is set")
+    return Check(
+        "webhook secret",
+        False,
+        "POLAR_WEBHOOK_SECRET is not set: every Polar webhook is answered 503, so no grant "
+        "becomes credits",
+        "in Polar: Settings → Webhooks → your endpoint → copy its secret into POLAR_WEBHOOK_SECRET",
+    )
+
+
+def polar_target(settings: Settings) -> str:
+    """Which server the Polar checks talk to, for people: the URL and where it comes from."""
+    if settings.polar_base_url:
+        environment = settings.polar_environment
+        return (
+            f"{settings.polar_base_url} (POLAR_BASE_URL: not Polar's own {environment} API; "
+            "the local emulator?)"
+        )
+    from polar.v2026_10.client import SERVERS
+
+    return f"Polar {settings.polar_environment} ({SERVERS[settings.polar_environment]})"
 
 
 def check_redis(settings: Settings) -> Check:
@@ -68,7 +134,12 @@ def check_redis(settings: Settings) -> Check:
 
 def run_checks(settings: Settings, gateway_factory: Callable[[], Any]) -> list[Check]:
     """Every check, in order; Polar checks are skipped (✗) when the token is refused."""
-    checks = [check_database(settings), check_redis(settings)]
+    checks = [check_database(settings)]
+    if checks[0].ok:
+        checks.append(check_schema(settings))
+    production = check_production_database(settings)
+    checks.extend([production] if production else [])
+    checks.extend([check_redis(settings), check_webhook_secret(settings)])
     if not settings.polar_access_token:
         checks.append(
             Check(
@@ -87,13 +158,13 @@ def run_checks(settings: Settings, gateway_factory: Callable[[], Any]) -> list[C
             Check(
                 "polar token",
                 False,
-                f"Polar refused or failed: {exc}",
+                f"{polar_target(settings)} refused or failed: {exc}",
                 "check POLAR_ACCESS_TOKEN and POLAR_ENVIRONMENT (sandbox tokens only work "
                 "in sandbox)",
             )
         )
         return checks
-    checks.append(Check("polar token", True, f"accepted by Polar {settings.polar_environment}"))
+    checks.append(Check("polar token", True, f"accepted by {polar_target(settings)}"))
     ours = [m for m in meters if _sums_our_field(m, settings)]
     if settings.polar_meter_id:
         ours = [m for m in ours if m.get("id") == settings.polar_meter_id]
@@ -121,6 +192,17 @@ def run_checks(settings: Settings, gateway_factory: Callable[[], Any]) -> list[C
         )
     if settings.polar_product_id:
         checks.extend(_product_checks(gateway, settings, ours))
+    else:
+        checks.append(
+            Check(
+                "product",
+                True,
+                "not checked: POLAR_PRODUCT_ID is not set (with it, doctor checks the "
+                "product's metered price and Meter Credits benefit)",
+                "set POLAR_PRODUCT_ID to the Pro product's id",
+                skipped=True,
+            )
+        )
     return checks
 
 

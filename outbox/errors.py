@@ -69,6 +69,18 @@ class NotReplayable(OutboxError):
     code = "not_replayable"
 
 
+class DatabaseUnavailable(OutboxError):
+    """The database cannot be reached or opened: check DATABASE_URL."""
+
+    code = "database_unavailable"
+
+
+class SchemaNotMigrated(OutboxError):
+    """The database schema is not migrated: run `outbox db upgrade`."""
+
+    code = "schema_not_migrated"
+
+
 class ConfigError(OutboxError):
     """The configuration is invalid."""
 

@@ -101,6 +101,18 @@ class ReplayResult:
     credits: int = 0
     details: list[dict[str, object]] = field(default_factory=list)
 
+    def as_dict(self) -> dict[str, object]:
+        """What the CLI's `--json` and POST /v1/admin/outbox/replay answer: `replayed` is what
+        moved (0 in a dry run), `would_replay` what a dry run would move (null otherwise)."""
+        return {
+            "replayed": 0 if self.dry_run else self.replayed,
+            "would_replay": self.replayed if self.dry_run else None,
+            "event_ids": self.event_ids,
+            "credits": self.credits,
+            "dry_run": self.dry_run,
+            "replay_id": self.replay_id,
+        }
+
 
 def replay(
     session: Session,
@@ -118,7 +130,11 @@ def replay(
     others); nothing moves otherwise. `all_failed`: every failed row (of one customer if given).
     """
     if (event_ids is None) == (not all_failed):
-        raise InvalidRequest("give event ids, or all_failed (not both)", field="event_ids")
+        raise InvalidRequest("give event ids, or every failed event (not both)", field="event_ids")
+    if customer_id is not None and not all_failed:
+        raise InvalidRequest(
+            "a customer only narrows a replay of every failed event", field="customer_id"
+        )
     reason = check_text(reason, field="reason", max_length=500)
     actor = check_text(actor, field="actor", max_length=200) or "operator"
     query = select(OutboxEvent).with_for_update()

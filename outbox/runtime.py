@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from outbox.db import dispose_engines, get_engine, session_factory
+from outbox.db import dispose_engines, get_engine, open_database, session_factory
 from outbox.delivery import Deliverer, DrainReport, drain
+from outbox.errors import ConfigError
 from outbox.polar import close_gateway, get_gateway
 from outbox.settings import Settings, get_settings
 
@@ -25,6 +26,17 @@ _deliverer: tuple[int, Deliverer] | None = None
 def worker_id() -> str:
     """`<host>:<pid>`: shows in lease owners, so operators can tell whose rows are inflight."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def check_can_deliver(settings: Settings) -> None:
+    """Refuse to start a drainer that could only fail: a Polar token, a database that answers
+    and a schema at head (`ConfigError`, `DatabaseUnavailable`, `SchemaNotMigrated`)."""
+    if not settings.polar_access_token:
+        raise ConfigError(
+            "POLAR_ACCESS_TOKEN is not set: the worker cannot deliver usage to Polar "
+            "(create an organization access token in Polar and set it)"
+        )
+    open_database(settings.database_url)
 
 
 def sessions(settings: Settings | None = None) -> sessionmaker[Session]:

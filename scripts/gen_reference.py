@@ -97,7 +97,10 @@ def cli() -> str:
         "# CLI reference",
         "",
         "`outbox --help` and `outbox COMMAND --help` show the same. Exit codes: 0 done, 1 the",
-        "check found a difference, 2 bad usage or configuration.",
+        "check found a difference, 2 the command could not do its work (bad usage or",
+        "configuration, a database that does not answer or is not migrated): one line on stderr",
+        "naming the problem, never a traceback or a password. `outbox --version` prints the",
+        "version; `outbox --debug COMMAND` shows the traceback of an unexpected error.",
         "",
     ]
     _command_help(command, "outbox", out)

@@ -76,6 +76,24 @@ def pg_engine(pg_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+@pytest.fixture
+def empty_pg_url() -> Iterator[str]:
+    """A PostgreSQL database that exists and answers but was never migrated."""
+    base = make_url(TEST_DATABASE_URL)
+    name = f"outbox_unmigrated_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        service_missing("PostgreSQL", exc)
+    yield base.set(database=name).render_as_string(hide_password=False)
+    dispose_engines()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
 def truncate_all(engine: Engine) -> None:
     """Empty every table (the ledger's append-only trigger does not fire on TRUNCATE)."""
     names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)

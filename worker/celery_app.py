@@ -8,13 +8,19 @@ by design (a drain claims what is due; running it twice, or losing it, changes n
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 from celery import Celery
 
+from outbox.errors import ConfigError
 from outbox.settings import get_settings
 
-settings = get_settings()
+try:
+    settings = get_settings()
+except ConfigError as exc:  # one line naming the variable, exit 2 (as `outbox` does)
+    sys.stderr.write(f"error: {exc.detail}\n")
+    raise SystemExit(2) from None
 
 if settings.outbox_metrics_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     # Prefork children each count their own deliveries; multiprocess mode sums them for the

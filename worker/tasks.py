@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from outbox import runtime
+from outbox.db import dispose_engines, redact
+from outbox.errors import OutboxError
 from outbox.settings import get_settings
 from worker.celery_app import app
 
 log = logging.getLogger("worker")
 
 DRAIN_SECONDS = 50.0
+
+
+@worker_init.connect
+def _refuse_to_start_unable_to_deliver(**_: Any) -> None:
+    """Fail at start, one line and exit 2, rather than log "ready" and fail every drain: no
+    Polar token, a database that does not answer, a schema not at head."""
+    try:
+        runtime.check_can_deliver(get_settings())
+    except OutboxError as exc:
+        settings = get_settings()
+        detail = redact(exc.detail, settings.database_url, settings.redis_url)
+        sys.stderr.write(f"error: {detail}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
+    finally:
+        # The check ran in the parent: prefork children must not inherit its connection.
+        dispose_engines()
 
 
 @worker_init.connect

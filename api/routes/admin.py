@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from api.deps import AdminToken, SessionDep
 from api.schemas import ERROR_RESPONSES, ErrorOut, Strict
+from outbox.errors import InvalidRequest
 from outbox.operations import MAX_REPLAY_IDS, outbox_stats, replay
 from outbox.queries import list_events
 from outbox.states import EventStatus
@@ -47,19 +48,49 @@ class EventPage(BaseModel):
     next_cursor: str | None
 
 
+EventId = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
+
+
 class ReplayIn(Strict):
-    event_ids: list[StrictInt] | None = Field(None, min_length=1, max_length=MAX_REPLAY_IDS)
-    status: Literal["failed"] | None = None
-    customer_id: StrictStr | None = Field(None, min_length=1, max_length=MAX_CUSTOMER_ID_LENGTH)
-    dry_run: StrictBool = False
-    reason: StrictStr | None = Field(None, max_length=500)
+    """Either `event_ids`, or `status: "failed"` (optionally with `customer_id`); not both."""
+
+    event_ids: list[EventId] | None = Field(
+        None, min_length=1, max_length=MAX_REPLAY_IDS, description="These failed events."
+    )
+    status: Literal["failed"] | None = Field(None, description="Every failed event.")
+    customer_id: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CUSTOMER_ID_LENGTH,
+        description='With `status: "failed"`: only this customer\'s.',
+    )
+    dry_run: StrictBool = Field(False, description="Move nothing; answer what would move.")
+    reason: StrictStr | None = Field(None, max_length=500, description="Kept with the replay.")
 
 
 class ReplayOut(BaseModel):
-    replayed: int
-    event_ids: list[int]
+    """The same object as `outbox replay --json`."""
+
+    replayed: int = Field(description="Events moved failed → pending (0 in a dry run).")
+    would_replay: int | None = Field(description="In a dry run: events that would move.")
+    event_ids: list[int] = Field(description="The events moved (or that would move).")
+    credits: int = Field(description="Their credits.")
     dry_run: bool
-    replay_id: int | None
+    replay_id: int | None = Field(description="The recorded replay (null in a dry run).")
+
+
+def _check_replay_target(body: ReplayIn) -> None:
+    if body.event_ids is not None and body.status is not None:
+        raise InvalidRequest(
+            'give either "event_ids" or "status": "failed", not both', field="status"
+        )
+    if body.customer_id is not None and body.status is None:
+        raise InvalidRequest('"customer_id" only goes with "status": "failed"', field="customer_id")
+    if body.event_ids is None and body.status is None:
+        raise InvalidRequest(
+            'give "event_ids": [...], or "status": "failed" (optionally with "customer_id")',
+            field="event_ids",
+        )
 
 
 @router.get("/stats", responses=ERROR_RESPONSES)
@@ -117,19 +148,16 @@ def get_events(
 )
 def post_replay(body: ReplayIn, session: SessionDep, token: AdminToken) -> ReplayOut:
     """failed → pending with the same `external_id` (a resend Polar already has is free).
-    Either `event_ids`, or `status: "failed"` (optionally with `customer_id`)."""
+    Either `event_ids`, or `status: "failed"` (optionally with `customer_id`), not both; 422
+    otherwise. A dry run moves nothing and answers `would_replay`."""
+    _check_replay_target(body)
     result = replay(
         session,
         event_ids=body.event_ids,
-        all_failed=body.event_ids is None and body.status == "failed",
+        all_failed=body.status == "failed",
         customer_id=body.customer_id,
         dry_run=body.dry_run,
         actor=f"api-token:{token.name or token.id}",
         reason=body.reason,
     )
-    return ReplayOut(
-        replayed=result.replayed,
-        event_ids=result.event_ids,
-        dry_run=result.dry_run,
-        replay_id=result.replay_id,
-    )
+    return ReplayOut.model_validate(result.as_dict())

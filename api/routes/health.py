@@ -27,13 +27,18 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
-    """Readiness: the database answers, Polar has not rejected our access token, and Polar's
-    last refusal of a batch named the events it refused."""
+    """Readiness: the database answers, its schema is at head (`outbox db upgrade`), Polar has
+    not rejected our access token, and Polar's last refusal of a batch named the events it
+    refused."""
     checks: dict[str, str] = {}
     try:
         with Session(request.app.state.engine) as session:
             session.execute(text("SELECT 1"))
             checks["database"] = "ok"
+            schema = request.app.state.schema_cache.state(session.connection())
+            checks["schema"] = "ok" if schema.ok else schema.describe()
+            if not schema.ok:
+                return _not_ready(checks, "schema_not_migrated")
             credentials = get_state(session, POLAR_CREDENTIALS)
             ingest = get_state(session, POLAR_INGEST)
         if credentials is not None and credentials.value == CREDENTIALS_REJECTED:
@@ -57,6 +62,10 @@ def readyz(request: Request) -> JSONResponse:
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,
     )
+
+
+def _not_ready(checks: dict[str, str], code: str) -> JSONResponse:
+    return JSONResponse({"status": "not_ready", "code": code, "checks": checks}, status_code=503)
 
 
 @router.get("/metrics", include_in_schema=False)

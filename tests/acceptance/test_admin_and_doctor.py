@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -90,7 +91,14 @@ def test_admin_stats_events_and_replay(
         json={"status": "failed", "customer_id": customer, "dry_run": True},
         headers=bearer(tokens["admin"]),
     ).json()
-    assert dry == {"replayed": 2, "event_ids": ids[:2], "dry_run": True, "replay_id": None}
+    assert dry == {
+        "replayed": 0,
+        "would_replay": 2,
+        "event_ids": ids[:2],
+        "credits": 4,
+        "dry_run": True,
+        "replay_id": None,
+    }
     done = client.post(
         "/v1/admin/outbox/replay",
         json={"event_ids": ids[:2], "reason": "fixed"},
@@ -116,6 +124,7 @@ def doctor_env(
         "POLAR_ACCESS_TOKEN": running.token,
         "POLAR_BASE_URL": running.url,
         "POLAR_PRODUCT_ID": polar_emulator.PRODUCT_ID,
+        "POLAR_WEBHOOK_SECRET": "whsec_dGVzdA==",
     }.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
@@ -141,13 +150,18 @@ def test_doctor_passes_on_a_complete_setup_and_names_each_missing_piece(
     assert code == 0, checks
     assert [c["check"] for c in checks] == [
         "database",
+        "schema",
         "redis",
+        "webhook secret",
         "polar token",
         "meter",
         "product",
         "metered price",
         "meter credits benefit",
     ]
+    token = next(c for c in checks if c["check"] == "polar token")
+    # It says what it talked to: the emulator's URL, not "Polar sandbox".
+    assert doctor_env.url in str(token["detail"]) and "POLAR_BASE_URL" in str(token["detail"])
     doctor_env.configure(meters=[])
     code, checks = doctor()
     meter = next(c for c in checks if c["check"] == "meter")
@@ -170,3 +184,53 @@ def test_json_logs_carry_ids_and_never_the_token() -> None:
     from outbox.logs import redact
 
     assert redact("401 for token polar_oat_secret", "polar_oat_secret") == "401 for token ***"
+
+
+def test_doctor_names_a_missing_webhook_secret_and_says_what_it_did_not_check(
+    doctor_env: polar_emulator.RunningEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("POLAR_WEBHOOK_SECRET")
+    monkeypatch.delenv("POLAR_PRODUCT_ID")
+    get_settings.cache_clear()
+    code, checks = doctor()
+    by_name = {str(c["check"]): c for c in checks}
+    secret = by_name["webhook secret"]
+    assert code == 1 and secret["ok"] is False and "503" in str(secret["detail"])
+    assert "POLAR_WEBHOOK_SECRET" in str(secret["fix"])
+    product = by_name["product"]
+    assert product["skipped"] is True and "POLAR_PRODUCT_ID is not set" in str(product["detail"])
+    assert "metered price" not in by_name  # not checked, and said so
+
+
+def test_doctor_refuses_sqlite_in_production_and_an_unmigrated_schema(
+    doctor_env: polar_emulator.RunningEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from outbox.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path}/outbox.db"
+    upgrade(url, "ae5a70274df4")  # the first revision: behind head
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("POLAR_ENVIRONMENT", "production")
+    get_settings.cache_clear()
+    code, checks = doctor()
+    by_name = {str(c["check"]): c for c in checks}
+    assert code == 1
+    assert by_name["database"]["ok"] is True
+    schema = by_name["schema"]
+    assert schema["ok"] is False and "at ae5a70274df4" in str(schema["detail"])
+    assert by_name["schema"]["fix"] == "outbox db upgrade"
+    assert by_name["production database"]["ok"] is False
+    assert "PostgreSQL" in str(by_name["production database"]["fix"])
+
+
+def test_doctor_does_not_create_a_missing_sqlite_file(
+    doctor_env: polar_emulator.RunningEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/typo.db")
+    get_settings.cache_clear()
+    code, checks = doctor()
+    database = checks[0]
+    assert code == 1 and database["check"] == "database" and database["ok"] is False
+    assert "no SQLite database at" in str(database["detail"])
+    assert "schema" not in {c["check"] for c in checks}
+    assert not (tmp_path / "typo.db").exists()

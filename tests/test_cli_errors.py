@@ -1,0 +1,365 @@
+"""Every way an `outbox` command can fail before doing its work, as a user sees it: one line on
+stderr naming the problem, exit 2, nothing on stdout, no traceback, no password — on PostgreSQL
+and SQLite, in-process (CliRunner) for every command and as real processes for a few."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import Engine
+from typer.testing import CliRunner
+
+from outbox.cli import app
+from outbox.migrate import upgrade
+from outbox.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_REVISION = "ae5a70274df4"
+SECRET = "s3cret-pw"
+runner = CliRunner()
+
+# Every command that needs the database, with arguments that would otherwise be valid.
+COMMANDS = [
+    ["status"],
+    ["status", "--json"],
+    ["failed"],
+    ["grant", "alice", "5", "--reason", "welcome"],
+    ["replay", "--all-failed"],
+    ["replay", "--event-id", "1"],
+    ["token", "create", "--scope", "usage"],
+    ["token", "list"],
+    ["token", "revoke", "1"],
+    ["prune"],
+    ["worker"],
+]
+
+
+def assert_one_line_failure(code: int, stdout: str, stderr: str, *expected: str) -> None:
+    """Exit 2, nothing on stdout, one line on stderr that names the problem, no secrets."""
+    everything = stdout + stderr
+    assert code == 2, everything
+    assert "Traceback" not in everything, everything
+    assert SECRET not in everything, everything
+    assert stdout == "", everything
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), everything
+    for text in expected:
+        assert text in lines[0], everything
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Set variables for the next commands; the settings are read again each time."""
+    monkeypatch.setenv("POLAR_ACCESS_TOKEN", "polar_oat_test")  # so `worker` gets to the database
+
+    def no_exec(*argv: object) -> None:
+        raise AssertionError(f"`outbox worker` started Celery despite the failure: {argv}")
+
+    monkeypatch.setattr(os, "execv", no_exec)
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
+
+
+def invoke(env: pytest.MonkeyPatch, database_url: str, args: list[str]) -> tuple[int, str, str]:
+    env.setenv("DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    result = runner.invoke(app, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def run_process(args: list[str], cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess[str]:
+    """`outbox ARGS` as a real process, as a user would type it."""
+    environment = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    environment.update(env, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "outbox.cli", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+UNREACHABLE_PG = f"postgresql+psycopg://outbox:{SECRET}@127.0.0.1:1/outbox"
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_an_unreachable_postgresql(env: pytest.MonkeyPatch, args: list[str]) -> None:
+    code, out, err = invoke(env, UNREACHABLE_PG, args)
+    assert_one_line_failure(code, out, err, "cannot open", "127.0.0.1:1", "outbox:***@")
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_a_missing_sqlite_file_is_named_and_not_created(
+    env: pytest.MonkeyPatch, args: list[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "outbox.db"
+    code, out, err = invoke(env, f"sqlite:///{path}", args)
+    assert_one_line_failure(code, out, err, f"no SQLite database at {path}", "outbox db upgrade")
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("args", [*COMMANDS, ["db", "upgrade"]], ids=" ".join)
+def test_a_sqlite_path_in_a_missing_directory(
+    env: pytest.MonkeyPatch, args: list[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "no" / "such" / "dir" / "outbox.db"
+    code, out, err = invoke(env, f"sqlite:///{path}", args)
+    expected = "does not exist" if args[0] == "db" else f"no SQLite database at {path}"
+    assert_one_line_failure(code, out, err, expected)
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_an_unmigrated_postgresql(
+    env: pytest.MonkeyPatch, args: list[str], empty_pg_url: str
+) -> None:
+    code, out, err = invoke(env, empty_pg_url, args)
+    assert_one_line_failure(code, out, err, "not migrated (no revision", "`outbox db upgrade`")
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_an_outdated_postgresql(
+    env: pytest.MonkeyPatch, args: list[str], empty_pg_url: str
+) -> None:
+    upgrade(empty_pg_url, FIRST_REVISION)
+    code, out, err = invoke(env, empty_pg_url, args)
+    assert_one_line_failure(code, out, err, f"at {FIRST_REVISION}, head is", "outbox db upgrade")
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_an_unmigrated_sqlite_file(
+    env: pytest.MonkeyPatch, args: list[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "outbox.db"
+    sa.create_engine(f"sqlite:///{path}").connect().close()  # an empty file, no tables
+    assert path.exists()
+    code, out, err = invoke(env, f"sqlite:///{path}", args)
+    assert_one_line_failure(code, out, err, "not migrated (no revision", "outbox db upgrade")
+
+
+def test_a_schema_from_a_newer_version_is_named(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/outbox.db"
+    upgrade(url)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'f00dfeedbeef'")
+    engine.dispose()
+    code, out, err = invoke(env, url, ["status"])
+    assert_one_line_failure(code, out, err, "f00dfeedbeef", "newer polar-usage-outbox")
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        (f"postgresql+psycopg://outbox:{SECRET}@db:notaport/outbox", "not a usable SQLAlchemy URL"),
+        (f"postgres://outbox:{SECRET}@db/outbox", "postgresql+psycopg://"),
+        (f"postgresql+psycopg://outbox:{SECRET}@[::1/outbox", "not a usable SQLAlchemy URL"),
+        ("not a url at all", "not a usable SQLAlchemy URL"),
+        # An unescaped "@" in the password: parsers take its tail for the host.
+        (f"postgresql+psycopg://outbox:p@{SECRET}@db:notaport/outbox", "DATABASE_URL"),
+        (f"postgresql+psycopg://outbox:p@{SECRET}@127.0.0.1:1/outbox", "cannot open"),
+    ],
+)
+@pytest.mark.parametrize("args", [["status"], ["token", "list"], ["db", "upgrade"]], ids=" ".join)
+def test_an_unparseable_database_url_is_named_without_its_password(
+    env: pytest.MonkeyPatch, url: str, reason: str, args: list[str]
+) -> None:
+    code, out, err = invoke(env, url, args)
+    assert_one_line_failure(code, out, err, reason)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["token", "revoke", str(2**64)], "TOKEN_ID"),
+        (["token", "revoke", str(2**63)], "TOKEN_ID"),
+        (["failed", "--limit", str(2**64)], "--limit"),
+        (["replay", "--event-id", str(2**63)], "--event-id"),
+        (["replay", "--event-id", "1", "--event-id", str(10**30)], "--event-id"),
+        (["prune", "--batch-size", str(2**64)], "--batch-size"),
+        (["grant", "alice", str(2**64), "--reason", "x"], "credits"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_integers_past_64_bits_are_a_usage_error(
+    env: pytest.MonkeyPatch,
+    args: list[str],
+    named: str,
+    backend: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    if backend == "postgresql":
+        request.getfixturevalue("clean_tables")
+        url = str(request.getfixturevalue("pg_url"))
+    else:
+        url = f"sqlite:///{tmp_path}/outbox.db"
+        upgrade(url)
+    code, out, err = invoke(env, url, args)
+    assert_one_line_failure(code, out, err, named)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["token", "revoke", str(2**63 - 1)], "no active token"),
+        (["replay", "--event-id", str(2**63 - 1)], "no such event"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_the_largest_64_bit_id_is_looked_up(
+    env: pytest.MonkeyPatch,
+    args: list[str],
+    message: str,
+    backend: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    if backend == "postgresql":
+        request.getfixturevalue("clean_tables")
+        url = str(request.getfixturevalue("pg_url"))
+    else:
+        url = f"sqlite:///{tmp_path}/outbox.db"
+        upgrade(url)
+    code, out, err = invoke(env, url, args)
+    assert_one_line_failure(code, out, err, message)
+    result = runner.invoke(app, ["failed", "--limit", str(2**63 - 1), "--json"])
+    assert result.exit_code == 0 and result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["stauts"], "Did you mean 'status'?"),
+        (["grant", "alice"], "Missing argument"),
+        (["failed", "--limit", "lots"], "--limit"),
+        (["status", "--jsn"], "--jsn"),
+    ],
+)
+def test_usage_errors_are_one_line(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert_one_line_failure(result.exit_code, result.stdout, result.stderr, message, "--help")
+
+
+def test_bad_configuration_is_one_line(env: pytest.MonkeyPatch) -> None:
+    env.setenv("OUTBOX_BATCH_SIZE", "lots")
+    for args in (["status"], ["worker"], ["doctor"]):
+        code, out, err = invoke(env, "sqlite:///unused.db", args)
+        assert_one_line_failure(code, out, err, "OUTBOX_BATCH_SIZE")
+
+
+def test_the_worker_refuses_to_start_without_a_polar_token(
+    env: pytest.MonkeyPatch, pg_url: str
+) -> None:
+    env.delenv("POLAR_ACCESS_TOKEN")
+    code, out, err = invoke(env, pg_url, ["worker"])
+    assert_one_line_failure(code, out, err, "POLAR_ACCESS_TOKEN is not set")
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("outbox (polar-usage-outbox) 0.")
+
+
+# Real processes: what a user sees in a terminal.
+
+
+def test_status_in_another_directory_creates_nothing_and_says_why(tmp_path: Path) -> None:
+    """Issue 12: `outbox status` in a directory without outbox.db made an empty one, then printed
+    60 lines of `no such table`."""
+    result = run_process(["status"], cwd=tmp_path)
+    assert_one_line_failure(
+        result.returncode, result.stdout, result.stderr, str(tmp_path / "outbox.db")
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_processes_on_an_unreachable_and_an_unparseable_database() -> None:
+    result = run_process(["token", "list"], DATABASE_URL=UNREACHABLE_PG)
+    assert_one_line_failure(result.returncode, result.stdout, result.stderr, "cannot open")
+    bad = f"postgresql+psycopg://outbox:{SECRET}@db:notaport/outbox"
+    result = run_process(["grant", "alice", "1", "--reason", "x"], DATABASE_URL=bad)
+    assert_one_line_failure(result.returncode, result.stdout, result.stderr, "DATABASE_URL")
+
+
+def test_processes_on_an_unmigrated_postgresql(empty_pg_url: str) -> None:
+    for args in (["status"], ["replay", "--all-failed"], ["failed"]):
+        result = run_process(args, DATABASE_URL=empty_pg_url)
+        assert_one_line_failure(
+            result.returncode, result.stdout, result.stderr, "run `outbox db upgrade`"
+        )
+    result = run_process(["db", "upgrade"], DATABASE_URL=empty_pg_url)
+    assert result.returncode == 0 and "(head)" in result.stderr, result.stderr
+    assert run_process(["status"], DATABASE_URL=empty_pg_url).returncode == 0
+
+
+def test_process_integer_past_64_bits(pg_url: str, clean_tables: Engine) -> None:
+    result = run_process(["token", "revoke", str(2**64)], DATABASE_URL=pg_url)
+    assert_one_line_failure(result.returncode, result.stdout, result.stderr, "TOKEN_ID")
+
+
+def test_celery_worker_refuses_to_start_without_a_polar_token(pg_url: str) -> None:
+    """`celery -A worker worker` (what docker-compose runs) fails at start, not every 5 s."""
+    environment = {k: v for k, v in os.environ.items() if k != "POLAR_ACCESS_TOKEN"}
+    environment.update(DATABASE_URL=pg_url, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--concurrency=1"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "error: POLAR_ACCESS_TOKEN is not set" in result.stderr
+    assert "ready" not in result.stdout + result.stderr
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/outbox.db"
+    upgrade(url)
+    bug = (
+        "import outbox.cli, outbox.operations\n"
+        "def broken(session): raise KeyError('counts')\n"
+        "outbox.operations.outbox_stats = broken\n"
+        "outbox.cli.main()\n"
+    )
+    environment = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    for debug in (False, True):
+        argv = [sys.executable, "-c", bug, *(["--debug"] if debug else []), "status"]
+        result = subprocess.run(
+            argv, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120
+        )
+        if debug:
+            assert result.returncode == 1 and "Traceback" in result.stderr
+        else:
+            assert_one_line_failure(
+                result.returncode, result.stdout, result.stderr, "unexpected KeyError", "--debug"
+            )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        UNREACHABLE_PG,
+        f"postgresql+psycopg://outbox:p@{SECRET}@127.0.0.1:1/outbox",
+        f"postgresql+psycopg://outbox:{SECRET}@db:notaport/outbox",
+    ],
+)
+@pytest.mark.parametrize("json_out", [False, True])
+def test_doctor_names_an_unusable_database_without_its_password(
+    env: pytest.MonkeyPatch, url: str, json_out: bool
+) -> None:
+    code, out, err = invoke(env, url, ["doctor", *(["--json"] if json_out else [])])
+    assert code == 1 and "Traceback" not in out + err and SECRET not in out + err, out + err
+    assert "database" in out and ("✗ database" in out or '"ok": false' in out), out
