@@ -40,6 +40,9 @@ DEMO_CUSTOMER = "demo_customer"
 DEMO_CREDITS = 100
 DEV_DATABASE_URL = "sqlite:///./outbox.db"
 DEV_TOKEN_NAME = "outbox dev"  # noqa: S105 - a label, not a secret
+# The dev API's webhook secret beside the emulator (no real Polar can sign with it), so a second
+# terminal's `outbox doctor` passes and local webhooks can be signed with it (tests/polar_webhooks).
+DEV_WEBHOOK_SECRET = "whsec_b3V0Ym94IGRldjogbG9jYWwgd2ViaG9va3Mgb25seQ=="  # noqa: S105
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def export_lines(settings: Settings, token: str, emulated: bool) -> list[str]:
     if emulated:
         assert settings.polar_access_token is not None
         lines.append(f"export POLAR_ACCESS_TOKEN={shlex.quote(settings.polar_access_token)}")
-        for name in ("polar_product_id", "polar_meter_id"):
+        for name in ("polar_product_id", "polar_meter_id", "polar_webhook_secret"):
             value = getattr(settings, name)
             if value:
                 lines.append(f"export {name.upper()}={shlex.quote(value)}")
@@ -219,6 +222,7 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
         # The emulator's own product and meter, not the deployment's (doctor checks them).
         os.environ["POLAR_PRODUCT_ID"] = polar_emulator.PRODUCT_ID
         os.environ["POLAR_METER_ID"] = polar_emulator.METER_ID
+        os.environ["POLAR_WEBHOOK_SECRET"] = DEV_WEBHOOK_SECRET
     try:
         serve(options, emulator, echo, ignored)
     finally:
