@@ -130,6 +130,7 @@ class Stats:
     requests: int = 0
     ingest_requests: int = 0
     list_requests: int = 0
+    quantities_requests: int = 0
     accepted_batches: int = 0
     events_inserted: int = 0
     duplicates: int = 0
