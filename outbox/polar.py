@@ -166,7 +166,15 @@ class BudgetWait(Exception):
 class PolarGateway:
     """One per process (see `get_gateway`): the SDK client, the rate budget, auth state."""
 
-    def __init__(self, settings: Settings, *, budget: RateBudget | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        budget: RateBudget | None = None,
+        budget_share: float | None = None,
+    ) -> None:
+        """`budget_share`: spend the budget at low priority, capped at that share of each
+        window (reconcile); None: delivery's full priority."""
         if not settings.polar_access_token:
             raise ConfigError(
                 "POLAR_ACCESS_TOKEN is not set: create an organization access token in Polar"
@@ -174,6 +182,7 @@ class PolarGateway:
         self.settings = settings
         self._token = settings.polar_access_token
         self.budget = budget or make_budget(settings)
+        self.budget_share = budget_share
         self.client = Polar(
             settings.polar_access_token,
             environment=settings.polar_environment,
@@ -183,7 +192,7 @@ class PolarGateway:
         self.credentials_ok: bool | None = None
 
     def _spend(self) -> None:
-        wait = self.budget.acquire(timeout=BUDGET_WAIT_SECONDS)
+        wait = self.budget.acquire(timeout=BUDGET_WAIT_SECONDS, share=self.budget_share)
         if wait is not None:
             raise BudgetWait(wait)
 
