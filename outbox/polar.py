@@ -48,6 +48,8 @@ log = logging.getLogger("outbox.polar")
 IN_CALL_ATTEMPTS = 3
 BUDGET_WAIT_SECONDS = 5.0
 EVENTS_PAGE_SIZE = 100
+# The metadata key that carries an event's `external_id` (globally unique) back to reconcile.
+USAGE_KEY_FIELD = "usage_external_id"
 
 
 class Outcome(StrEnum):
@@ -81,7 +83,8 @@ def build_event(
     usage_id: str,
 ) -> dict[str, Any]:
     """One Polar event: `credits_used` an int (a sum meter ignores strings and booleans), our
-    event id as `usage_id` (a string, for reconciliation), a tz-aware ISO 8601 timestamp."""
+    event id as `usage_id` and the `external_id` again as `usage_external_id` (Polar's event
+    list does not return `external_id`; reconcile matches on it), a tz-aware timestamp."""
     if occurred_at.tzinfo is None:
         raise ValueError("occurred_at must be timezone-aware")
     return {
@@ -89,7 +92,12 @@ def build_event(
         "external_customer_id": customer_id,
         "external_id": external_id,
         "timestamp": occurred_at.astimezone(UTC).isoformat(),
-        "metadata": {**metadata, credits_field: int(credits), "usage_id": str(usage_id)},
+        "metadata": {
+            **metadata,
+            credits_field: int(credits),
+            "usage_id": str(usage_id),
+            USAGE_KEY_FIELD: external_id,
+        },
     }
 
 
