@@ -158,6 +158,25 @@ def classify_failure(exc: BaseException, batch_len: int, secret: str | None = No
     return IngestResult(Outcome.TRANSIENT, message=f"{type(exc).__name__}: {text}")
 
 
+def _parse_time(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def describe_failure(exc: BaseException, secret: str | None = None) -> str:
+    """One line for an operator: what Polar (or the network) answered to a read."""
+    if isinstance(exc, BudgetWait):
+        return str(exc)
+    if isinstance(exc, PolarServerError) or (
+        isinstance(exc, PolarClientError) and not isinstance(exc, PolarRateLimitError)
+    ):
+        text = str(exc).split(" - ", 1)[-1]
+        text = " ".join(redact(text, secret).split())[:200]
+        return f"Polar answered {exc.status_code}: {text}"
+    return " ".join(classify_failure(exc, 0, secret).message.split())[:300]
+
+
 def _retry_in_call(exc: BaseException) -> bool:
     """Worth a quick second try inside the call: no answer, or a 5xx."""
     return isinstance(exc, PolarNetworkError | PolarServerError)
@@ -198,6 +217,7 @@ class PolarGateway:
             timeout=settings.polar_timeout_seconds,
         )
         self.credentials_ok: bool | None = None
+        self.requests = 0  # HTTP requests sent (reconcile reports what it spent)
 
     def _spend(self) -> None:
         wait = self.budget.acquire(timeout=BUDGET_WAIT_SECONDS, share=self.budget_share)
@@ -209,6 +229,7 @@ class PolarGateway:
 
         def attempt() -> Any:
             self._spend()
+            self.requests += 1
             try:
                 return fn(**kwargs)
             except PolarRateLimitError as exc:
@@ -279,11 +300,34 @@ class PolarGateway:
                 return
             page += 1
 
+    def meter_quantities(
+        self,
+        meter_id: str,
+        *,
+        start: datetime,
+        end: datetime,
+        interval: str,
+        external_customer_ids: list[str],
+    ) -> list[tuple[datetime, float]]:
+        """One request: the meter's total per `interval` bucket for these customers, one row
+        per bucket from `start`'s to `end`'s (both inclusive). Raises on failure."""
+        result = self._call(
+            self.client.meters.quantities,
+            id=meter_id,
+            start_timestamp=start.astimezone(UTC).isoformat(),
+            end_timestamp=end.astimezone(UTC).isoformat(),
+            interval=interval,
+            external_customer_id=external_customer_ids,
+        )
+        self.credentials_ok = True
+        return [(_parse_time(q.timestamp), float(q.quantity)) for q in result.quantities or []]
+
     def _get_json(self, path: str, **params: Any) -> Any:
         """A raw GET: for the few fields `outbox doctor` reads we skip the SDK's strict models
         (they refuse payloads with fields newer than the SDK, as webhooks do)."""
         base = self.settings.polar_base_url or SERVERS[self.settings.polar_environment]
         self._spend()
+        self.requests += 1
         response = httpx.get(
             base.rstrip("/") + path,
             params=params,
