@@ -210,6 +210,13 @@ class PolarGateway:
         self._token = settings.polar_access_token
         self.budget = budget or make_budget(settings)
         self.budget_share = budget_share
+        # Delivery gives up quickly (the row goes back to pending); a low-priority reader
+        # (reconcile) waits for its share, up to two windows.
+        self.budget_wait_seconds = (
+            BUDGET_WAIT_SECONDS
+            if budget_share is None
+            else 2.0 * settings.polar_rate_window_seconds + 1
+        )
         self.client = Polar(
             settings.polar_access_token,
             environment=settings.polar_environment,
@@ -220,7 +227,7 @@ class PolarGateway:
         self.requests = 0  # HTTP requests sent (reconcile reports what it spent)
 
     def _spend(self) -> None:
-        wait = self.budget.acquire(timeout=BUDGET_WAIT_SECONDS, share=self.budget_share)
+        wait = self.budget.acquire(timeout=self.budget_wait_seconds, share=self.budget_share)
         if wait is not None:
             raise BudgetWait(wait)
 
@@ -270,7 +277,7 @@ class PolarGateway:
     def list_events(
         self,
         *,
-        external_customer_id: str | None,
+        external_customer_id: str | list[str] | None,
         name: str,
         start: datetime | None,
         end: datetime | None,

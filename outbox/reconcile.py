@@ -77,7 +77,7 @@ class PolarSide(Protocol):
     def list_events(
         self,
         *,
-        external_customer_id: str | None,
+        external_customer_id: str | list[str] | None,
         name: str,
         start: datetime | None,
         end: datetime | None,
@@ -122,7 +122,8 @@ class ReconcileReport:
 
     @property
     def differs(self) -> bool:
-        return any(c.differs for c in self.customers)
+        """Something differed (also when this run's resend already repaired it)."""
+        return any(c.differs for c in self.customers) or any(r["inserted"] for r in self.resent)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -304,6 +305,8 @@ class _Reconciler:
                 self.entry(usage.customer_id).in_flight.append(usage.event_id)
         self.requeue: list[_Usage] = []
         self.resent: list[dict[str, Any]] = []
+        self.pre_born: list[tuple[str, datetime, float]] = []
+        self.notes: list[str] = []
 
     def entry(self, customer_id: str) -> CustomerReconciliation:
         return self.per_customer.setdefault(
@@ -313,6 +316,60 @@ class _Reconciler:
     def expected_of(self, group: Sequence[str], bucket: datetime, interval: str = "hour") -> int:
         by_customer = self.expected[interval]
         return sum(by_customer[c].get(bucket, 0) for c in group if c in by_customer)
+
+    def before_born(self, group: Sequence[str], bucket: datetime, interval: str) -> float:
+        """Credits Polar holds for `group` in `bucket` from before this database began."""
+        return sum(
+            credits
+            for customer, moment, credits in self.pre_born
+            if customer in group and _floor(moment, interval) == bucket
+        )
+
+    def differing(
+        self, group: Sequence[str], polar: dict[datetime, float], interval: str = "hour"
+    ) -> dict[datetime, float]:
+        """The buckets whose totals differ (Polar's raw totals, for the narrowing below)."""
+        out = {}
+        for bucket, quantity in polar.items():
+            ours = quantity
+            if self.pre_born and bucket == _floor(self.born or bucket, interval):
+                ours -= self.before_born(group, bucket, interval)
+            if ours != self.expected_of(group, bucket, interval):
+                out[bucket] = quantity
+        return out
+
+    def read_pre_born(self, groups: list[list[str]]) -> None:
+        """Where this database began inside the window, Polar's totals of that bucket may hold
+        events from before it (a reset database, customers coming back under the same ids):
+        list that slice of the bucket, usually empty, one request per group."""
+        born = self.born
+        if born is None or not self.since <= born < self.until:
+            return
+        start = _floor(born, self.interval)
+        if start == born:
+            return
+        for group in groups:
+            try:
+                events = list(
+                    self.polar.list_events(
+                        external_customer_id=group,
+                        name=self.settings.usage_event_name,
+                        start=start - timedelta(microseconds=1),
+                        end=born,
+                    )
+                )
+            except Exception as exc:
+                self.notes.append(
+                    "could not list Polar's events from before this database's first entry "
+                    f"({_describe(exc, self.settings)}): its first {self.interval} may differ"
+                )
+                return
+            for event in events:
+                moment = _timestamp(event)
+                credits = _credits_of(event, self.settings.usage_credits_field)
+                if moment is not None and start <= moment < born and credits:
+                    customer = str(event.get("external_customer_id") or "")
+                    self.pre_born.append((customer, moment, credits))
 
     def quantities(
         self, group: Sequence[str], first: datetime, last: datetime, interval: str
@@ -338,13 +395,12 @@ class _Reconciler:
         total = 0.0
         last = self.until - _step(self.interval)
         work: list[tuple[list[str], str, dict[datetime, float]]] = []
+        self.read_pre_born(groups)
         for n, group in enumerate(groups, 1):
             self.progress(f"comparing meter totals: customer group {n}/{len(groups)}")
             polar = self.quantities(group, self.since, last, self.interval)
             total += sum(polar.values())
-            differing = {
-                b: q for b, q in polar.items() if q != self.expected_of(group, b, self.interval)
-            }
+            differing = self.differing(group, polar, self.interval)
             if differing:
                 work.append((group, self.interval, differing))
         while work:
@@ -355,7 +411,7 @@ class _Reconciler:
             if interval == "day":
                 for day in sorted(differing):
                     hours = self.quantities(group, day, day + timedelta(hours=23), "hour")
-                    diff = {b: q for b, q in hours.items() if q != self.expected_of(group, b)}
+                    diff = self.differing(group, hours)
                     if diff:
                         work.append((group, "hour", diff))
             elif len(group) == 1:
@@ -368,7 +424,7 @@ class _Reconciler:
                     (half, {b: first.get(b, 0.0) for b in differing}),
                     (rest, {b: q - first.get(b, 0.0) for b, q in differing.items()}),
                 ):
-                    diff = {b: q for b, q in values.items() if q != self.expected_of(part, b)}
+                    diff = self.differing(part, values)
                     if diff:
                         work.append((part, "hour", diff))
         return total
@@ -472,9 +528,13 @@ class _Reconciler:
             "polar_credits": _number(polar_total),
             "reason": why,
         }
+        polar_total -= self.before_born([customer], hour, "hour")
+        if polar_total == expected:
+            return  # only the listing failed; the totals agree
         if self.fix and settled and polar_total < expected:
             inserted = self.resend(settled)
             after = self.quantities([customer], hour, hour, "hour").get(hour, 0.0)
+            after -= self.before_born([customer], hour, "hour")
             self.resent.append(
                 {
                     "customer_id": customer,
@@ -620,7 +680,7 @@ def reconcile(
         since=start,
         until=end,
         interval=interval,
-        window_note=note,
+        window_note="; ".join([note, *worker.notes]),
         ledger_credits=sum(u.credits for u in ours),
         polar_credits=polar_total,
         customers=sorted(

@@ -182,6 +182,8 @@ def build_app(state: EmulatorState) -> Starlette:
         refused = await _gate(request, state)
         if refused is not None:
             return refused
+        if state.config.events_list_status is not None:
+            return Response("Internal Server Error", status_code=state.config.events_list_status)
         q = request.query_params
         try:
             page = max(1, int(q.get("page", "1")))

@@ -71,6 +71,8 @@ class EmulatorConfig:
     latency_jitter_ms: float = 0.0
     reject_customers: list[str] = field(default_factory=list)
     clock_offset_seconds: float = 0.0
+    # e.g. 500: Polar's own server answers its events list so without its analytics store.
+    events_list_status: int | None = None
     seed: int | None = None
     meters: list[dict[str, Any]] = field(default_factory=default_meters)
     products: dict[str, dict[str, Any]] = field(default_factory=default_products)
