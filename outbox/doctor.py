@@ -23,14 +23,15 @@ class Check:
         return {"check": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix}
 
 
-def _clause_holds(clause: Any, name: str) -> bool | None:
+def _clause_holds(clause: Any, name: str, other_names: bool = False) -> bool | None:
     """A meter filter (Polar's shape: `{"conjunction", "clauses"}`, clauses nest) for an
-    event named `name` of ours: True/False, or None where it depends on the event's metadata
-    or time (which differ from event to event)."""
+    event of ours named `name` (or, with `other_names`, for any event NOT named `name`):
+    True/False, or None where it depends on what differs between such events (metadata, time,
+    which other name)."""
     if not isinstance(clause, dict):
         return None
     if "clauses" in clause:
-        results = [_clause_holds(c, name) for c in clause.get("clauses") or []]
+        results = [_clause_holds(c, name, other_names) for c in clause.get("clauses") or []]
         if not results:
             return True
         if clause.get("conjunction") == "or":
@@ -45,6 +46,8 @@ def _clause_holds(clause: Any, name: str) -> bool | None:
     value, operator = clause.get("value"), clause.get("operator")
     if not isinstance(value, str):
         return False  # Polar compares name/source only with strings
+    if other_names and prop == "name":
+        return False if (operator, value) == ("eq", name) else None
     return {
         "eq": actual == value,
         "ne": actual != value,
@@ -71,10 +74,10 @@ def _sums_our_field(meter: dict[str, Any], settings: Settings) -> bool:
     ):
         return False
     filter_ = meter.get("filter") or {}
-    other_name = settings.usage_event_name + "\x00other"
+    name = settings.usage_event_name
     return (
-        _clause_holds(filter_, settings.usage_event_name) is True
-        and _clause_holds(filter_, other_name) is False
+        _clause_holds(filter_, name) is True
+        and _clause_holds(filter_, name, other_names=True) is False
     )
 
 

@@ -332,7 +332,7 @@ class _Reconciler:
         out = {}
         for bucket, quantity in polar.items():
             ours = quantity
-            if self.pre_born and bucket == _floor(self.born or bucket, interval):
+            if self.born is not None and bucket == _floor(self.born, interval):
                 ours -= self.before_born(group, bucket, interval)
             if ours != self.expected_of(group, bucket, interval):
                 out[bucket] = quantity
@@ -433,7 +433,8 @@ class _Reconciler:
 
     def examine(self, customer: str, hour: datetime, polar_total: float) -> None:
         entry = self.entry(customer)
-        entry.polar_credits = int((entry.polar_credits or 0) + polar_total)
+        ours = polar_total - self.before_born([customer], hour, "hour")
+        entry.polar_credits = int((entry.polar_credits or 0) + ours)
         rows = self.rows.get((customer, hour), [])
         self.progress(f"listing Polar's events of {customer} in the hour {hour:%Y-%m-%d %H:00}")
         events: list[dict[str, Any]] | None = None
