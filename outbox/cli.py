@@ -510,7 +510,10 @@ def reconcile(
                 "(same external_id: Polar dedups)"
             )
         elif report.differs and not fix:
-            out.print("run again with --fix to re-queue the missing events")
+            out.print(
+                "run again with --fix to re-queue the missing events (and resend the hours "
+                "Polar cannot list)"
+            )
     raise typer.Exit(1 if report.differs else 0)
 
 

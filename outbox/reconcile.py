@@ -616,10 +616,12 @@ def reconcile_window(
     starting no earlier than the database's first ledger entry. (since, until, interval,
     a sentence saying why)."""
     notes = []
+    if until is None:
+        notes.append("up to now: events not delivered yet count as in flight, not missing")
     until = min(until or now, now)
     if since is None:
         since = until - DEFAULT_LOOKBACK
-        notes.append("the last 24 h (--since)")
+        notes.insert(0, "the last 24 h")
     if born is not None and since < born:
         since = born
         notes.append("from this database's first ledger entry (nothing before it is ours)")
@@ -633,10 +635,7 @@ def reconcile_window(
         start, end = _floor(since, "day"), _floor(until, "day")
         if end < until or end == start:
             end += timedelta(days=1)
-    notes.append(
-        f"widened to whole {interval}s (Polar's meter totals come per {interval}); up to now "
-        "by default: not-yet-delivered events count as in flight, never as missing"
-    )
+    notes.append(f"in whole {interval}s, as Polar's meter totals come")
     return start, end, interval, "; ".join(notes)
 
 
