@@ -42,7 +42,7 @@ if cap > 0 then
   local low_key = key .. ':low'
   local total = tonumber(redis.call('GET', key) or '0')
   local low = tonumber(redis.call('GET', low_key) or '0')
-  if low >= cap or total >= tonumber(ARGV[1]) - cap then
+  if low >= cap or total >= math.max(cap, tonumber(ARGV[1]) - cap) then
     return {2, start + window_ms - now_ms}
   end
   redis.call('INCR', low_key)
@@ -77,7 +77,8 @@ return {used, math.max(0, redis.call('PTTL', KEYS[1] .. ':pause'))}
 def low_priority_cap(allowance: int, share: float | None) -> int:
     """Slots per window a low-priority caller (reconcile) may take: `share` of the allowance,
     at least 1; 0 means no cap (delivery). Such a caller also takes a slot only while the
-    window has more than that cap left, so it never eats into what delivery needs."""
+    window has more than that cap left (or, in a tiny budget, nothing used beyond the cap),
+    so it never eats into what delivery needs."""
     if share is None:
         return 0
     return max(1, int(allowance * share))
@@ -190,7 +191,7 @@ class LocalRateBudget(_WaitingBudget):
                 self._window, self._used, self._used_low = window, 0, 0
             cap = low_priority_cap(self.allowance, share)
             if self._used >= self.allowance or (
-                cap and (self._used_low >= cap or self._used >= self.allowance - cap)
+                cap and (self._used_low >= cap or self._used >= max(cap, self.allowance - cap))
             ):
                 return (window + 1) * self.window_seconds - now
             self._used += 1

@@ -151,3 +151,9 @@ def test_a_low_priority_caller_takes_its_share_and_leaves_delivery_the_rest(
     # 6 slots are left, fewer than reconcile's cap of 7: reconcile waits for the next window.
     assert busy.try_acquire(share=0.25) is not None
     assert busy.try_acquire() is None  # delivery is not held back
+
+
+def test_a_tiny_budget_still_gives_the_low_priority_caller_its_slot() -> None:
+    tiny = LocalRateBudget(1, margin=0, window_seconds=3600, clock=lambda: 7200.0)
+    assert tiny.try_acquire(share=0.2) is None
+    assert tiny.try_acquire(share=0.2) is not None
