@@ -286,8 +286,8 @@ def _as_str_or_none(value: Any) -> str | None:
 
 
 def _iso(moment: datetime) -> str:
-    """As pydantic serializes an aware datetime: `Z` for UTC."""
-    text = moment.isoformat()
+    """As Polar answers: in UTC with `Z`, whatever the `timezone` asked (seen on its server)."""
+    text = moment.astimezone(UTC).isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
