@@ -475,13 +475,14 @@ class _Reconciler:
             )
         except Exception as exc:
             raise PolarUnavailable(f"listing events: {_describe(exc, self.settings)}") from None
-        out = []
-        for event in listed:
+        out: dict[str, dict[str, Any]] = {}
+        for n, event in enumerate(listed):
             moment = _timestamp(event)
             if moment is not None and not hour <= moment < end:
                 continue
-            out.append(event)
-        return out
+            # An event listed twice (a page shifted while paging) counts once.
+            out.setdefault(str(event.get("id") or n), event)
+        return list(out.values())
 
     def match(self, customer: str, rows: list[_Usage], events: list[dict[str, Any]]) -> None:
         entry = self.entry(customer)

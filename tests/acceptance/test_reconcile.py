@@ -146,6 +146,8 @@ def test_two_databases_and_a_reset_on_one_organization_give_no_false_difference(
         assert (code, report["differs"]) == (0, False), report
     code, report = reconcile(monkeypatch, url_b)
     assert report["totals"]["ledger_credits"] == report["totals"]["polar_credits"] == 18
+    code, report = reconcile(monkeypatch, pg_url, "--customer", alice)
+    assert code == 0 and report["totals"]["ledger_credits"] == 10
 
     # Polar loses one event of each database; each reconcile names its own, exactly.
     assert emulator.state.delete(a_events[1][1])
