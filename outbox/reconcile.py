@@ -490,6 +490,9 @@ class _Reconciler:
         by_usage_id = {str(u.event_id): u for u in rows}
         seen: set[int] = set()
         for event in events:
+            moment = _timestamp(event)
+            if self.born and moment is not None and moment < self.born:
+                continue  # before this database existed (it was reset): not ours, whatever ids
             metadata = event.get("metadata") or {}
             key = metadata.get(USAGE_KEY)
             usage = (
@@ -497,9 +500,6 @@ class _Reconciler:
                 if key is not None
                 else by_usage_id.get(str(metadata.get("usage_id", "")))
             )
-            moment = _timestamp(event)
-            if usage is None and self.born and moment is not None and moment < self.born:
-                continue  # before this database existed (e.g. it was reset)
             credits = _credits_of(event, self.settings.usage_credits_field)
             if usage is None or usage.event_id in seen:
                 entry.unknown.append(str(key or metadata.get("usage_id") or event.get("id")))
@@ -524,13 +524,13 @@ class _Reconciler:
         entry = self.entry(customer)
         expected = self.expected["hour"][customer].get(hour, 0)
         settled = [u for u in rows if u.status in SETTLED]
+        polar_total -= self.before_born([customer], hour, "hour")
         finding: dict[str, Any] = {
             "hour": hour.isoformat(),
             "ledger_credits": expected,
             "polar_credits": _number(polar_total),
             "reason": why,
         }
-        polar_total -= self.before_born([customer], hour, "hour")
         if polar_total == expected:
             return  # only the listing failed; the totals agree
         if self.fix and settled and polar_total < expected:
