@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -315,3 +317,102 @@ def test_a_polar_error_is_one_line_and_exit_2(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "401" in lines[0], result.stderr
     assert emulator.token not in result.output
+
+
+def test_reconcile_takes_only_its_share_of_the_shared_budget(
+    env: None,
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """10 requests per 2 s window (allowance 8): reconcile may take 1 per window (20%), so
+    its 3 requests (a totals request, the first hour's list and a meter lookup) span three
+    windows."""
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=100)
+    usage(clean_tables, customer, 1)
+    deliver_all(pg_url, clean_tables)
+    monkeypatch.setenv("POLAR_REQUESTS_PER_MINUTE", "10")
+    monkeypatch.setenv("POLAR_RATE_WINDOW_SECONDS", "2")
+    emulator.configure(window_seconds=2.0)
+    time.sleep(2.1)  # the delivery's request is in an older window of the emulator's count
+    with emulator.state.lock:
+        emulator.state.stats = type(emulator.state.stats)()
+    code, report = reconcile(monkeypatch, pg_url)
+    assert code == 0 and report["polar_requests"] == 3
+    assert emulator.state.stats.max_requests_in_a_window == 1
+
+
+def seed_sql(engine: Engine, customer: str, rows: list[tuple[int, int, datetime]]) -> None:
+    """Delivered usages written straight into the tables, at times in the past (the API can
+    only record usage now): (event id, credits, when)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO customers (id, balance, held, granted, used, created_at,"
+                " updated_at) VALUES (:c, 1000, 0, 1000, 0, :t, :t)"
+            ),
+            {"c": customer, "t": rows[0][2] - timedelta(days=10)},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO ledger_entries (customer_id, kind, delta, balance_after, reason,"
+                " created_at) VALUES (:c, 'grant', 1000, 1000, 'seed', :t)"
+            ),
+            {"c": customer, "t": rows[0][2] - timedelta(days=10)},
+        )
+        for event_id, credits, at in rows:
+            params = {"id": event_id, "x": f"usage_{event_id}", "c": customer, "n": credits}
+            conn.execute(
+                sa.text(
+                    "INSERT INTO outbox_events (id, external_id, customer_id, name, credits,"
+                    " metadata, occurred_at, status, attempts, next_attempt_at, created_at,"
+                    " updated_at, delivered_at) VALUES (:id, :x, :c, 'ai_generation', :n,"
+                    " '{}', :t, 'delivered', 1, :t, :t, :t, :t)"
+                ),
+                {**params, "t": at},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO ledger_entries (customer_id, kind, delta, balance_after,"
+                    " event_id, external_id, created_at) VALUES (:c, 'usage', -:n, 1000, :id,"
+                    " :x, :t)"
+                ),
+                {**params, "t": at},
+            )
+
+
+def test_a_month_is_compared_per_day_then_per_hour_where_a_day_differs(
+    env: None,
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = datetime.now(UTC)
+    rows = [(n, 1 + n % 3, now - timedelta(days=25, hours=-n * 7)) for n in range(1, 60)]
+    seed_sql(clean_tables, "old_customer", rows)
+    emulator.state.store(
+        [
+            {
+                "name": "ai_generation",
+                "external_customer_id": "old_customer",
+                "external_id": f"usage_{n}",
+                "timestamp": at,
+                "metadata": {"credits_used": credits, "usage_id": str(n)},
+            }
+            for n, credits, at in rows
+        ]
+    )
+    since = (now - timedelta(days=30)).isoformat()
+    code, report = reconcile(monkeypatch, pg_url, "--since", since)
+    assert (code, report["interval"]) == (0, "day"), report
+    assert emulator.state.delete("usage_17")
+    code, report = reconcile(monkeypatch, pg_url, "--since", since)
+    assert code == 1
+    assert [(c["customer_id"], c["missing"]) for c in report["customers"]] == [
+        ("old_customer", [17])
+    ]
+    # meter lookup + daily totals + that day's hours + the hour's events
+    assert report["polar_requests"] == 4
