@@ -512,7 +512,8 @@ def reconcile(
         elif report.differs and not fix:
             out.print(
                 "run again with --fix to re-queue the missing events (and resend the hours "
-                "Polar cannot list)"
+                "Polar cannot list)",
+                highlight=False,
             )
     raise typer.Exit(1 if report.differs else 0)
 
