@@ -35,11 +35,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from outbox.doctor import find_meter
 from outbox.errors import PolarUnavailable
 from outbox.models import Customer, LedgerEntry, OutboxEvent, utcnow
+from outbox.polar import USAGE_KEY_FIELD, Outcome, build_event, describe_failure
 from outbox.settings import Settings
 from outbox.states import EventStatus, LedgerKind
 from outbox.validation import check_customer_id
@@ -53,7 +55,7 @@ MAX_CUSTOMER_QUERY_CHARS = 6000
 # The listed events of a narrowed hour must add up to its total; Polar's list lags ingestion.
 LIST_RETRIES = 2
 LIST_RETRY_SECONDS = 2.0
-USAGE_KEY = "usage_external_id"
+USAGE_KEY = USAGE_KEY_FIELD
 SETTLED = (EventStatus.DELIVERED, None)  # None: the outbox row was pruned after delivery
 
 Progress = Callable[[str], None]
@@ -559,8 +561,6 @@ class _Reconciler:
     def resend(self, rows: list[_Usage]) -> int:
         """Send these delivered events again, as delivery built them: Polar dedups on
         `external_id`, so it stores (and bills) only the ones it lacks. Their count."""
-        from outbox.polar import Outcome, build_event
-
         inserted = 0
         size = self.settings.outbox_batch_size
         for i in range(0, len(rows), size):
@@ -585,8 +585,6 @@ class _Reconciler:
 
 
 def _describe(exc: BaseException, settings: Settings) -> str:
-    from outbox.polar import describe_failure
-
     return describe_failure(exc, settings.polar_access_token)
 
 
@@ -594,8 +592,6 @@ def find_meter_id(polar: PolarSide, settings: Settings) -> str:
     """`POLAR_METER_ID`, or the meter `outbox doctor` finds (one request)."""
     if settings.polar_meter_id:
         return settings.polar_meter_id
-    from outbox.doctor import find_meter
-
     try:
         meters = polar.list_meters()
     except Exception as exc:
@@ -658,7 +654,8 @@ def reconcile(
     now = now or utcnow()
     if customer_id is not None:
         customer_id = check_customer_id(customer_id)
-    born = session.scalar(select(func.min(LedgerEntry.created_at)))
+    # The database's first entry (by primary key: no scan of a big ledger).
+    born = session.scalar(select(LedgerEntry.created_at).order_by(LedgerEntry.id).limit(1))
     start, end, interval, note = reconcile_window(since, until, now, born)
     requests_before = polar.requests
     meter_id = find_meter_id(polar, settings)
