@@ -28,8 +28,8 @@ class UsageIn(Strict):
     credits: StrictInt = Field(1, ge=1, le=MAX_CREDITS)
     metadata: dict[StrictStr, MetadataValue] | None = Field(
         None,
-        description="Up to 48 keys (≤ 40 chars); values: string (1-500 chars), int, float, bool. "
-        "`credits_used` and `usage_id` are reserved.",
+        description="Up to 47 keys (≤ 40 chars); values: string (1-500 chars), int, float, bool. "
+        "`credits_used`, `usage_id` and `usage_external_id` are reserved.",
         examples=[{"plan_id": "fp_42", "rooms": 3}],
     )
 

@@ -573,53 +573,95 @@ def reconcile(
     since: Annotated[
         str | None, typer.Option(help="Start (ISO 8601); default 24 h before --until.")
     ] = None,
-    until: Annotated[
-        str | None, typer.Option(help="End (ISO 8601); default 5 minutes ago.")
-    ] = None,
-    fix: Annotated[bool, typer.Option("--fix", help="Re-queue what Polar lacks.")] = False,
+    until: Annotated[str | None, typer.Option(help="End (ISO 8601); default now.")] = None,
+    fix: Annotated[
+        bool,
+        typer.Option(
+            "--fix",
+            help="Re-queue what Polar lacks; where Polar cannot list its events, resend the "
+            "hour's delivered events (Polar dedups the ones it has).",
+        ),
+    ] = False,
     json_out: JsonFlag = False,
 ) -> None:
-    """Ledger vs Polar: missing, unknown, mismatched credits. Exit 1 when they differ."""
+    """Ledger vs Polar: meter totals per hour first, events only where they differ.
+
+    Reports missing, unknown and mismatched events; exit 1 when they differ, 2 when Polar
+    cannot answer. The window is widened to whole hours (days past 7 days)."""
     settings = settings_or_exit()
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     if start and end and start >= end:
         fail("--since must be before --until")
-    from outbox.polar import get_gateway
+    from outbox.polar import PolarGateway
     from outbox.reconcile import reconcile as run
 
     with domain_errors():
-        gateway = get_gateway(settings)
-        with err.status("reading Polar's events (spends the shared rate budget)..."):
-            report = with_session(
-                lambda s: run(
-                    s, gateway, settings, customer_id=customer, since=start, until=end, fix=fix
+        gateway = PolarGateway(settings, budget_share=settings.reconcile_budget_share)
+        try:
+            with err.status("comparing meter totals with Polar...") as status:
+                report = with_session(
+                    lambda s: run(
+                        s,
+                        gateway,
+                        settings,
+                        customer_id=customer,
+                        since=start,
+                        until=end,
+                        fix=fix,
+                        progress=lambda text: status.update(text),
+                    )
                 )
-            )
+        finally:
+            gateway.close()
     data = report.as_dict()
     if json_out:
         print_json(data)
     else:
         totals = data["totals"]
         out.print(
-            f"{report.since.isoformat()} → {report.until.isoformat()}: ledger "
-            f"{totals['ledger_credits']} credits, Polar {totals['polar_credits']}; missing "
-            f"{totals['missing']}, unknown {totals['unknown']}, mismatched "
-            f"{totals['mismatched']}, in flight {totals['in_flight']}"
+            f"{report.since.isoformat()} → {report.until.isoformat()} ({report.window_note})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        out.print(
+            f"ledger {totals['ledger_credits']} credits, Polar {totals['polar_credits']}; "
+            f"missing {totals['missing']}, unknown {totals['unknown']}, mismatched "
+            f"{totals['mismatched']}, unsettled {totals['unsettled']}, in flight "
+            f"{totals['in_flight']}; {report.requests} Polar request(s)",
+            highlight=False,
         )
         for c in report.customers:
             if c.differs:
                 out.print(
-                    f"  {c.customer_id}: ledger {c.ledger_credits}, Polar {c.polar_credits}; "
-                    f"missing {c.missing[:20]} unknown {c.unknown[:20]} "
+                    f"  {c.customer_id}: missing {c.missing[:20]} unknown {c.unknown[:20]} "
                     f"mismatched {c.mismatched[:20]}"
+                    + "".join(
+                        f"\n    hour {u['hour']}: ledger {u['ledger_credits']}, Polar "
+                        f"{u['polar_credits']}: {u['reason']}"
+                        + (f" ({u['fix']})" if u.get("fix") else "")
+                        for u in c.unsettled[:20]
+                    ),
+                    highlight=False,
+                    soft_wrap=True,
                 )
+        for r in report.resent:
+            out.print(
+                f"resent {r['sent']} event(s) of {r['customer_id']} in the hour {r['hour']}: "
+                f"Polar stored {r['inserted']} it lacked (now {r['polar_credits_after']} "
+                "credits)",
+                highlight=False,
+            )
         if report.requeued or report.recreated:
             out.print(
                 f"re-queued {len(report.requeued) + len(report.recreated)} event(s) "
                 "(same external_id: Polar dedups)"
             )
         elif report.differs and not fix:
-            out.print("run again with --fix to re-queue the missing events")
+            out.print(
+                "run again with --fix to re-queue the missing events (and resend the hours "
+                "Polar cannot list)",
+                highlight=False,
+            )
     raise typer.Exit(1 if report.differs else 0)
 
 

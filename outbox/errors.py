@@ -85,3 +85,9 @@ class ConfigError(OutboxError):
     """The configuration is invalid."""
 
     code = "config_error"
+
+
+class PolarUnavailable(OutboxError):
+    """Polar could not answer (an error, a refusal or no answer)."""
+
+    code = "polar_unavailable"

@@ -48,6 +48,8 @@ log = logging.getLogger("outbox.polar")
 IN_CALL_ATTEMPTS = 3
 BUDGET_WAIT_SECONDS = 5.0
 EVENTS_PAGE_SIZE = 100
+# The metadata key that carries an event's `external_id` (globally unique) back to reconcile.
+USAGE_KEY_FIELD = "usage_external_id"
 
 
 class Outcome(StrEnum):
@@ -81,7 +83,8 @@ def build_event(
     usage_id: str,
 ) -> dict[str, Any]:
     """One Polar event: `credits_used` an int (a sum meter ignores strings and booleans), our
-    event id as `usage_id` (a string, for reconciliation), a tz-aware ISO 8601 timestamp."""
+    event id as `usage_id` and the `external_id` again as `usage_external_id` (Polar's event
+    list does not return `external_id`; reconcile matches on it), a tz-aware timestamp."""
     if occurred_at.tzinfo is None:
         raise ValueError("occurred_at must be timezone-aware")
     return {
@@ -89,7 +92,12 @@ def build_event(
         "external_customer_id": customer_id,
         "external_id": external_id,
         "timestamp": occurred_at.astimezone(UTC).isoformat(),
-        "metadata": {**metadata, credits_field: int(credits), "usage_id": str(usage_id)},
+        "metadata": {
+            **metadata,
+            credits_field: int(credits),
+            "usage_id": str(usage_id),
+            USAGE_KEY_FIELD: external_id,
+        },
     }
 
 
@@ -146,6 +154,25 @@ def classify_failure(exc: BaseException, batch_len: int, secret: str | None = No
     return IngestResult(Outcome.TRANSIENT, message=f"{type(exc).__name__}: {text}")
 
 
+def _parse_time(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def describe_failure(exc: BaseException, secret: str | None = None) -> str:
+    """One line for an operator: what Polar (or the network) answered to a read."""
+    if isinstance(exc, BudgetWait):
+        return str(exc)
+    if isinstance(exc, PolarServerError) or (
+        isinstance(exc, PolarClientError) and not isinstance(exc, PolarRateLimitError)
+    ):
+        text = str(exc).split(" - ", 1)[-1]
+        text = " ".join(redact(text, secret).split())[:200]
+        return f"Polar answered {exc.status_code}: {text}"
+    return " ".join(classify_failure(exc, 0, secret).message.split())[:300]
+
+
 def _retry_in_call(exc: BaseException) -> bool:
     """Worth a quick second try inside the call: no answer, or a 5xx."""
     return isinstance(exc, PolarNetworkError | PolarServerError)
@@ -162,7 +189,15 @@ class BudgetWait(Exception):
 class PolarGateway:
     """One per process (see `get_gateway`): the SDK client, the rate budget, auth state."""
 
-    def __init__(self, settings: Settings, *, budget: RateBudget | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        budget: RateBudget | None = None,
+        budget_share: float | None = None,
+    ) -> None:
+        """`budget_share`: spend the budget at low priority, capped at that share of each
+        window (reconcile); None: delivery's full priority."""
         if not settings.polar_access_token:
             raise ConfigError(
                 "POLAR_ACCESS_TOKEN is not set: create an organization access token in Polar"
@@ -170,6 +205,14 @@ class PolarGateway:
         self.settings = settings
         self._token = settings.polar_access_token
         self.budget = budget or make_budget(settings)
+        self.budget_share = budget_share
+        # Delivery gives up quickly (the row goes back to pending); a low-priority reader
+        # (reconcile) waits for its share, up to two windows.
+        self.budget_wait_seconds = (
+            BUDGET_WAIT_SECONDS
+            if budget_share is None
+            else 2.0 * settings.polar_rate_window_seconds + 1
+        )
         self.client = Polar(
             settings.polar_access_token,
             environment=settings.polar_environment,
@@ -177,9 +220,10 @@ class PolarGateway:
             timeout=settings.polar_timeout_seconds,
         )
         self.credentials_ok: bool | None = None
+        self.requests = 0  # HTTP requests sent (reconcile reports what it spent)
 
     def _spend(self) -> None:
-        wait = self.budget.acquire(timeout=BUDGET_WAIT_SECONDS)
+        wait = self.budget.acquire(timeout=self.budget_wait_seconds, share=self.budget_share)
         if wait is not None:
             raise BudgetWait(wait)
 
@@ -188,6 +232,7 @@ class PolarGateway:
 
         def attempt() -> Any:
             self._spend()
+            self.requests += 1
             try:
                 return fn(**kwargs)
             except PolarRateLimitError as exc:
@@ -228,7 +273,7 @@ class PolarGateway:
     def list_events(
         self,
         *,
-        external_customer_id: str | None,
+        external_customer_id: str | list[str] | None,
         name: str,
         start: datetime | None,
         end: datetime | None,
@@ -258,11 +303,34 @@ class PolarGateway:
                 return
             page += 1
 
+    def meter_quantities(
+        self,
+        meter_id: str,
+        *,
+        start: datetime,
+        end: datetime,
+        interval: str,
+        external_customer_ids: list[str],
+    ) -> list[tuple[datetime, float]]:
+        """One request: the meter's total per `interval` bucket for these customers, one row
+        per bucket from `start`'s to `end`'s (both inclusive). Raises on failure."""
+        result = self._call(
+            self.client.meters.quantities,
+            id=meter_id,
+            start_timestamp=start.astimezone(UTC).isoformat(),
+            end_timestamp=end.astimezone(UTC).isoformat(),
+            interval=interval,
+            external_customer_id=external_customer_ids,
+        )
+        self.credentials_ok = True
+        return [(_parse_time(q.timestamp), float(q.quantity)) for q in result.quantities or []]
+
     def _get_json(self, path: str, **params: Any) -> Any:
         """A raw GET: for the few fields `outbox doctor` reads we skip the SDK's strict models
         (they refuse payloads with fields newer than the SDK, as webhooks do)."""
         base = self.settings.polar_base_url or SERVERS[self.settings.polar_environment]
         self._spend()
+        self.requests += 1
         response = httpx.get(
             base.rstrip("/") + path,
             params=params,

@@ -25,7 +25,8 @@ log = logging.getLogger("outbox.ratelimit")
 
 DEFAULT_LOCAL_SHARE_DIVISOR = 4
 
-# KEYS[1]: the namespace. ARGV[1]: allowance per window, ARGV[2]: window length in seconds.
+# KEYS[1]: the namespace. ARGV[1]: allowance per window, ARGV[2]: window length in seconds,
+# ARGV[3]: 0, or the cap of a low-priority caller (see `low_priority_cap`).
 # Returns {0, used} when a slot was taken, {1, ms} while paused, {2, ms} when the window is
 # spent (ms: how long until trying again makes sense).
 _ACQUIRE = """
@@ -36,6 +37,17 @@ local paused = redis.call('PTTL', KEYS[1] .. ':pause')
 if paused > 0 then return {1, paused} end
 local start = now_ms - (now_ms % window_ms)
 local key = KEYS[1] .. ':window:' .. start
+local cap = tonumber(ARGV[3] or '0')
+if cap > 0 then
+  local low_key = key .. ':low'
+  local total = tonumber(redis.call('GET', key) or '0')
+  local low = tonumber(redis.call('GET', low_key) or '0')
+  if low >= cap or total >= math.max(cap, tonumber(ARGV[1]) - cap) then
+    return {2, start + window_ms - now_ms}
+  end
+  redis.call('INCR', low_key)
+  redis.call('PEXPIRE', low_key, window_ms * 2)
+end
 local used = redis.call('INCR', key)
 if used == 1 then redis.call('PEXPIRE', key, window_ms * 2) end
 if used > tonumber(ARGV[1]) then return {2, start + window_ms - now_ms} end
@@ -62,11 +74,22 @@ return {used, math.max(0, redis.call('PTTL', KEYS[1] .. ':pause'))}
 """
 
 
+def low_priority_cap(allowance: int, share: float | None) -> int:
+    """Slots per window a low-priority caller (reconcile) may take: `share` of the allowance,
+    at least 1; 0 means no cap (delivery). Such a caller also takes a slot only while the
+    window has more than that cap left (or, in a tiny budget, nothing used beyond the cap),
+    so it never eats into what delivery needs."""
+    if share is None:
+        return 0
+    return max(1, int(allowance * share))
+
+
 class RateBudget(Protocol):
     """A shared request budget. `acquire` returns None when a slot was taken, otherwise the
-    seconds to wait before asking again (it waited up to `timeout` first)."""
+    seconds to wait before asking again (it waited up to `timeout` first). With `share`, the
+    caller has low priority and a cap (`low_priority_cap`)."""
 
-    def acquire(self, *, timeout: float) -> float | None: ...
+    def acquire(self, *, timeout: float, share: float | None = None) -> float | None: ...
 
     def pause(self, seconds: float) -> None: ...
 
@@ -80,13 +103,13 @@ class _WaitingBudget:
 
     sleep: Callable[[float], None]
 
-    def try_acquire(self) -> float | None:
+    def try_acquire(self, share: float | None = None) -> float | None:
         raise NotImplementedError
 
-    def acquire(self, *, timeout: float) -> float | None:
+    def acquire(self, *, timeout: float, share: float | None = None) -> float | None:
         deadline = time.monotonic() + timeout
         while True:
-            wait = self.try_acquire()
+            wait = self.try_acquire(share)
             if wait is None:
                 return None
             left = deadline - time.monotonic()
@@ -117,9 +140,10 @@ class RedisRateBudget(_WaitingBudget):
         self._pause = client.register_script(_PAUSE)
         self._peek = client.register_script(_PEEK)
 
-    def try_acquire(self) -> float | None:
+    def try_acquire(self, share: float | None = None) -> float | None:
+        cap = low_priority_cap(self.allowance, share)
         status, value = self._acquire(
-            keys=[self.namespace], args=[self.allowance, self.window_seconds]
+            keys=[self.namespace], args=[self.allowance, self.window_seconds, cap]
         )
         return None if int(status) == 0 else int(value) / 1000.0
 
@@ -154,19 +178,24 @@ class LocalRateBudget(_WaitingBudget):
         self._lock = threading.Lock()
         self._window = -1
         self._used = 0
+        self._used_low = 0
         self._paused_until = 0.0
 
-    def try_acquire(self) -> float | None:
+    def try_acquire(self, share: float | None = None) -> float | None:
         with self._lock:
             now = self.clock()
             if now < self._paused_until:
                 return self._paused_until - now
             window = int(now // self.window_seconds)
             if window != self._window:
-                self._window, self._used = window, 0
-            if self._used >= self.allowance:
+                self._window, self._used, self._used_low = window, 0, 0
+            cap = low_priority_cap(self.allowance, share)
+            if self._used >= self.allowance or (
+                cap and (self._used_low >= cap or self._used >= max(cap, self.allowance - cap))
+            ):
                 return (window + 1) * self.window_seconds - now
             self._used += 1
+            self._used_low += 1 if cap else 0
             return None
 
     def pause(self, seconds: float) -> None:
@@ -205,12 +234,12 @@ class FallbackRateBudget:
                 self.fallback.allowance,
             )
 
-    def acquire(self, *, timeout: float) -> float | None:
+    def acquire(self, *, timeout: float, share: float | None = None) -> float | None:
         try:
-            result = self.primary.acquire(timeout=timeout)
+            result = self.primary.acquire(timeout=timeout, share=share)
         except redis.RedisError as exc:
             self._failed(exc)
-            return self.fallback.acquire(timeout=timeout)
+            return self.fallback.acquire(timeout=timeout, share=share)
         if self.degraded:
             self.degraded = False
             log.info("Redis is back: the shared Polar budget is in use again")

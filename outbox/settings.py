@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     outbox_retention_days: int = Field(
         30, ge=1, le=3650, description="The daily prune deletes delivered rows older than this."
     )
+    reconcile_budget_share: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="`outbox reconcile` takes at most this share of each window of the Polar "
+        "request budget, and only while delivery leaves that much free (delivery goes first).",
+    )
     polar_timeout_seconds: float = Field(
         10.0, gt=0, le=300, description="Timeout of one HTTP request to Polar."
     )

@@ -22,7 +22,7 @@ MAX_REASON_LENGTH = 500
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # Integers beyond 2**53 lose precision in JSON parsers (and in Polar's meter sums).
 MAX_METADATA_INT = 2**53
-RESERVED_METADATA_KEYS = frozenset({"usage_id"})
+RESERVED_METADATA_KEYS = frozenset({"usage_id", "usage_external_id"})
 
 MetadataValue = str | int | float | bool
 Metadata = dict[str, MetadataValue]
@@ -117,7 +117,8 @@ def _check_metadata_value(key: str, value: object) -> MetadataValue:
 
 
 def check_metadata(metadata: object, *, credits_field: str = "credits_used") -> Metadata:
-    """Metadata as Polar accepts it, without our reserved keys (`credits_used`, `usage_id`)."""
+    """Metadata as Polar accepts it, without our reserved keys (`credits_used`, `usage_id`,
+    `usage_external_id`)."""
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
@@ -127,7 +128,7 @@ def check_metadata(metadata: object, *, credits_field: str = "credits_used") -> 
             f"metadata must have at most {MAX_METADATA_KEYS} keys", field="metadata"
         )
     reserved = RESERVED_METADATA_KEYS | {credits_field}
-    # Polar takes at most 50 keys and we add ours (credits_used, usage_id) to the caller's.
+    # Polar takes at most 50 keys and we add ours (credits_used, usage_id, usage_external_id).
     room = MAX_METADATA_KEYS - len(reserved)
     if len(metadata) > room:
         raise InvalidRequest(

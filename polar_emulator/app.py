@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from polar_emulator import schemas
+from polar_emulator.meters import quantities_response
 from polar_emulator.state import EmulatorConfig, EmulatorState
 
 log = logging.getLogger("polar_emulator")
@@ -216,6 +217,8 @@ def build_app(state: EmulatorState) -> Starlette:
         refused = await _gate(request, state)
         if refused is not None:
             return refused
+        if state.config.events_list_status is not None:
+            return Response("Internal Server Error", status_code=state.config.events_list_status)
         q = request.query_params
         errors = []
         numbers = {}
@@ -279,6 +282,14 @@ def build_app(state: EmulatorState) -> Starlette:
             {"items": meters, "pagination": {"total_count": len(meters), "max_page": 1}}
         )
 
+    async def meter_quantities(request: Request) -> Response:
+        refused = await _gate(request, state)
+        if refused is not None:
+            return refused
+        with state.lock:
+            state.stats.quantities_requests += 1
+        return quantities_response(state, request.path_params["meter_id"], request.query_params)
+
     async def get_product(request: Request) -> Response:
         refused = await _gate(request, state)
         if refused is not None:
@@ -324,6 +335,7 @@ def build_app(state: EmulatorState) -> Starlette:
             Route("/v1/events/ingest", ingest, methods=["POST"]),
             Route("/v1/events/", list_events, methods=["GET"]),
             Route("/v1/meters/", list_meters, methods=["GET"]),
+            Route("/v1/meters/{meter_id}/quantities", meter_quantities, methods=["GET"]),
             Route("/v1/products/{product_id}", get_product, methods=["GET"]),
             Route("/_emulator/config", config, methods=["GET", "POST"]),
             Route("/_emulator/reset", reset, methods=["POST"]),

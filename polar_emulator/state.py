@@ -83,6 +83,8 @@ class EmulatorConfig:
     known_customer_ids: list[str] = field(default_factory=list)  # Polar customer UUIDs
     unattributed_422_next: int = 0  # the next N ingests: a 422 naming no event
     clock_offset_seconds: float = 0.0
+    # e.g. 500: Polar's own server answers its events list so without its analytics store.
+    events_list_status: int | None = None
     seed: int | None = None
     meters: list[dict[str, Any]] = field(default_factory=default_meters)
     products: dict[str, dict[str, Any]] = field(default_factory=default_products)
@@ -142,6 +144,7 @@ class Stats:
     requests: int = 0
     ingest_requests: int = 0
     list_requests: int = 0
+    quantities_requests: int = 0
     accepted_batches: int = 0
     events_inserted: int = 0
     duplicates: int = 0

@@ -138,6 +138,7 @@ def test_reconcile_finds_an_event_polar_lost_and_fix_repairs_it(
         "in_flight": 0,
         "unknown": 0,
         "mismatched": 0,
+        "unsettled": 0,
     }
 
     code, out = outbox("reconcile", "--since", since, "--until", until, "--fix", "--json")

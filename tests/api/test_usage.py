@@ -293,6 +293,11 @@ BAD_BODIES: list[tuple[str, dict[str, Any] | list[Any], str]] = [
     ("metadata int beyond 2^53", with_metadata(n=2**53 + 1), "metadata.n"),
     ("metadata credits_used", with_metadata(credits_used=5), "metadata.credits_used"),
     ("metadata usage_id", with_metadata(usage_id="u_1"), "metadata.usage_id"),
+    (
+        "metadata usage_external_id",
+        with_metadata(usage_external_id="usage_x"),
+        "metadata.usage_external_id",
+    ),
     ("unknown field", with_field(customer="user_1"), "customer"),
     ("body is a list", [VALID], "body"),
 ]

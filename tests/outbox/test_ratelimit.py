@@ -115,3 +115,45 @@ def test_local_budget_windows_with_a_fake_clock() -> None:
     assert local.try_acquire() is None
     local.pause(10)
     assert local.try_acquire() == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("kind", ["redis", "local"])
+def test_a_low_priority_caller_takes_its_share_and_leaves_delivery_the_rest(
+    redis_url: str, kind: str
+) -> None:
+    """Reconcile (share 0.25 of an allowance of 28 = 7) never takes more than its cap, and
+    never a slot that would leave delivery fewer than that cap."""
+    if kind == "redis":
+        shared: RedisRateBudget | LocalRateBudget = RedisRateBudget(
+            redis.Redis.from_url(redis_url),
+            LIMIT,
+            namespace=f"test:{uuid.uuid4().hex}",
+            window_seconds=3600,
+        )
+    else:
+        shared = LocalRateBudget(LIMIT, window_seconds=3600, clock=lambda: 7200.0)
+    low = [shared.try_acquire(share=0.25) for _ in range(10)]
+    assert low.count(None) == 7  # its cap
+    assert all(wait is not None and wait > 0 for wait in low[7:])
+    delivery = [shared.try_acquire() for _ in range(30)]
+    assert delivery.count(None) == 28 - 7  # delivery still has the rest of the window
+
+    if kind == "redis":
+        busy: RedisRateBudget | LocalRateBudget = RedisRateBudget(
+            redis.Redis.from_url(redis_url),
+            LIMIT,
+            namespace=f"test:{uuid.uuid4().hex}",
+            window_seconds=3600,
+        )
+    else:
+        busy = LocalRateBudget(LIMIT, window_seconds=3600, clock=lambda: 7200.0)
+    assert [busy.try_acquire() for _ in range(22)] == [None] * 22  # delivery is busy
+    # 6 slots are left, fewer than reconcile's cap of 7: reconcile waits for the next window.
+    assert busy.try_acquire(share=0.25) is not None
+    assert busy.try_acquire() is None  # delivery is not held back
+
+
+def test_a_tiny_budget_still_gives_the_low_priority_caller_its_slot() -> None:
+    tiny = LocalRateBudget(1, margin=0, window_seconds=3600, clock=lambda: 7200.0)
+    assert tiny.try_acquire(share=0.2) is None
+    assert tiny.try_acquire(share=0.2) is not None

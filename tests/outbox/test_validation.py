@@ -80,7 +80,7 @@ def test_customer_id_refused(customer_id: object) -> None:
         None,
         {},
         {"plan_id": "fp_42", "rooms": 3, "area": 71.5, "premium": False},
-        {f"k{i}": i for i in range(48)},
+        {f"k{i}": i for i in range(47)},
         {"k" * 40: "v" * 500},
         {"big": 2**53, "small": -(2**53)},
         {"ünï": "emoji 🏠"},
