@@ -23,6 +23,18 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # Integers beyond 2**53 lose precision in JSON parsers (and in Polar's meter sums).
 MAX_METADATA_INT = 2**53
 RESERVED_METADATA_KEYS = frozenset({"usage_id"})
+# Row ids are PostgreSQL bigints: an id (or a cursor) past this is refused, never sent to SQL.
+MAX_ID = 2**63 - 1
+
+# The same rules as JSON Schema patterns for the OpenAPI schema (ECMA-262, Python and Rust
+# regex all read them alike; tests/outbox/test_validation.py proves they agree with the checks).
+# Control characters are Unicode's Cc: U+0000-U+001F and U+007F-U+009F.
+_CONTROL = r"\u0000-\u001f\u007f-\u009f"
+# What str.strip() removes that is not a control character.
+_SPACE = r" \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+CUSTOMER_ID_PATTERN = rf"^[^{_CONTROL}{_SPACE}]([^{_CONTROL}]*[^{_CONTROL}{_SPACE}])?$"
+NO_CONTROL_PATTERN = rf"^[^{_CONTROL}]*$"
+NO_NUL_PATTERN = r"^[^\u0000]*$"
 
 MetadataValue = str | int | float | bool
 Metadata = dict[str, MetadataValue]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import AdminToken, SessionDep, UsageToken
@@ -13,9 +13,12 @@ from api.routes.usage import IdempotencyKey
 from api.schemas import (
     ERROR_RESPONSES,
     CreditsOut,
+    Cursor,
+    CustomerIdPath,
     ErrorOut,
     GrantIn,
     GrantOut,
+    Limit,
     UsageEventOut,
     UsagePage,
 )
@@ -23,17 +26,19 @@ from outbox.idempotency import StoredResponse, request_fingerprint, run_idempote
 from outbox.ledger import get_credits, grant_credits
 from outbox.models import OutboxEvent
 from outbox.queries import list_events
-from outbox.validation import MAX_CUSTOMER_ID_LENGTH, check_customer_id, check_idempotency_key
+from outbox.validation import check_customer_id, check_idempotency_key
 
 router = APIRouter(prefix="/v1/customers", tags=["customers"])
 
-CustomerId = Annotated[str, Path(min_length=1, max_length=MAX_CUSTOMER_ID_LENGTH)]
+# `{customer_id:path}`: a customer id may hold `/` (Polar's external ids may); the route's fixed
+# suffix keeps the match unambiguous.
+CustomerId = CustomerIdPath
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "customer_not_found"}
 }
 
 
-@router.get("/{customer_id}/credits", responses={**ERROR_RESPONSES, **NOT_FOUND})
+@router.get("/{customer_id:path}/credits", responses={**ERROR_RESPONSES, **NOT_FOUND})
 def get_customer_credits(customer_id: CustomerId, session: SessionDep, _: UsageToken) -> CreditsOut:
     """The customer's real-time balance, credits held by open holds, granted and used totals."""
     summary = get_credits(session, customer_id)
@@ -60,13 +65,13 @@ def usage_event_out(event: OutboxEvent) -> UsageEventOut:
     )
 
 
-@router.get("/{customer_id}/usage", responses={**ERROR_RESPONSES, **NOT_FOUND})
+@router.get("/{customer_id:path}/usage", responses={**ERROR_RESPONSES, **NOT_FOUND})
 def get_customer_usage(
     customer_id: CustomerId,
     session: SessionDep,
     _: UsageToken,
-    cursor: Annotated[str | None, Query(max_length=100)] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Cursor = None,
+    limit: Limit = 50,
 ) -> UsagePage:
     """The customer's usage events with their delivery status, newest first (cursor pages).
     Delivered events older than the retention (`outbox prune`) are no longer listed."""
@@ -76,7 +81,7 @@ def get_customer_usage(
 
 
 @router.post(
-    "/{customer_id}/grants",
+    "/{customer_id:path}/grants",
     status_code=201,
     response_model=GrantOut,
     responses={
