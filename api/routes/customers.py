@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from api.deps import AdminToken, SessionDep, UsageToken
 from api.errors import response_for
@@ -30,15 +31,29 @@ from outbox.validation import check_customer_id, check_idempotency_key
 
 router = APIRouter(prefix="/v1/customers", tags=["customers"])
 
-# `{customer_id:path}`: a customer id may hold `/` (Polar's external ids may); the route's fixed
-# suffix keeps the match unambiguous.
+
+class CustomerIdConvertor(Convertor[str]):
+    """`{customer_id:customer}`: any characters, `/` and newlines included (a customer id may
+    hold `/`, as Polar's external ids may; check_customer_id refuses control characters with a
+    422). The route's fixed suffix (`/credits`, ...) keeps the match unambiguous."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("customer", CustomerIdConvertor())
 CustomerId = CustomerIdPath
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "customer_not_found"}
 }
 
 
-@router.get("/{customer_id:path}/credits", responses={**ERROR_RESPONSES, **NOT_FOUND})
+@router.get("/{customer_id:customer}/credits", responses={**ERROR_RESPONSES, **NOT_FOUND})
 def get_customer_credits(customer_id: CustomerId, session: SessionDep, _: UsageToken) -> CreditsOut:
     """The customer's real-time balance, credits held by open holds, granted and used totals."""
     summary = get_credits(session, customer_id)
@@ -65,7 +80,7 @@ def usage_event_out(event: OutboxEvent) -> UsageEventOut:
     )
 
 
-@router.get("/{customer_id:path}/usage", responses={**ERROR_RESPONSES, **NOT_FOUND})
+@router.get("/{customer_id:customer}/usage", responses={**ERROR_RESPONSES, **NOT_FOUND})
 def get_customer_usage(
     customer_id: CustomerId,
     session: SessionDep,
@@ -81,7 +96,7 @@ def get_customer_usage(
 
 
 @router.post(
-    "/{customer_id:path}/grants",
+    "/{customer_id:customer}/grants",
     status_code=201,
     response_model=GrantOut,
     responses={
