@@ -69,17 +69,16 @@ METADATA_SCHEMA: dict[str, Any] = {
                 "maxLength": MAX_METADATA_STRING_LENGTH,
                 "pattern": NO_NUL_PATTERN,
             },
-            {"type": "integer", "minimum": -MAX_METADATA_INT, "maximum": MAX_METADATA_INT},
-            {"type": "number"},
+            {"type": "number", "minimum": -MAX_METADATA_INT, "maximum": MAX_METADATA_INT},
             {"type": "boolean"},
         ]
     },
     "description": (
         f"Up to {MAX_METADATA_KEYS - len(RESERVED_KEYS)} keys of 1 to {MAX_METADATA_KEY_LENGTH} "
         f"characters without control characters; values: a string of 1 to "
-        f"{MAX_METADATA_STRING_LENGTH} characters (no NUL), an integer within ±2^53, a number "
-        f"or a boolean. {', '.join(f'`{k}`' for k in RESERVED_KEYS)} are reserved (the service "
-        "sets them)."
+        f"{MAX_METADATA_STRING_LENGTH} characters (no NUL), a number (integer or not) within "
+        f"±2^53, or a boolean. {', '.join(f'`{k}`' for k in RESERVED_KEYS)} are reserved "
+        "(the service sets them)."
     ),
 }
 Metadata = Annotated[dict[StrictStr, MetadataValue], WithJsonSchema(METADATA_SCHEMA)]

@@ -114,6 +114,9 @@ def _check_metadata_value(key: str, value: object) -> MetadataValue:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidRequest(f"{field} must be a finite number", field=field)
+        if abs(value) > MAX_METADATA_INT:
+            # As for integers: JSON Schema cannot tell 2^53+1 from 2^53+1.0, the bound is one.
+            raise InvalidRequest(f"{field} must be within ±2^53", field=field)
         return value
     if isinstance(value, str):
         if not 1 <= len(value) <= MAX_METADATA_STRING_LENGTH:
