@@ -5,14 +5,19 @@ clear 4xx in the project's error shape that changes nothing, or a request that w
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from api.middleware import MAX_HEADER_BYTES, MAX_HEADER_COUNT
+from api.server import BoundedHttpToolsProtocol
 from outbox.db import session_scope
 from outbox.ledger import get_credits
 
@@ -226,3 +231,76 @@ def test_a_customer_id_with_a_control_character_in_the_path_is_422(
     for encoded in ("a%00b", "a%0Ab", "%20padded"):
         response = client.get(f"/v1/customers/{encoded}/credits", headers=usage_headers)
         assert_error(response, 422, "invalid_request", "customer_id")
+
+
+# --- the server's own bound on a request head (`outbox serve`) ---------------------------------
+
+
+@pytest.fixture
+def bounded_server(app: Any) -> Iterator[tuple[str, int]]:
+    """The app under uvicorn with the protocol `outbox serve` uses."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, http=BoundedHttpToolsProtocol, log_level="error", access_log=False, lifespan="off"
+        )
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    yield sock.getsockname()
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_a_head_that_never_ends_is_431_before_it_is_read_whole(
+    bounded_server: tuple[str, int],
+) -> None:
+    """Sent in 16 KiB pieces, never finished: the server answers and closes after about
+    MAX_HEAD_BYTES, not after the 8 MB the client would send."""
+    with socket.create_connection(bounded_server, timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent = 0
+        try:
+            while sent < 8_000_000:
+                sock.sendall(b"a" * 16384)
+                sent += 16384
+                time.sleep(0.001)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(10)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert sent < 8_000_000
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b'"code": "headers_too_large"' in answer
+
+
+def test_the_bounded_server_serves_ordinary_requests_and_large_bodies(
+    bounded_server: tuple[str, int], usage_headers: dict[str, str], fund: Fund
+) -> None:
+    fund("user_1", 10)
+    host, port = bounded_server
+    with httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as http:
+        assert http.get("/healthz").status_code == 200
+        # A body near the limit in few reads is not taken for a head (it follows a complete one).
+        metadata = {f"k{i}": "v" * 500 for i in range(40)}
+        response = http.post(
+            "/v1/usage",
+            json={"customer_id": "user_1", "metadata": metadata},
+            headers=usage_headers,
+        )
+        assert response.status_code == 201, response.text
+        padded = {**usage_headers, "X-Padding": "a" * (MAX_HEADER_BYTES + 100)}
+        response = http.post("/v1/usage", json={"customer_id": "user_1"}, headers=padded)
+        assert response.status_code == 431
+        assert response.json()["code"] == "headers_too_large"  # the app's answer, JSON shape
