@@ -46,6 +46,7 @@ def _links(spec: dict[str, Any]) -> None:
     spend = ids[("post", "/v1/usage")]
     reserve = ids[("post", "/v1/holds")]
     granted = "$request.path.customer_id"
+    customer = "$response.body#/customer_id"
 
     def of_customer(expression: str) -> dict[str, Any]:
         return {
@@ -55,11 +56,11 @@ def _links(spec: dict[str, Any]) -> None:
 
     hold = "$response.body#/hold_id"
     links = {
-        ("post", "/v1/customers/{customer_id}/grants", "201"): {
-            **of_customer(granted),
-            # The generated body, with this customer in it.
-            "spend": {"operationId": spend, "requestBody": {"customer_id": granted}},
-            "hold": {"operationId": reserve, "requestBody": {"customer_id": granted}},
+        ("post", "/v1/customers/{customer_id}/grants", "201"): of_customer(granted),
+        ("get", "/v1/customers/{customer_id}/credits", "200"): {
+            # A request body with this customer in it (the id as the body spells it, decoded).
+            "spend": {"operationId": spend, "requestBody": {"customer_id": customer}},
+            "hold": {"operationId": reserve, "requestBody": {"customer_id": customer}},
         },
         ("post", "/v1/usage", "201"): of_customer("$request.body#/customer_id"),
         ("post", "/v1/holds", "201"): {
