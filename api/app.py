@@ -13,6 +13,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import TokenCache
 from api.errors import error_body, install_error_handlers
+from api.middleware import HeaderLimit
+from api.openapi import install_openapi
 from api.routes import admin, customers, health, holds, usage, webhooks
 from outbox.collector import OutboxCollector
 from outbox.db import get_engine, session_factory
@@ -65,6 +67,8 @@ def create_app(
         title="polar-usage-outbox",
         version="0.1.0",
         description="Credit ledger + transactional outbox that bills AI usage through Polar.",
+        # No redirect from `/path/` to `/path`: Starlette builds it from the Host header.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -79,6 +83,7 @@ def create_app(
     # exception middleware so the 413 keeps the JSON error shape.
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
     app.add_middleware(ContentLengthLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(HeaderLimit)
     install_error_handlers(app)
     app.include_router(usage.router)
     app.include_router(customers.router)
@@ -86,6 +91,7 @@ def create_app(
     app.include_router(webhooks.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    install_openapi(app, settings)
     return app
 
 

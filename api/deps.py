@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import error_body
@@ -83,16 +84,51 @@ def current_token(request: Request, session: SessionDep) -> TokenInfo:
     return info
 
 
-def require(scope: TokenScope) -> Callable[[TokenInfo], TokenInfo]:
-    def check(token: Annotated[TokenInfo, Depends(current_token)]) -> TokenInfo:
-        if not token.allows(scope):
-            raise HTTPException(
-                status_code=403,
-                detail=error_body("forbidden", f"this token lacks the {scope.value!r} scope"),
-            )
+# Declares the bearer scheme in the OpenAPI schema, so Swagger's Authorize works at /docs;
+# current_token reads the header itself (and answers 401 in the project's error shape).
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearerAuth",
+    description="A token from `outbox token create`: scope `usage`, or `admin` (may do all).",
+)
+
+
+class RequireScope:
+    """The dependency that refuses a token without `scope` (403). A class, so that the error
+    handlers can find which scope a route needs (`required_scope`)."""
+
+    def __init__(self, scope: TokenScope) -> None:
+        self.scope = scope
+
+    def __call__(
+        self,
+        token: Annotated[TokenInfo, Depends(current_token)],
+        _: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+    ) -> TokenInfo:
+        if not token.allows(self.scope):
+            raise HTTPException(status_code=403, detail=forbidden_body(self.scope))
         return token
 
-    return check
+
+def forbidden_body(scope: TokenScope) -> dict[str, str]:
+    return error_body("forbidden", f"this token lacks the {scope.value!r} scope")
+
+
+def require(scope: TokenScope) -> RequireScope:
+    return RequireScope(scope)
+
+
+def required_scope(route: object) -> TokenScope | None:
+    """The scope a route's token must have, or None for an open route (health, webhooks)."""
+    pending = [getattr(route, "dependant", None)]
+    while pending:
+        dependant = pending.pop()
+        if dependant is None:
+            continue
+        if isinstance(dependant.call, RequireScope):
+            return dependant.call.scope
+        pending.extend(dependant.dependencies)
+    return None
 
 
 UsageToken = Annotated[TokenInfo, Depends(require(TokenScope.USAGE))]

@@ -86,11 +86,15 @@ def _unparseable(cause: BaseException) -> str:
 
 
 def _auth_refusal(request: Request) -> JSONResponse | None:
-    """401 for a request to a token-protected route without a valid token, else None."""
-    path = request.url.path
-    if not path.startswith("/v1/") or path.startswith("/v1/polar/"):
-        return None
+    """401 for a request to a token-protected route without a valid token, 403 for a token
+    without the route's scope, else None: what the auth dependency would have answered."""
     from sqlalchemy.orm import Session
+
+    from api.deps import forbidden_body, required_scope
+
+    scope = required_scope(request.scope.get("route"))
+    if scope is None:
+        return None
 
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -100,7 +104,9 @@ def _auth_refusal(request: Request) -> JSONResponse | None:
         with Session(request.app.state.engine) as session:
             info = request.app.state.token_cache.lookup(session, token)
     if info is not None:
-        return None
+        if info.allows(scope):
+            return None
+        return JSONResponse(forbidden_body(scope), status_code=403)
     return JSONResponse(
         error_body("unauthorized", "missing, malformed, invalid or revoked bearer token"),
         status_code=401,
@@ -109,9 +115,9 @@ def _auth_refusal(request: Request) -> JSONResponse | None:
 
 
 async def _invalid_body(request: Request, field: str, detail: str) -> JSONResponse:
-    """422 invalid_request naming the field, or 401 when the token is bad: FastAPI reads the
-    body before the auth dependency runs, and without a valid token the answer must still be
-    401, whatever the body."""
+    """422 invalid_request naming the field, or 401/403 when the token is bad or lacks the
+    scope: FastAPI parses the body before the auth dependency runs, and the answer must be the
+    same as if the token had been checked first, whatever the body."""
     refusal = await run_in_threadpool(_auth_refusal, request)
     if refusal is not None:
         return refusal

@@ -3,18 +3,105 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from fastapi import Path, Query
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
 
+from outbox.queries import CURSOR_PATTERN, MAX_CURSOR_LENGTH, MAX_PAGE_SIZE
 from outbox.validation import (
+    CUSTOMER_ID_PATTERN,
     MAX_CREDITS,
     MAX_CUSTOMER_ID_LENGTH,
     MAX_GRANT_CREDITS,
+    MAX_ID,
+    MAX_METADATA_INT,
+    MAX_METADATA_KEY_LENGTH,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_STRING_LENGTH,
     MAX_REASON_LENGTH,
+    NO_CONTROL_PATTERN,
+    NO_NUL_PATTERN,
+    RESERVED_METADATA_KEYS,
 )
 
+# The schema states the limits the API enforces. Most are checked by outbox/validation.py (the
+# same checks the library calls run, with their own messages), so here they are documented with
+# `json_schema_extra` rather than enforced twice by pydantic.
+CUSTOMER_ID_RULE = (
+    f"1 to {MAX_CUSTOMER_ID_LENGTH} characters, no control characters, no surrounding spaces. "
+    "Any other character is allowed, `/` included: in a path, percent-encode what a URL needs "
+    "(`/v1/customers/org%2Fuser/credits` or `/v1/customers/org/user/credits` both address "
+    "`org/user`)."
+)
+CUSTOMER_ID_SCHEMA: dict[str, Any] = {
+    "pattern": CUSTOMER_ID_PATTERN,
+    "description": CUSTOMER_ID_RULE,
+}
+NO_NUL_SCHEMA: dict[str, Any] = {"pattern": NO_NUL_PATTERN}
+
 MetadataValue = StrictStr | StrictInt | StrictFloat | StrictBool
+RESERVED_KEYS = sorted(RESERVED_METADATA_KEYS | {"credits_used"})
+# What check_metadata accepts (USAGE_CREDITS_FIELD renames `credits_used`: see api/openapi.py).
+METADATA_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "maxProperties": MAX_METADATA_KEYS - len(RESERVED_KEYS),
+    "propertyNames": {
+        "minLength": 1,
+        "maxLength": MAX_METADATA_KEY_LENGTH,
+        "pattern": NO_CONTROL_PATTERN,
+        "not": {"enum": RESERVED_KEYS},
+    },
+    "additionalProperties": {
+        "anyOf": [
+            {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_METADATA_STRING_LENGTH,
+                "pattern": NO_NUL_PATTERN,
+            },
+            {"type": "number", "minimum": -MAX_METADATA_INT, "maximum": MAX_METADATA_INT},
+            {"type": "boolean"},
+        ]
+    },
+    "description": (
+        f"Up to {MAX_METADATA_KEYS - len(RESERVED_KEYS)} keys of 1 to {MAX_METADATA_KEY_LENGTH} "
+        f"characters without control characters; values: a string of 1 to "
+        f"{MAX_METADATA_STRING_LENGTH} characters (no NUL), a number (integer or not) within "
+        f"±2^53, or a boolean. {', '.join(f'`{k}`' for k in RESERVED_KEYS)} are reserved "
+        "(the service sets them)."
+    ),
+}
+Metadata = Annotated[dict[StrictStr, MetadataValue], WithJsonSchema(METADATA_SCHEMA)]
+
+# Row ids in a path or a body: PostgreSQL bigints.
+RowId = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
+Cursor = Annotated[
+    str | None,
+    Query(
+        max_length=MAX_CURSOR_LENGTH,
+        description="`next_cursor` from the previous page (the id of its last row).",
+        json_schema_extra={"pattern": CURSOR_PATTERN},
+    ),
+]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+CustomerIdPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_CUSTOMER_ID_LENGTH,
+        json_schema_extra=CUSTOMER_ID_SCHEMA,
+    ),
+]
 
 
 class Strict(BaseModel):
@@ -23,15 +110,13 @@ class Strict(BaseModel):
 
 class UsageIn(Strict):
     customer_id: StrictStr = Field(
-        min_length=1, max_length=MAX_CUSTOMER_ID_LENGTH, examples=["user_123"]
+        min_length=1,
+        max_length=MAX_CUSTOMER_ID_LENGTH,
+        examples=["user_123"],
+        json_schema_extra=CUSTOMER_ID_SCHEMA,
     )
     credits: StrictInt = Field(1, ge=1, le=MAX_CREDITS)
-    metadata: dict[StrictStr, MetadataValue] | None = Field(
-        None,
-        description="Up to 47 keys (≤ 40 chars); values: string (1-500 chars), int, float, bool. "
-        "`credits_used`, `usage_id` and `usage_external_id` are reserved.",
-        examples=[{"plan_id": "fp_42", "rooms": 3}],
-    )
+    metadata: Metadata | None = Field(None, examples=[{"plan_id": "fp_42", "rooms": 3}])
 
 
 class UsageOut(BaseModel):
@@ -42,7 +127,9 @@ class UsageOut(BaseModel):
 
 class GrantIn(Strict):
     credits: StrictInt = Field(ge=1, le=MAX_GRANT_CREDITS)
-    reason: StrictStr | None = Field(None, max_length=MAX_REASON_LENGTH)
+    reason: StrictStr | None = Field(
+        None, max_length=MAX_REASON_LENGTH, json_schema_extra=NO_NUL_SCHEMA
+    )
 
 
 class GrantOut(BaseModel):

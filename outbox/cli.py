@@ -310,6 +310,7 @@ def serve(
         workers=workers,
         log_level=settings.log_level.lower(),
         access_log=False,
+        http="api.server:BoundedHttpToolsProtocol",  # a request head is bounded (431)
     )
 
 

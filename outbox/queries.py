@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 
 from sqlalchemy import select
@@ -11,29 +9,46 @@ from sqlalchemy.orm import Session
 
 from outbox.errors import InvalidRequest
 from outbox.models import OutboxEvent
+from outbox.validation import MAX_ID
 
 MAX_PAGE_SIZE = 200
 
 
+def decimal_at_most_pattern(maximum: int) -> str:
+    """A regex for the canonical decimals 1..maximum (no sign, no leading zero)."""
+    digits = str(maximum)
+    shorter = rf"[1-9][0-9]{{0,{len(digits) - 2}}}" if len(digits) > 1 else ""
+    same_length = []
+    for i, digit in enumerate(digits):
+        low = "1" if i == 0 else "0"
+        if int(digit) > int(low):
+            rest = len(digits) - i - 1
+            same_length.append(
+                digits[:i] + f"[{low}-{int(digit) - 1}]" + (f"[0-9]{{{rest}}}" if rest else "")
+            )
+    same_length.append(digits)
+    return "^(" + "|".join(filter(None, [shorter, *same_length])) + ")$"
+
+
+# A cursor is the id of the last row of the page, in decimal: the schema states it exactly.
+CURSOR_PATTERN = decimal_at_most_pattern(MAX_ID)
+MAX_CURSOR_LENGTH = len(str(MAX_ID))
+
+
 def encode_cursor(last_id: int) -> str:
-    """An opaque cursor: the id of the last row of the page."""
-    return base64.urlsafe_b64encode(f"id:{last_id}".encode()).decode().rstrip("=")
+    """The cursor of the page after the row `last_id` (its id, in decimal)."""
+    return str(last_id)
 
 
 def decode_cursor(cursor: str | None) -> int | None:
-    """The id a cursor points after; `InvalidRequest` if it was not made by `encode_cursor`."""
+    """The id a cursor points after; `InvalidRequest` unless it is an id from 1 to 2^63-1, so a
+    cursor past 64 bits never reaches SQL."""
     if cursor is None:
         return None
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, value = raw.partition(":")
-        if prefix != "id" or not value.isdigit():
-            raise ValueError(raw)
-        return int(value)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest(
-            "cursor is not valid: pass next_cursor as returned", field="cursor"
-        ) from None
+    canonical = cursor.isascii() and cursor.isdigit() and not cursor.startswith("0")
+    if not (canonical and len(cursor) <= MAX_CURSOR_LENGTH and int(cursor) <= MAX_ID):
+        raise InvalidRequest("cursor is not valid: pass next_cursor as returned", field="cursor")
+    return int(cursor)
 
 
 def check_limit(limit: int) -> int:

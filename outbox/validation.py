@@ -23,6 +23,18 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # Integers beyond 2**53 lose precision in JSON parsers (and in Polar's meter sums).
 MAX_METADATA_INT = 2**53
 RESERVED_METADATA_KEYS = frozenset({"usage_id", "usage_external_id"})
+# Row ids are PostgreSQL bigints: an id (or a cursor) past this is refused, never sent to SQL.
+MAX_ID = 2**63 - 1
+
+# The same rules as JSON Schema patterns for the OpenAPI schema (ECMA-262, Python and Rust
+# regex all read them alike; tests/outbox/test_validation.py proves they agree with the checks).
+# Control characters are Unicode's Cc: U+0000-U+001F and U+007F-U+009F.
+_CONTROL = r"\u0000-\u001f\u007f-\u009f"
+# What str.strip() removes that is not a control character.
+_SPACE = r" \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+CUSTOMER_ID_PATTERN = rf"^[^{_CONTROL}{_SPACE}]([^{_CONTROL}]*[^{_CONTROL}{_SPACE}])?$"
+NO_CONTROL_PATTERN = rf"^[^{_CONTROL}]*$"
+NO_NUL_PATTERN = r"^[^\u0000]*$"
 
 MetadataValue = str | int | float | bool
 Metadata = dict[str, MetadataValue]
@@ -102,6 +114,9 @@ def _check_metadata_value(key: str, value: object) -> MetadataValue:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidRequest(f"{field} must be a finite number", field=field)
+        if abs(value) > MAX_METADATA_INT:
+            # As for integers: JSON Schema cannot tell 2^53+1 from 2^53+1.0, the bound is one.
+            raise InvalidRequest(f"{field} must be within ±2^53", field=field)
         return value
     if isinstance(value, str):
         if not 1 <= len(value) <= MAX_METADATA_STRING_LENGTH:

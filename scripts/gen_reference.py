@@ -138,7 +138,42 @@ def http_api_page(spec: dict[str, Any]) -> str:
                 for code, r in sorted(operation.get("responses", {}).items())
             )
             out.append(f"| {method.upper()} | `{path}` | {summary} | {codes} |")
-    return HEADER + "\n".join(out) + "\n"
+    return HEADER + "\n".join([*out, "", *_limits()]) + "\n"
+
+
+def _limits() -> list[str]:
+    """The input bounds, from the constants the checks use (the schema states them too)."""
+    from api.app import MAX_BODY_BYTES
+    from api.middleware import MAX_HEADER_BYTES, MAX_HEADER_COUNT
+    from api.schemas import CUSTOMER_ID_RULE, RESERVED_KEYS
+    from outbox import validation as v
+
+    return [
+        "## Limits",
+        "",
+        "Every refusal is a 4xx with a `code` and changes nothing. To try the API from `/docs`,",
+        "press Authorize and paste a token (`outbox token create`).",
+        "",
+        "| input | rule | refusal |",
+        "|---|---|---|",
+        f"| customer id (path, body, query) | {CUSTOMER_ID_RULE} | 422 `invalid_request` |",
+        f"| `credits` | a JSON integer, 1 to {v.MAX_CREDITS} (grants: {v.MAX_GRANT_CREDITS}); "
+        '`1.0` and `"1"` are refused | 422 |',
+        f"| `metadata` | at most {v.MAX_METADATA_KEYS - len(RESERVED_KEYS)} keys of 1 to "
+        f"{v.MAX_METADATA_KEY_LENGTH} characters, no control characters; values a string of 1 "
+        f"to {v.MAX_METADATA_STRING_LENGTH} characters (no NUL), a number within ±2^53 or a "
+        f"boolean; {', '.join(f'`{k}`' for k in RESERVED_KEYS)} are reserved | 422 |",
+        f"| `Idempotency-Key` | 1 to {v.MAX_IDEMPOTENCY_KEY_LENGTH} characters, no control "
+        "characters | 422 |",
+        f"| ids and cursors (`hold_id`, `event_ids`, `cursor`) | 1 to 2^63-1 ({v.MAX_ID}); a "
+        "cursor is `next_cursor` as returned | 422 |",
+        f"| body | at most {MAX_BODY_BYTES // 1024} KiB | 413 `request_too_large` |",
+        f"| headers | at most {MAX_HEADER_BYTES // 1024} KiB in total and {MAX_HEADER_COUNT} "
+        "headers | 431 `headers_too_large` |",
+        "| path | exactly as listed: `/v1/usage/` (trailing slash) is not redirected | 404 |",
+        "| token | `Authorization: Bearer <token>`; the scope comes before the body: "
+        "a `usage` token on an admin route is 403 whatever the body | 401, 403 |",
+    ]
 
 
 def documents() -> dict[Path, str]:

@@ -6,10 +6,19 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from api.deps import AdminToken, SessionDep
-from api.schemas import ERROR_RESPONSES, ErrorOut, Strict
+from api.schemas import (
+    CUSTOMER_ID_SCHEMA,
+    ERROR_RESPONSES,
+    NO_NUL_SCHEMA,
+    Cursor,
+    ErrorOut,
+    Limit,
+    RowId,
+    Strict,
+)
 from outbox.errors import InvalidRequest
 from outbox.operations import MAX_REPLAY_IDS, outbox_stats, replay
 from outbox.queries import list_events
@@ -48,13 +57,30 @@ class EventPage(BaseModel):
     next_cursor: str | None
 
 
-EventId = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
-
-
 class ReplayIn(Strict):
     """Either `event_ids`, or `status: "failed"` (optionally with `customer_id`); not both."""
 
-    event_ids: list[EventId] | None = Field(
+    # The schema states the choice the API makes: ids, or every failed event (of one customer).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["event_ids"],
+                    "properties": {
+                        "event_ids": {"type": "array"},
+                        "status": {"type": "null"},
+                        "customer_id": {"type": "null"},
+                    },
+                },
+                {
+                    "required": ["status"],
+                    "properties": {"status": {"const": "failed"}, "event_ids": {"type": "null"}},
+                },
+            ]
+        }
+    )
+
+    event_ids: list[RowId] | None = Field(
         None, min_length=1, max_length=MAX_REPLAY_IDS, description="These failed events."
     )
     status: Literal["failed"] | None = Field(None, description="Every failed event.")
@@ -63,9 +89,12 @@ class ReplayIn(Strict):
         min_length=1,
         max_length=MAX_CUSTOMER_ID_LENGTH,
         description='With `status: "failed"`: only this customer\'s.',
+        json_schema_extra=CUSTOMER_ID_SCHEMA,
     )
     dry_run: StrictBool = Field(False, description="Move nothing; answer what would move.")
-    reason: StrictStr | None = Field(None, max_length=500, description="Kept with the replay.")
+    reason: StrictStr | None = Field(
+        None, max_length=500, description="Kept with the replay.", json_schema_extra=NO_NUL_SCHEMA
+    )
 
 
 class ReplayOut(BaseModel):
@@ -104,9 +133,14 @@ def get_events(
     session: SessionDep,
     _: AdminToken,
     status: Annotated[EventStatus | None, Query()] = None,
-    customer_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
-    cursor: Annotated[str | None, Query(max_length=100)] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    customer_id: Annotated[
+        str | None,
+        Query(
+            min_length=1, max_length=MAX_CUSTOMER_ID_LENGTH, json_schema_extra=CUSTOMER_ID_SCHEMA
+        ),
+    ] = None,
+    cursor: Cursor = None,
+    limit: Limit = 50,
 ) -> EventPage:
     """Outbox events, newest first, filtered by status and customer (cursor pages)."""
     if customer_id is not None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from api.deps import AdminToken, SessionDep, UsageToken
 from api.errors import response_for
@@ -13,9 +14,12 @@ from api.routes.usage import IdempotencyKey
 from api.schemas import (
     ERROR_RESPONSES,
     CreditsOut,
+    Cursor,
+    CustomerIdPath,
     ErrorOut,
     GrantIn,
     GrantOut,
+    Limit,
     UsageEventOut,
     UsagePage,
 )
@@ -23,17 +27,33 @@ from outbox.idempotency import StoredResponse, request_fingerprint, run_idempote
 from outbox.ledger import get_credits, grant_credits
 from outbox.models import OutboxEvent
 from outbox.queries import list_events
-from outbox.validation import MAX_CUSTOMER_ID_LENGTH, check_customer_id, check_idempotency_key
+from outbox.validation import check_customer_id, check_idempotency_key
 
 router = APIRouter(prefix="/v1/customers", tags=["customers"])
 
-CustomerId = Annotated[str, Path(min_length=1, max_length=MAX_CUSTOMER_ID_LENGTH)]
+
+class CustomerIdConvertor(Convertor[str]):
+    """`{customer_id:customer}`: any characters, `/` and newlines included (a customer id may
+    hold `/`, as Polar's external ids may; check_customer_id refuses control characters with a
+    422). The route's fixed suffix (`/credits`, ...) keeps the match unambiguous."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("customer", CustomerIdConvertor())
+CustomerId = CustomerIdPath
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "customer_not_found"}
 }
 
 
-@router.get("/{customer_id}/credits", responses={**ERROR_RESPONSES, **NOT_FOUND})
+@router.get("/{customer_id:customer}/credits", responses={**ERROR_RESPONSES, **NOT_FOUND})
 def get_customer_credits(customer_id: CustomerId, session: SessionDep, _: UsageToken) -> CreditsOut:
     """The customer's real-time balance, credits held by open holds, granted and used totals."""
     summary = get_credits(session, customer_id)
@@ -60,13 +80,13 @@ def usage_event_out(event: OutboxEvent) -> UsageEventOut:
     )
 
 
-@router.get("/{customer_id}/usage", responses={**ERROR_RESPONSES, **NOT_FOUND})
+@router.get("/{customer_id:customer}/usage", responses={**ERROR_RESPONSES, **NOT_FOUND})
 def get_customer_usage(
     customer_id: CustomerId,
     session: SessionDep,
     _: UsageToken,
-    cursor: Annotated[str | None, Query(max_length=100)] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Cursor = None,
+    limit: Limit = 50,
 ) -> UsagePage:
     """The customer's usage events with their delivery status, newest first (cursor pages).
     Delivered events older than the retention (`outbox prune`) are no longer listed."""
@@ -76,7 +96,7 @@ def get_customer_usage(
 
 
 @router.post(
-    "/{customer_id}/grants",
+    "/{customer_id:customer}/grants",
     status_code=201,
     response_model=GrantOut,
     responses={

@@ -10,13 +10,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from api.deps import SessionDep, UsageToken, after_commit
-from api.schemas import ERROR_RESPONSES, ErrorOut, MetadataValue, Strict, UsageOut
+from api.schemas import CUSTOMER_ID_SCHEMA, ERROR_RESPONSES, ErrorOut, Metadata, Strict, UsageOut
 from outbox.holds import capture_hold, place_hold, release_hold
-from outbox.validation import MAX_CREDITS, MAX_CUSTOMER_ID_LENGTH, check_customer_id
+from outbox.validation import MAX_CREDITS, MAX_CUSTOMER_ID_LENGTH, MAX_ID, check_customer_id
 
 router = APIRouter(prefix="/v1/holds", tags=["holds"])
 
-HoldId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+HoldId = Annotated[int, Path(ge=1, le=MAX_ID)]
 HOLD_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "hold_not_found"},
     409: {"model": ErrorOut, "description": "hold_closed"},
@@ -24,7 +24,12 @@ HOLD_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class HoldIn(Strict):
-    customer_id: StrictStr = Field(min_length=1, max_length=MAX_CUSTOMER_ID_LENGTH)
+    customer_id: StrictStr = Field(
+        min_length=1,
+        max_length=MAX_CUSTOMER_ID_LENGTH,
+        examples=["user_123"],
+        json_schema_extra=CUSTOMER_ID_SCHEMA,
+    )
     credits: StrictInt = Field(ge=1, le=MAX_CREDITS)
 
 
@@ -36,7 +41,7 @@ class HoldOut(BaseModel):
 
 class CaptureIn(Strict):
     credits: StrictInt | None = Field(None, ge=1, le=MAX_CREDITS)
-    metadata: dict[StrictStr, MetadataValue] | None = None
+    metadata: Metadata | None = None
 
 
 class ReleaseOut(BaseModel):

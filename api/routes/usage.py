@@ -13,7 +13,13 @@ from api.errors import response_for
 from api.schemas import ERROR_RESPONSES, ErrorOut, UsageIn, UsageOut
 from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
 from outbox.ledger import record_usage
-from outbox.validation import check_customer_id, check_idempotency_key, check_metadata
+from outbox.validation import (
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    NO_CONTROL_PATTERN,
+    check_customer_id,
+    check_idempotency_key,
+    check_metadata,
+)
 
 router = APIRouter(tags=["usage"])
 
@@ -21,7 +27,13 @@ IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        description="Recommended: a repeat with the same key and body returns the first response.",
+        description="Recommended: a repeat with the same key and body returns the first response "
+        f"(1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters, no control characters; per token).",
+        json_schema_extra={
+            "minLength": 1,
+            "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH,
+            "pattern": NO_CONTROL_PATTERN,
+        },
     ),
 ]
 

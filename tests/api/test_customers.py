@@ -145,6 +145,11 @@ BAD_PAGES: list[tuple[dict[str, Any], str]] = [
     ({"cursor": "not-a-cursor"}, "cursor"),
     ({"cursor": "aWQ6LTE"}, "cursor"),  # base64 of "id:-1"
     ({"cursor": "x" * 101}, "cursor"),
+    ({"cursor": str(2**63)}, "cursor"),  # past PostgreSQL's bigint: a 500 before
+    ({"cursor": "9" * 40}, "cursor"),
+    ({"cursor": "0"}, "cursor"),
+    ({"cursor": "-1"}, "cursor"),
+    ({"cursor": "\u0663"}, "cursor"),  # ARABIC-INDIC DIGIT THREE: str.isdigit() says yes
     ({"limit": 0}, "limit"),
     ({"limit": 201}, "limit"),
     ({"limit": -5}, "limit"),

@@ -112,6 +112,8 @@ def test_metadata_accepted(metadata: dict[str, Any] | None) -> None:
         ({"inf": float("inf")}, "metadata.inf"),
         ({"ninf": float("-inf")}, "metadata.ninf"),
         ({"huge": 2**53 + 1}, "metadata.huge"),
+        ({"huge float": 1e300}, "metadata.huge float"),
+        ({"tiny float": -1e17}, "metadata.tiny float"),
         ({"nul": "a\x00b"}, "metadata.nul"),
         ({"surrogate": "a\ud800"}, "metadata.surrogate"),
         ({"credits_used": 3}, "metadata.credits_used"),
