@@ -126,9 +126,9 @@ def test_the_idempotency_key_limits_are_stated() -> None:
 def test_the_metadata_limits_are_stated() -> None:
     for name in ("UsageIn", "CaptureIn"):
         [metadata, _null] = component(name)["properties"]["metadata"]["anyOf"]
-        assert metadata["maxProperties"] == 48
+        assert metadata["maxProperties"] == 47  # Polar's 50 minus our three
         assert metadata["propertyNames"]["maxLength"] == 40
-        assert metadata["propertyNames"]["not"] == {"enum": ["credits_used", "usage_id"]}
+        assert metadata["propertyNames"]["not"] == {"enum": ["credits_used", "usage_external_id", "usage_id"]}
         string = metadata["additionalProperties"]["anyOf"][0]
         assert (string["minLength"], string["maxLength"]) == (1, 500)
 
@@ -136,7 +136,7 @@ def test_the_metadata_limits_are_stated() -> None:
 def test_the_reserved_metadata_key_follows_usage_credits_field() -> None:
     schema = served_schema(usage_credits_field="units")
     [metadata, _] = schema["components"]["schemas"]["UsageIn"]["properties"]["metadata"]["anyOf"]
-    assert metadata["propertyNames"]["not"] == {"enum": ["units", "usage_id"]}
+    assert metadata["propertyNames"]["not"] == {"enum": ["units", "usage_external_id", "usage_id"]}
     assert "`units`" in metadata["description"]
 
 
