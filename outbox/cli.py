@@ -167,7 +167,8 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 1,
 ) -> None:
-    """Run the HTTP API (uvicorn)."""
+    """Run the HTTP API (uvicorn). On SIGTERM, requests in flight get
+    OUTBOX_API_SHUTDOWN_GRACE_SECONDS to finish, then the process exits."""
     import uvicorn
 
     settings = settings_or_exit()
@@ -182,6 +183,7 @@ def serve(
         workers=workers,
         log_level=settings.log_level.lower(),
         access_log=False,
+        timeout_graceful_shutdown=settings.outbox_api_shutdown_grace_seconds,
     )
 
 

@@ -6,9 +6,10 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
-from api.deps import AdminToken, SessionDep
+from api.deps import AdminToken, SessionDep, respond
 from api.schemas import ERROR_RESPONSES, ErrorOut, Strict
 from outbox.operations import MAX_REPLAY_IDS, outbox_stats, replay
 from outbox.queries import list_events
@@ -62,13 +63,13 @@ class ReplayOut(BaseModel):
     replay_id: int | None
 
 
-@router.get("/stats", responses=ERROR_RESPONSES)
-def get_stats(session: SessionDep, _: AdminToken) -> StatsOut:
+@router.get("/stats", response_model=StatsOut, responses=ERROR_RESPONSES)
+def get_stats(session: SessionDep, _: AdminToken) -> JSONResponse:
     """Counts by status, oldest pending age, deliveries in the last minute, money at risk."""
-    return StatsOut(**outbox_stats(session).as_dict())
+    return respond(StatsOut(**outbox_stats(session).as_dict()))
 
 
-@router.get("/events", responses=ERROR_RESPONSES)
+@router.get("/events", response_model=EventPage, responses=ERROR_RESPONSES)
 def get_events(
     session: SessionDep,
     _: AdminToken,
@@ -76,14 +77,14 @@ def get_events(
     customer_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-) -> EventPage:
+) -> JSONResponse:
     """Outbox events, newest first, filtered by status and customer (cursor pages)."""
     if customer_id is not None:
         check_customer_id(customer_id)
     rows, next_cursor = list_events(
         session, customer_id=customer_id, status=status, cursor=cursor, limit=limit
     )
-    return EventPage(
+    page = EventPage(
         items=[
             EventOut(
                 event_id=row.id,
@@ -105,17 +106,19 @@ def get_events(
         ],
         next_cursor=next_cursor,
     )
+    return respond(page)
 
 
 @router.post(
     "/replay",
+    response_model=ReplayOut,
     responses={
         **ERROR_RESPONSES,
         404: {"model": ErrorOut, "description": "event_not_found"},
         409: {"model": ErrorOut, "description": "not_replayable: an event is not failed"},
     },
 )
-def post_replay(body: ReplayIn, session: SessionDep, token: AdminToken) -> ReplayOut:
+def post_replay(body: ReplayIn, session: SessionDep, token: AdminToken) -> JSONResponse:
     """failed → pending with the same `external_id` (a resend Polar already has is free).
     Either `event_ids`, or `status: "failed"` (optionally with `customer_id`)."""
     result = replay(
@@ -127,9 +130,11 @@ def post_replay(body: ReplayIn, session: SessionDep, token: AdminToken) -> Repla
         actor=f"api-token:{token.name or token.id}",
         reason=body.reason,
     )
-    return ReplayOut(
-        replayed=result.replayed,
-        event_ids=result.event_ids,
-        dry_run=result.dry_run,
-        replay_id=result.replay_id,
+    return respond(
+        ReplayOut(
+            replayed=result.replayed,
+            event_ids=result.event_ids,
+            dry_run=result.dry_run,
+            replay_id=result.replay_id,
+        )
     )
