@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
 
@@ -62,13 +63,16 @@ def respond(body: BaseModel, status_code: int = 200) -> JSONResponse:
 class TokenCache:
     """Token lookups, cached only while a `RevocationWatcher` vouches for them: a revocation
     empties the cache of every API process as it commits (LISTEN/NOTIFY). Without a live
-    watcher (SQLite, no lifespan, connection lost) every lookup asks the database."""
+    watcher (SQLite, no lifespan, connection lost) every lookup asks the database. An entry
+    also expires after MAX_AGE seconds (a token changed by hand in SQL, never announced)."""
+
+    MAX_AGE = 60.0
 
     def __init__(self) -> None:
         self.watcher: RevocationWatcher | None = None
         self._lock = threading.Lock()
         self._generation = 0
-        self._entries: dict[str, tuple[int, TokenInfo]] = {}
+        self._entries: dict[str, tuple[int, float, TokenInfo]] = {}
 
     def forget(self) -> None:
         """Drop every cached lookup (a token was revoked, or the watcher reconnected)."""
@@ -76,16 +80,26 @@ class TokenCache:
             self._generation += 1
             self._entries.clear()
 
+    def _trusted(self) -> bool:
+        watcher = self.watcher
+        return watcher is not None and watcher.trusted()
+
+    def cached(self, token: str) -> TokenInfo | None:
+        """A cache hit only (no database, no thread): the hot path."""
+        if not self._trusted():
+            return None
+        hit = self._entries.get(hash_token(token))
+        if hit is None or hit[0] != self._generation or time.monotonic() - hit[1] > self.MAX_AGE:
+            return None
+        return hit[2]
+
     def lookup(self, bind: Session | Engine, token: str) -> TokenInfo | None:
         """The token's info, or None if unknown or revoked. `bind`: a session to query in, or
         an engine to open a short one on (a lookup never holds the request's connection)."""
-        key = hash_token(token)
-        watcher = self.watcher
-        trusted = watcher is not None and watcher.trusted()
-        if trusted:
-            hit = self._entries.get(key)
-            if hit is not None and hit[0] == self._generation:
-                return hit[1]
+        info = self.cached(token)
+        if info is not None:
+            return info
+        trusted = self._trusted()
         generation = self._generation
         if isinstance(bind, Session):
             info = authenticate(bind, token)
@@ -98,18 +112,8 @@ class TokenCache:
                 if generation == self._generation:
                     if len(self._entries) > 10_000:
                         self._entries.clear()
-                    self._entries[key] = (generation, info)
+                    self._entries[hash_token(token)] = (generation, time.monotonic(), info)
         return info
-
-    def cached(self, token: str) -> TokenInfo | None:
-        """A cache hit only (no database), for the event loop's fast path."""
-        watcher = self.watcher
-        if watcher is None or not watcher.trusted():
-            return None
-        hit = self._entries.get(hash_token(token))
-        if hit is not None and hit[0] == self._generation:
-            return hit[1]
-        return None
 
 
 def _unauthorized(detail: str) -> HTTPException:

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, InternalError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -165,8 +165,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     @app.exception_handler(PoolTimeout)
-    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+    @app.exception_handler(InternalError)  # the idle-in-transaction timeout is one (25P03)
+    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
         code, detail, retry_after = _database_refusal(exc)
+        if code == "database_unavailable" and isinstance(exc, InternalError):
+            return await _unexpected(request, exc)
         log.error("database refusal %s: %s", code, type(exc).__name__)
         return JSONResponse(
             error_body(code, f"{detail}; nothing was recorded, retry later"),

@@ -27,6 +27,7 @@ from outbox.validation import check_text
 
 TOKEN_PREFIX = "pou_"  # noqa: S105 - a prefix, not a secret
 REVOCATION_CHANNEL = "outbox_token_revoked"
+WATCHER_NAME = "outbox-revocation-watcher"
 
 log = logging.getLogger("outbox.tokens")
 
@@ -161,11 +162,12 @@ class RevocationWatcher:
 
     def _listen(self) -> None:
         raw = self._engine.raw_connection()
+        connection = raw.driver_connection
         raw.detach()  # a connection of its own, never handed back to the pool
         self._connection = raw
-        connection = raw.driver_connection
         assert connection is not None
         connection.autocommit = True
+        connection.execute(f"SET application_name = '{WATCHER_NAME}'")  # pg_stat_activity
         connection.execute(f"LISTEN {REVOCATION_CHANNEL}")
         self._on_change()  # whatever was cached before we listened cannot be trusted
         self._trusted_until = time.monotonic() + self._trust
