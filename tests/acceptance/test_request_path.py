@@ -244,3 +244,37 @@ def test_sigterm_stops_serve_within_its_grace_period_with_requests_blocked(
     assert stopped_after < 10
     with session_scope(clean_tables) as session:
         assert get_credits(session, customer).held == 0  # nothing half-done was committed
+
+
+def test_outbox_token_revoke_is_obeyed_by_every_serve_process_within_a_second(
+    serve: Callable[..., Served], clean_tables: Engine, pg_url: str
+) -> None:
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=10)
+        token, info = create_token(session, "usage")
+    servers = [serve(), serve()]
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def status(served: Served) -> int:
+        return httpx.get(
+            f"{served.url}/v1/customers/{customer}/credits", headers=headers, timeout=5
+        ).status_code
+
+    for served in servers:
+        assert [status(served) for _ in range(3)] == [200] * 3  # warm: served from the cache
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POLAR_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox.cli", "token", "revoke", str(info.id)],
+        cwd=ROOT,
+        env={**environ, "DATABASE_URL": pg_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    revoked_at = time.monotonic()
+    for served in servers:
+        while status(served) != 401:
+            assert time.monotonic() - revoked_at < 1.0, "a revoked token still works after 1 s"
+            time.sleep(0.01)
+        assert [status(served) for _ in range(3)] == [401] * 3
