@@ -28,6 +28,7 @@ from outbox.validation import check_text
 TOKEN_PREFIX = "pou_"  # noqa: S105 - a prefix, not a secret
 REVOCATION_CHANNEL = "outbox_token_revoked"
 WATCHER_NAME = "outbox-revocation-watcher"
+HEARTBEAT_PREFIX = "alive:"  # a watcher's own heartbeat on the channel, not a revocation
 
 log = logging.getLogger("outbox.tokens")
 
@@ -103,10 +104,14 @@ def list_tokens(session: Session) -> list[ApiToken]:
 class RevocationWatcher:
     """LISTEN on REVOCATION_CHANNEL in a thread, on its own connection (PostgreSQL only).
 
-    `trusted()` says whether a cache of token lookups may be believed right now: only while the
-    connection is known to be alive, i.e. a heartbeat succeeded within `trust_seconds`. Lost,
-    stuck or not yet listening: not trusted, and the caller must ask the database. Every
-    revocation heard, and every (re)connection, calls `on_change()` (forget everything cached).
+    `trusted()` says whether a cache of token lookups may be believed right now. Every
+    `heartbeat_seconds` the watcher NOTIFYs the channel itself and waits for its own message to
+    come back: PostgreSQL delivers notifications in commit order, so once it is back, every
+    revocation committed before it was sent has been heard. The cache is trusted for
+    `trust_seconds` after the send of the last echoed heartbeat, no longer: a lost, stuck or
+    deaf connection (say, behind a transaction-mode pooler, where LISTEN does not work) stops
+    the cache within that time, and lookups go to the database. Every revocation heard, and
+    every (re)connection, calls `on_change()` (forget everything cached).
     """
 
     def __init__(
@@ -170,14 +175,24 @@ class RevocationWatcher:
         connection.execute(f"SET application_name = '{WATCHER_NAME}'")  # pg_stat_activity
         connection.execute(f"LISTEN {REVOCATION_CHANNEL}")
         self._on_change()  # whatever was cached before we listened cannot be trusted
-        self._trusted_until = time.monotonic() + self._trust
+        me = f"{HEARTBEAT_PREFIX}{secrets.token_hex(8)}:"
+        beats = 0
         while not self._stopped.is_set():
-            for _ in connection.notifies(timeout=self._heartbeat):
-                self._on_change()
-            connection.execute("SELECT 1")  # the heartbeat: a dead connection raises here
-            for _ in connection.notifies(timeout=0):  # any that came in during the heartbeat
-                self._on_change()
-            self._trusted_until = time.monotonic() + self._trust
+            beats += 1
+            beat = f"{me}{beats}"
+            sent = time.monotonic()
+            connection.execute("SELECT pg_notify(%s, %s)", (REVOCATION_CHANNEL, beat))
+            for note in connection.notifies(timeout=self._heartbeat):
+                if note.payload == beat:
+                    self._trusted_until = sent + self._trust
+                elif not note.payload.startswith(HEARTBEAT_PREFIX):
+                    self._on_change()
+            if beats == 20 and not self.trusted():
+                log.warning(
+                    "token revocation listener hears nothing on its connection (a "
+                    "transaction-mode pooler?): tokens are checked in the database on "
+                    "every request"
+                )
 
     def _close(self) -> None:
         self._trusted_until = 0.0
