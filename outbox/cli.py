@@ -136,7 +136,7 @@ def token_list(json_out: JsonFlag = False) -> None:
 def token_revoke(
     token_id: Annotated[int, typer.Argument(help="The token's id (see `outbox token list`).")],
 ) -> None:
-    """Revoke a token; the API refuses it within 10 seconds (its lookup cache)."""
+    """Revoke a token; every API process refuses it within a second."""
     from outbox.tokens import revoke_token
 
     if not with_session(lambda s: revoke_token(s, token_id)):
