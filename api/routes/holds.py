@@ -10,7 +10,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from api.deps import SessionDep, UsageToken, after_commit, respond
+from api.errors import response_for
 from api.schemas import ERROR_RESPONSES, ErrorOut, MetadataValue, Strict, UsageOut
+from outbox.errors import HoldClosed
 from outbox.holds import capture_hold, place_hold, release_hold
 from outbox.validation import MAX_CREDITS, MAX_CUSTOMER_ID_LENGTH, check_customer_id
 
@@ -81,9 +83,15 @@ def post_capture(
     """Bill what the generation used (default: all held); the rest returns to the balance.
     Capturing twice returns the first result."""
     body = body or CaptureIn()
-    result = capture_hold(
-        session, hold_id, body.credits, body.metadata, settings=request.app.state.settings
-    )
+    try:
+        result = capture_hold(
+            session, hold_id, body.credits, body.metadata, settings=request.app.state.settings
+        )
+    except HoldClosed as exc:
+        # Answered, not raised, so that the transaction commits: a hold found past its expiry
+        # has just been released (its credits are back now, not at the next sweep).
+        refusal = response_for(exc)
+        return JSONResponse(refusal.body, status_code=refusal.status_code)
     if not result.replayed:
         after_commit(session, request.app.state.nudge)
     return JSONResponse(

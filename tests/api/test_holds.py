@@ -113,14 +113,13 @@ def test_a_hold_past_its_expiry_cannot_be_captured_even_before_the_sweeper_ran(
     response = client.post(f"/v1/holds/{hold}/capture", json={"credits": 3}, headers=usage_headers)
     assert response.status_code == 409, response.text
     assert response.json()["code"] == "hold_closed"
-    # Nothing was billed; the credits stay held until the sweeper releases them (the refusal
-    # rolls its transaction back), and then they are all back.
-    assert _credits(client, usage_headers) == {"balance": 3, "held": 7, "used": 0}
-    assert _events(clean_tables) == []
-    with session_scope(clean_tables) as session:
-        assert expire_holds(session) == 1
+    # The refusal released it, as the sweeper would have: everything back, nothing billed.
     assert _credits(client, usage_headers) == {"balance": 10, "held": 0, "used": 0}
+    assert _events(clean_tables) == []
     assert _ledger_matches(clean_tables, 10)
+    with session_scope(clean_tables) as session:
+        assert session.scalar(select(Hold.status).where(Hold.id == hold)) == "expired"
+        assert expire_holds(session) == 0  # nothing left for the sweeper
     response = client.post(f"/v1/holds/{hold}/capture", json={"credits": 3}, headers=usage_headers)
     assert response.status_code == 409
     assert _events(clean_tables) == []
