@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -17,9 +18,10 @@ from api.middleware import HeaderLimit
 from api.openapi import install_openapi
 from api.routes import admin, customers, health, holds, usage, webhooks
 from outbox.collector import OutboxCollector
-from outbox.db import get_engine, session_factory
+from outbox.db import make_request_engine, session_factory
 from outbox.migrate import SchemaCache
 from outbox.settings import Settings, get_settings
+from outbox.tokens import RevocationWatcher
 
 MAX_BODY_BYTES = 256 * 1024
 
@@ -62,18 +64,36 @@ def create_app(
     """Build the API. `nudge` is called after each committed usage (a best-effort wake-up of
     the delivery worker); the default does nothing and the periodic drain catches up."""
     settings = settings or get_settings()
-    engine = engine or get_engine(settings.database_url)
+    owns_engine = engine is None
+    engine = engine or make_request_engine(settings)
+    token_cache = TokenCache()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Token lookups are cached only while this process hears every revocation.
+        if engine.dialect.name == "postgresql":
+            token_cache.watcher = RevocationWatcher(engine, token_cache.forget).start()
+        try:
+            yield
+        finally:
+            if token_cache.watcher is not None:
+                token_cache.watcher.stop()
+                token_cache.watcher = None
+            if owns_engine:
+                engine.dispose()
+
     app = FastAPI(
         title="polar-usage-outbox",
         version="0.1.0",
         description="Credit ledger + transactional outbox that bills AI usage through Polar.",
         # No redirect from `/path/` to `/path`: Starlette builds it from the Host header.
         redirect_slashes=False,
+        lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = session_factory(engine)
-    app.state.token_cache = TokenCache()
+    app.state.token_cache = token_cache
     app.state.schema_cache = SchemaCache()
     app.state.nudge = nudge or _no_nudge
     registry = CollectorRegistry()

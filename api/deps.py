@@ -1,32 +1,50 @@
-"""Request-scoped dependencies: one request = one transaction, and bearer-token auth."""
+"""Request-scoped dependencies: one request = one transaction, and bearer-token auth.
+
+The rule that keeps the API from hanging: a request never holds a transaction (or a row lock)
+while it waits for anything but the database. The session dependency commits when the route
+function returns (scope="function"), BEFORE the response is sent, so 201 means recorded; and a
+route that takes `SessionDep` returns a Response it rendered itself (`respond`). Returning a
+model instead would make FastAPI validate it in ANOTHER threadpool thread while the transaction
+is still open: with every thread waiting for that transaction's row lock, nothing moves again.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from api.errors import error_body
 from outbox.db import session_scope
 from outbox.states import TokenScope
-from outbox.tokens import TokenInfo, authenticate, hash_token
+from outbox.tokens import RevocationWatcher, TokenInfo, authenticate, hash_token
+
+log = logging.getLogger("api")
 
 AFTER_COMMIT = "after_commit"
-TOKEN_CACHE_SECONDS = 10.0
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One transaction per request, committed BEFORE the response is sent (scope="function"),
-    so a client never sees 201 for a deduction that did not commit."""
+    """One transaction per request, committed when the route function returns and BEFORE the
+    response is sent (scope="function"): a failed commit answers its error, never a 201. Then
+    the after-commit hooks run; they are best effort and never fail the request."""
     with session_scope(request.app.state.sessionmaker) as session:
         yield session
     for hook in session.info.get(AFTER_COMMIT, ()):
-        hook()
+        try:
+            hook()
+        except Exception:
+            log.exception("an after-commit hook failed (the request is recorded)")
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
@@ -37,26 +55,65 @@ def after_commit(session: Session, hook: Callable[[], None]) -> None:
     session.info.setdefault(AFTER_COMMIT, []).append(hook)
 
 
+def respond(body: BaseModel, status_code: int = 200) -> JSONResponse:
+    """The answer of a route that takes `SessionDep`, rendered in the route's own thread, so
+    nothing runs between the route's return and the commit (see the module docstring)."""
+    return JSONResponse(body.model_dump(mode="json"), status_code=status_code)
+
+
 class TokenCache:
-    """Token lookups cached for a few seconds: a revoked token stops working within 10 s."""
+    """Token lookups, cached only while a `RevocationWatcher` vouches for them: a revocation
+    empties the cache of every API process as it commits (LISTEN/NOTIFY). Without a live
+    watcher (SQLite, no lifespan, connection lost) every lookup asks the database. An entry
+    also expires after MAX_AGE seconds (a token changed by hand in SQL, never announced)."""
 
-    def __init__(self, ttl: float = TOKEN_CACHE_SECONDS) -> None:
-        self.ttl = ttl
+    MAX_AGE = 60.0
+
+    def __init__(self) -> None:
+        self.watcher: RevocationWatcher | None = None
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, TokenInfo | None]] = {}
+        self._generation = 0
+        self._entries: dict[str, tuple[int, float, TokenInfo]] = {}
 
-    def lookup(self, session: Session, token: str) -> TokenInfo | None:
-        key = hash_token(token)
-        now = time.monotonic()
+    def forget(self) -> None:
+        """Drop every cached lookup (a token was revoked, or the watcher reconnected)."""
         with self._lock:
-            hit = self._entries.get(key)
-        if hit is not None and now - hit[0] < self.ttl and hit[1] is not None:
-            return hit[1]
-        info = authenticate(session, token)
-        with self._lock:
-            if len(self._entries) > 10_000:
-                self._entries.clear()
-            self._entries[key] = (now, info)
+            self._generation += 1
+            self._entries.clear()
+
+    def _trusted(self) -> bool:
+        watcher = self.watcher
+        return watcher is not None and watcher.trusted()
+
+    def cached(self, token: str) -> TokenInfo | None:
+        """A cache hit only (no database, no thread): the hot path."""
+        if not self._trusted():
+            return None
+        hit = self._entries.get(hash_token(token))
+        if hit is None or hit[0] != self._generation or time.monotonic() - hit[1] > self.MAX_AGE:
+            return None
+        return hit[2]
+
+    def lookup(self, bind: Session | Engine, token: str) -> TokenInfo | None:
+        """The token's info, or None if unknown or revoked. `bind`: a session to query in, or
+        an engine to open a short one on (a lookup never holds the request's connection)."""
+        info = self.cached(token)
+        if info is not None:
+            return info
+        trusted = self._trusted()
+        generation = self._generation
+        if isinstance(bind, Session):
+            info = authenticate(bind, token)
+        else:
+            with Session(bind) as session:
+                info = authenticate(session, token)
+        if info is not None and trusted:
+            with self._lock:
+                # A revocation heard while we were asking: this answer may predate it.
+                if generation == self._generation:
+                    if len(self._entries) > 10_000:
+                        self._entries.clear()
+                    self._entries[hash_token(token)] = (generation, time.monotonic(), info)
         return info
 
 
@@ -68,8 +125,10 @@ def _unauthorized(detail: str) -> HTTPException:
     )
 
 
-def current_token(request: Request, session: SessionDep) -> TokenInfo:
-    """The caller's token from `Authorization: Bearer <token>`; 401 if missing or unknown."""
+async def current_token(request: Request) -> TokenInfo:
+    """The caller's token from `Authorization: Bearer <token>`; 401 if missing or unknown.
+    A cache hit costs no thread and no query; a miss asks the database on a connection of its
+    own, returned at once (never the request's transaction)."""
     header = request.headers.get("authorization")
     if not header:
         raise _unauthorized("missing Authorization header: use 'Authorization: Bearer <token>'")
@@ -78,7 +137,9 @@ def current_token(request: Request, session: SessionDep) -> TokenInfo:
     if scheme.lower() != "bearer" or not token or len(token) > 200:
         raise _unauthorized("malformed Authorization header: use 'Authorization: Bearer <token>'")
     cache: TokenCache = request.app.state.token_cache
-    info = cache.lookup(session, token)
+    info = cache.cached(token)
+    if info is None:
+        info = await run_in_threadpool(cache.lookup, request.app.state.engine, token)
     if info is None:
         raise _unauthorized("invalid or revoked token")
     return info
@@ -95,12 +156,13 @@ BEARER = HTTPBearer(
 
 class RequireScope:
     """The dependency that refuses a token without `scope` (403). A class, so that the error
-    handlers can find which scope a route needs (`required_scope`)."""
+    handlers can find which scope a route needs (`required_scope`). Async: a cached token
+    costs no threadpool hand-off."""
 
     def __init__(self, scope: TokenScope) -> None:
         self.scope = scope
 
-    def __call__(
+    async def __call__(
         self,
         token: Annotated[TokenInfo, Depends(current_token)],
         _: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],

@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.exc import InterfaceError, InternalError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -142,6 +143,24 @@ def _schema_not_migrated() -> JSONResponse:
     )
 
 
+# SQLSTATEs of the bounded waits (outbox.db.make_request_engine).
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout
+QUERY_CANCELED = "57014"  # statement_timeout
+IDLE_IN_TRANSACTION_TIMEOUT = "25P03"  # idle_in_transaction_session_timeout
+
+
+def _database_refusal(exc: Exception) -> tuple[str, str, str]:
+    """(code, detail, Retry-After) for a database wait that ran out or a database that is down."""
+    if isinstance(exc, PoolTimeout):
+        return "overloaded", "every database connection of this process is busy", "1"
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if sqlstate == LOCK_NOT_AVAILABLE:
+        return "locked", "another request holds a row this one needs (lock timeout)", "1"
+    if sqlstate in (QUERY_CANCELED, IDLE_IN_TRANSACTION_TIMEOUT):
+        return "database_timeout", "the database did not answer in time", "1"
+    return "database_unavailable", "the database is unavailable", "5"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map domain errors, validation errors, HTTP errors and surprises to the one error shape."""
 
@@ -176,17 +195,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
-    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+    @app.exception_handler(PoolTimeout)
+    @app.exception_handler(InternalError)  # the idle-in-transaction timeout is one (25P03)
+    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
         if _missing_table(exc):  # SQLite's "no such table"
             return _schema_not_migrated()
-        log.error("database unavailable: %s", type(exc).__name__)
+        code, detail, retry_after = _database_refusal(exc)
+        if code == "database_unavailable" and isinstance(exc, InternalError):
+            return await _unexpected(request, exc)
+        log.error("database refusal %s: %s", code, type(exc).__name__)
         return JSONResponse(
-            error_body(
-                "database_unavailable",
-                "the database is unavailable; nothing was recorded, retry later",
-            ),
+            error_body(code, f"{detail}; nothing was recorded, retry later"),
             status_code=503,
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": retry_after},
         )
 
     @app.exception_handler(Exception)

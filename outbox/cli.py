@@ -264,7 +264,7 @@ def token_revoke(
         ),
     ],
 ) -> None:
-    """Revoke a token; the API refuses it within 10 seconds (its lookup cache)."""
+    """Revoke a token; every API process refuses it within a second."""
     from outbox.tokens import revoke_token
 
     if not with_session(lambda s: revoke_token(s, token_id)):
@@ -295,7 +295,8 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 1,
 ) -> None:
-    """Run the HTTP API (uvicorn)."""
+    """Run the HTTP API (uvicorn). On SIGTERM, requests in flight get
+    OUTBOX_API_SHUTDOWN_GRACE_SECONDS to finish, then the process exits."""
     import uvicorn
 
     settings = settings_or_exit()
@@ -311,6 +312,7 @@ def serve(
         log_level=settings.log_level.lower(),
         access_log=False,
         http="api.server:BoundedHttpToolsProtocol",  # a request head is bounded (431)
+        timeout_graceful_shutdown=settings.outbox_api_shutdown_grace_seconds,
     )
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox.errors import ConfigError, DatabaseUnavailable
-from outbox.settings import get_settings
+from outbox.settings import Settings, get_settings
 
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
@@ -58,6 +58,34 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("max_overflow", 20)
         kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def make_request_engine(settings: Settings, **kwargs: Any) -> Engine:
+    """The API's engine: every wait a request can make on the database is bounded.
+
+    PostgreSQL sessions get `lock_timeout` (a row lock held elsewhere), `statement_timeout`
+    and `idle_in_transaction_session_timeout` (a transaction left open, locks and all, by a
+    request that is stuck: PostgreSQL ends it), set once per connection at connect time (no
+    round trip per request); the pool gives up after OUTBOX_API_POOL_TIMEOUT_SECONDS. Each
+    of these surfaces as a 503 (api/errors.py), never as a hang.
+    """
+    url = settings.database_url
+    if url.startswith("sqlite"):
+        return get_engine(url)  # `outbox dev`: one process, one engine (busy_timeout bounds it)
+    statement = _milliseconds(settings.outbox_api_statement_timeout_seconds)
+    options = (
+        f"-c lock_timeout={_milliseconds(settings.outbox_api_lock_timeout_seconds)}"
+        f" -c statement_timeout={statement}"
+        f" -c idle_in_transaction_session_timeout={statement}"
+    )
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    connect_args["options"] = f"{connect_args.get('options', '')} {options}".strip()
+    kwargs.setdefault("pool_timeout", settings.outbox_api_pool_timeout_seconds)
+    return make_engine(url, connect_args=connect_args, **kwargs)
 
 
 def get_engine(url: str | None = None) -> Engine:

@@ -121,6 +121,35 @@ class Settings(BaseSettings):
     polar_timeout_seconds: float = Field(
         10.0, gt=0, le=300, description="Timeout of one HTTP request to Polar."
     )
+    outbox_api_lock_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="API (PostgreSQL): the longest a request waits for a row lock (a customer, "
+        "a hold) before it is answered 503 `locked`, with nothing recorded.",
+    )
+    outbox_api_statement_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="API (PostgreSQL): the longest one SQL statement may run, and the longest a "
+        "request's transaction may sit idle; past it: 503 `database_timeout`.",
+    )
+    outbox_api_pool_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="API: the longest a request waits for a free database connection before it "
+        "is answered 503 `overloaded`.",
+    )
+    outbox_api_shutdown_grace_seconds: int = Field(
+        8,
+        ge=0,
+        le=3600,
+        description="`outbox serve`: after SIGTERM, requests in flight get this long to finish; "
+        "then they are cancelled and the process exits (keep it below the orchestrator's kill "
+        "timeout: 10 s for Docker).",
+    )
     outbox_metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Port of a worker's Prometheus /metrics (unset: off)."
     )

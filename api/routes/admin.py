@@ -6,9 +6,10 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from api.deps import AdminToken, SessionDep
+from api.deps import AdminToken, SessionDep, respond
 from api.schemas import (
     CUSTOMER_ID_SCHEMA,
     ERROR_RESPONSES,
@@ -122,13 +123,13 @@ def _check_replay_target(body: ReplayIn) -> None:
         )
 
 
-@router.get("/stats", responses=ERROR_RESPONSES)
-def get_stats(session: SessionDep, _: AdminToken) -> StatsOut:
+@router.get("/stats", response_model=StatsOut, responses=ERROR_RESPONSES)
+def get_stats(session: SessionDep, _: AdminToken) -> JSONResponse:
     """Counts by status, oldest pending age, deliveries in the last minute, money at risk."""
-    return StatsOut(**outbox_stats(session).as_dict())
+    return respond(StatsOut(**outbox_stats(session).as_dict()))
 
 
-@router.get("/events", responses=ERROR_RESPONSES)
+@router.get("/events", response_model=EventPage, responses=ERROR_RESPONSES)
 def get_events(
     session: SessionDep,
     _: AdminToken,
@@ -141,14 +142,14 @@ def get_events(
     ] = None,
     cursor: Cursor = None,
     limit: Limit = 50,
-) -> EventPage:
+) -> JSONResponse:
     """Outbox events, newest first, filtered by status and customer (cursor pages)."""
     if customer_id is not None:
         check_customer_id(customer_id)
     rows, next_cursor = list_events(
         session, customer_id=customer_id, status=status, cursor=cursor, limit=limit
     )
-    return EventPage(
+    page = EventPage(
         items=[
             EventOut(
                 event_id=row.id,
@@ -170,17 +171,19 @@ def get_events(
         ],
         next_cursor=next_cursor,
     )
+    return respond(page)
 
 
 @router.post(
     "/replay",
+    response_model=ReplayOut,
     responses={
         **ERROR_RESPONSES,
         404: {"model": ErrorOut, "description": "event_not_found"},
         409: {"model": ErrorOut, "description": "not_replayable: an event is not failed"},
     },
 )
-def post_replay(body: ReplayIn, session: SessionDep, token: AdminToken) -> ReplayOut:
+def post_replay(body: ReplayIn, session: SessionDep, token: AdminToken) -> JSONResponse:
     """failed → pending with the same `external_id` (a resend Polar already has is free).
     Either `event_ids`, or `status: "failed"` (optionally with `customer_id`), not both; 422
     otherwise. A dry run moves nothing and answers `would_replay`."""
@@ -194,4 +197,4 @@ def post_replay(body: ReplayIn, session: SessionDep, token: AdminToken) -> Repla
         actor=f"api-token:{token.name or token.id}",
         reason=body.reason,
     )
-    return ReplayOut.model_validate(result.as_dict())
+    return respond(ReplayOut.model_validate(result.as_dict()))

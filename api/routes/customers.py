@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.convertors import Convertor, register_url_convertor
 
-from api.deps import AdminToken, SessionDep, UsageToken
+from api.deps import AdminToken, SessionDep, UsageToken, respond
 from api.errors import response_for
 from api.routes.usage import IdempotencyKey
 from api.schemas import (
@@ -53,16 +53,24 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/{customer_id:customer}/credits", responses={**ERROR_RESPONSES, **NOT_FOUND})
-def get_customer_credits(customer_id: CustomerId, session: SessionDep, _: UsageToken) -> CreditsOut:
+@router.get(
+    "/{customer_id:customer}/credits",
+    response_model=CreditsOut,
+    responses={**ERROR_RESPONSES, **NOT_FOUND},
+)
+def get_customer_credits(
+    customer_id: CustomerId, session: SessionDep, _: UsageToken
+) -> JSONResponse:
     """The customer's real-time balance, credits held by open holds, granted and used totals."""
     summary = get_credits(session, customer_id)
-    return CreditsOut(
-        customer_id=summary.customer_id,
-        balance=summary.balance,
-        held=summary.held,
-        granted=summary.granted,
-        used=summary.used,
+    return respond(
+        CreditsOut(
+            customer_id=summary.customer_id,
+            balance=summary.balance,
+            held=summary.held,
+            granted=summary.granted,
+            used=summary.used,
+        )
     )
 
 
@@ -80,19 +88,23 @@ def usage_event_out(event: OutboxEvent) -> UsageEventOut:
     )
 
 
-@router.get("/{customer_id:customer}/usage", responses={**ERROR_RESPONSES, **NOT_FOUND})
+@router.get(
+    "/{customer_id:customer}/usage",
+    response_model=UsagePage,
+    responses={**ERROR_RESPONSES, **NOT_FOUND},
+)
 def get_customer_usage(
     customer_id: CustomerId,
     session: SessionDep,
     _: UsageToken,
     cursor: Cursor = None,
     limit: Limit = 50,
-) -> UsagePage:
+) -> JSONResponse:
     """The customer's usage events with their delivery status, newest first (cursor pages).
     Delivered events older than the retention (`outbox prune`) are no longer listed."""
     get_credits(session, customer_id)  # 404 for an unknown customer
     rows, next_cursor = list_events(session, customer_id=customer_id, cursor=cursor, limit=limit)
-    return UsagePage(items=[usage_event_out(row) for row in rows], next_cursor=next_cursor)
+    return respond(UsagePage(items=[usage_event_out(row) for row in rows], next_cursor=next_cursor))
 
 
 @router.post(

@@ -9,8 +9,10 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
-from api.deps import SessionDep, UsageToken, after_commit
+from api.deps import SessionDep, UsageToken, after_commit, respond
+from api.errors import response_for
 from api.schemas import CUSTOMER_ID_SCHEMA, ERROR_RESPONSES, ErrorOut, Metadata, Strict, UsageOut
+from outbox.errors import HoldClosed
 from outbox.holds import capture_hold, place_hold, release_hold
 from outbox.validation import MAX_CREDITS, MAX_CUSTOMER_ID_LENGTH, MAX_ID, check_customer_id
 
@@ -53,19 +55,21 @@ class ReleaseOut(BaseModel):
 @router.post(
     "",
     status_code=201,
+    response_model=HoldOut,
     responses={
         **ERROR_RESPONSES,
         402: {"model": ErrorOut, "description": "insufficient_credits"},
         404: {"model": ErrorOut, "description": "customer_not_found"},
     },
 )
-def post_hold(body: HoldIn, request: Request, session: SessionDep, _: UsageToken) -> HoldOut:
+def post_hold(body: HoldIn, request: Request, session: SessionDep, _: UsageToken) -> JSONResponse:
     """Reserve credits; they are released by themselves after HOLD_TTL_SECONDS."""
     check_customer_id(body.customer_id)
     result = place_hold(
         session, body.customer_id, body.credits, settings=request.app.state.settings
     )
-    return HoldOut(hold_id=result.hold_id, balance=result.balance, expires_at=result.expires_at)
+    out = HoldOut(hold_id=result.hold_id, balance=result.balance, expires_at=result.expires_at)
+    return respond(out, 201)
 
 
 @router.post(
@@ -84,9 +88,15 @@ def post_capture(
     """Bill what the generation used (default: all held); the rest returns to the balance.
     Capturing twice returns the first result."""
     body = body or CaptureIn()
-    result = capture_hold(
-        session, hold_id, body.credits, body.metadata, settings=request.app.state.settings
-    )
+    try:
+        result = capture_hold(
+            session, hold_id, body.credits, body.metadata, settings=request.app.state.settings
+        )
+    except HoldClosed as exc:
+        # Answered, not raised, so that the transaction commits: a hold found past its expiry
+        # has just been released (its credits are back now, not at the next sweep).
+        refusal = response_for(exc)
+        return JSONResponse(refusal.body, status_code=refusal.status_code)
     if not result.replayed:
         after_commit(session, request.app.state.nudge)
     return JSONResponse(
@@ -95,8 +105,12 @@ def post_capture(
     )
 
 
-@router.post("/{hold_id}/release", responses={**ERROR_RESPONSES, **HOLD_ERRORS})
-def post_release(hold_id: HoldId, session: SessionDep, _: UsageToken) -> ReleaseOut:
+@router.post(
+    "/{hold_id}/release",
+    response_model=ReleaseOut,
+    responses={**ERROR_RESPONSES, **HOLD_ERRORS},
+)
+def post_release(hold_id: HoldId, session: SessionDep, _: UsageToken) -> JSONResponse:
     """Return the held credits; nothing is billed."""
     result = release_hold(session, hold_id)
-    return ReleaseOut(hold_id=result.hold_id, balance=result.balance, status=result.status)
+    return respond(ReleaseOut(hold_id=result.hold_id, balance=result.balance, status=result.status))

@@ -128,7 +128,9 @@ def test_the_metadata_limits_are_stated() -> None:
         [metadata, _null] = component(name)["properties"]["metadata"]["anyOf"]
         assert metadata["maxProperties"] == 47  # Polar's 50 minus our three
         assert metadata["propertyNames"]["maxLength"] == 40
-        assert metadata["propertyNames"]["not"] == {"enum": ["credits_used", "usage_external_id", "usage_id"]}
+        assert metadata["propertyNames"]["not"] == {
+            "enum": ["credits_used", "usage_external_id", "usage_id"]
+        }
         string = metadata["additionalProperties"]["anyOf"][0]
         assert (string["minLength"], string["maxLength"]) == (1, 500)
 
