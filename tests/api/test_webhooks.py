@@ -311,6 +311,20 @@ def test_a_webhook_over_10_mib_is_413_and_stores_nothing(
     assert nothing_written(clean_tables)
 
 
+def test_a_webhook_id_is_shown_cut_at_10000_characters_but_deduplicated_whole(
+    client: TestClient, clean_tables: Engine
+) -> None:
+    """docs/explanation/webhooks.md: `webhook_id` keeps the first 10,000 characters; the
+    dedup key is the SHA-256 of the whole header."""
+    prefix = "wh_" + "y" * 10_500
+    first = client.post(URL, **signed(credited(grant="g1", customer="u1"), prefix + "1"))
+    second = client.post(URL, **signed(credited(grant="g2", customer="u2"), prefix + "2"))
+    assert first.status_code == second.status_code == 202
+    assert "granted" in second.json()["outcome"]
+    assert [row.webhook_id for row in stored(clean_tables)] == [prefix[:10_000]] * 2
+    assert balance(clean_tables, "u1") == balance(clean_tables, "u2") == 20
+
+
 # --- the per-grant state machine ----------------------------------------------------------------
 
 
