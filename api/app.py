@@ -24,6 +24,15 @@ from outbox.settings import Settings, get_settings
 from outbox.tokens import RevocationWatcher
 
 MAX_BODY_BYTES = 256 * 1024
+# Polar documents no size limit for the webhooks it sends; a refused one is retried and, ten
+# in a row, disables the endpoint. So this route takes what Polar itself accepts on ingest.
+WEBHOOK_PATH = "/v1/polar/webhooks"
+MAX_WEBHOOK_BODY_BYTES = 10 * 1024 * 1024
+
+
+def body_limit(path: str) -> int:
+    """The most bytes a request body to `path` may have."""
+    return MAX_WEBHOOK_BODY_BYTES if path == WEBHOOK_PATH else MAX_BODY_BYTES
 
 
 def _no_nudge() -> None:
@@ -33,19 +42,19 @@ def _no_nudge() -> None:
 class ContentLengthLimit:
     """Refuse an oversized body at once by its Content-Length, with the JSON error shape."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            max_bytes = body_limit(scope["path"])
             for name, value in scope.get("headers", ()):
                 if name == b"content-length":
-                    if not value.isdigit() or int(value) > self.max_bytes:
+                    if not value.isdigit() or int(value) > max_bytes:
                         response = JSONResponse(
                             error_body(
                                 "request_too_large",
-                                f"the request body must be at most {self.max_bytes} bytes",
+                                f"the request body must be at most {max_bytes} bytes",
                             ),
                             status_code=413,
                         )
@@ -53,6 +62,19 @@ class ContentLengthLimit:
                         return
                     break
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Starlette's count of a body as it arrives (no Content-Length), with the path's limit."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.limited = {
+            limit: RequestBodyLimitMiddleware(app, max_body_size=limit)
+            for limit in (MAX_BODY_BYTES, MAX_WEBHOOK_BODY_BYTES)
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.limited[body_limit(scope.get("path", ""))](scope, receive, send)
 
 
 def create_app(
@@ -101,8 +123,8 @@ def create_app(
     app.state.metrics_registry = registry
     # Bodies without a Content-Length are counted as they arrive (Starlette), inside the
     # exception middleware so the 413 keeps the JSON error shape.
-    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
-    app.add_middleware(ContentLengthLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit)
+    app.add_middleware(ContentLengthLimit)
     app.add_middleware(HeaderLimit)
     install_error_handlers(app)
     app.include_router(usage.router)

@@ -19,6 +19,8 @@ COMMON_RESPONSES: dict[str, str] = {
     "500": "internal_error: an unexpected error (logged); nothing was recorded",
 }
 BODY_TOO_LARGE = "request_too_large: the body is over 256 KiB"
+# api.app.body_limit: Polar's webhooks may be larger (Polar documents no size for them).
+WEBHOOK_BODY_TOO_LARGE = {"/v1/polar/webhooks": "request_too_large: the body is over 10 MiB"}
 UNAVAILABLE = "database_unavailable (or a timeout): nothing was recorded; retry after `Retry-After`"
 WITHOUT_DATABASE = {"/healthz"}
 INTEGERS = (
@@ -120,7 +122,8 @@ def build_schema(app: FastAPI, settings: Settings) -> dict[str, Any]:
         for method, operation in methods.items():
             responses = operation["responses"]
             if method == "post":
-                responses.setdefault("413", {"description": BODY_TOO_LARGE, "content": ERROR})
+                too_large = WEBHOOK_BODY_TOO_LARGE.get(path, BODY_TOO_LARGE)
+                responses.setdefault("413", {"description": too_large, "content": ERROR})
             for status, description in COMMON_RESPONSES.items():
                 responses.setdefault(status, {"description": description, "content": ERROR})
             if path == "/readyz":

@@ -13,8 +13,10 @@ database and the next start carries on.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import secrets
 import shlex
 import socket
 from collections.abc import Callable
@@ -40,9 +42,6 @@ DEMO_CUSTOMER = "demo_customer"
 DEMO_CREDITS = 100
 DEV_DATABASE_URL = "sqlite:///./outbox.db"
 DEV_TOKEN_NAME = "outbox dev"  # noqa: S105 - a label, not a secret
-# The dev API's webhook secret beside the emulator (no real Polar can sign with it), so a second
-# terminal's `outbox doctor` passes and local webhooks can be signed with it (tests/polar_webhooks).
-DEV_WEBHOOK_SECRET = "whsec_b3V0Ym94IGRldjogbG9jYWwgd2ViaG9va3Mgb25seQ=="  # noqa: S105
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,14 @@ def dev_database_url(url: str) -> str:
 def shown_url(url: str) -> str:
     """The URL as it may be printed: the password replaced by ***."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+def dev_webhook_secret() -> str:
+    """A new webhook secret for the dev API beside the emulator, on each start: a second
+    terminal's `outbox doctor` passes and local webhooks can be signed with it (it is printed
+    in the exports), yet no one else can sign webhooks that grant credits, even with
+    `--host 0.0.0.0`."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
@@ -112,7 +119,8 @@ def seed_demo(settings: Settings, options: DevOptions) -> str:
 
 def export_lines(settings: Settings, token: str, emulated: bool) -> list[str]:
     """The shell lines that make `outbox` commands in another terminal use this server's
-    database and Polar (the emulator's token is no secret; a real token is never printed)."""
+    database and Polar (the emulator's token is no secret, the webhook secret is this start's
+    own; a real token is never printed)."""
     lines = []
     if make_url(settings.database_url).password is None:
         lines.append(f"export DATABASE_URL={shlex.quote(settings.database_url)}")
@@ -222,7 +230,7 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
         # The emulator's own product and meter, not the deployment's (doctor checks them).
         os.environ["POLAR_PRODUCT_ID"] = polar_emulator.PRODUCT_ID
         os.environ["POLAR_METER_ID"] = polar_emulator.METER_ID
-        os.environ["POLAR_WEBHOOK_SECRET"] = DEV_WEBHOOK_SECRET
+        os.environ["POLAR_WEBHOOK_SECRET"] = dev_webhook_secret()
     try:
         serve(options, emulator, echo, ignored)
     finally:

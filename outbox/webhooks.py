@@ -331,15 +331,20 @@ def _reason(move: GrantCredit) -> str:
 def credit_cycle(session: Session, move: GrantCredit) -> str:
     """created/cycled: credit the cycle once; a revoke seen first cancels it instead.
 
-    The ledger's unique (customer, kind, idempotency key) is what holds "credited once" in the
-    database: a `credited` cycle seen again goes through `grant_credits` with the same key and
-    adds nothing. The state row adds what the ledger cannot know: a revoke that came first."""
-    row, _ = _get_or_create_cycle_for_update(session, move, GrantCycleState.CREDITED)
+    A cycle row is committed with its credit (one savepoint), so a `credited` row found here
+    was credited: by this code (ledger key `polar-grant:{grant}:{cycle}`) or, for rows the
+    migration 5d0e7c1f9a42 filled in, by the code before it (key `polar-webhook:{id}`), which
+    is why the row decides and not the ledger key. The ledger's unique (customer, kind,
+    idempotency key) is the database's second guard: a new row for a credited cycle (its row
+    deleted by hand) adds nothing either."""
+    row, created = _get_or_create_cycle_for_update(session, move, GrantCycleState.CREDITED)
     if row.state == GrantCycleState.REVOKED_EARLY:
         row.state, row.updated_at = GrantCycleState.CANCELLED, utcnow()
         return f"cancelled: grant {move.grant_id} cycle {move.cycle} was revoked before it came"
     if row.state != GrantCycleState.CREDITED:
         return f"duplicate: grant {move.grant_id} cycle {move.cycle} is already {row.state}"
+    if not created:
+        return f"duplicate: grant {move.grant_id} cycle {move.cycle} was already credited"
     result = grant_credits(
         session, row.customer_id, row.units, _reason(move), idempotency_key=_key(move, "grant")
     )

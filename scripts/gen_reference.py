@@ -143,7 +143,7 @@ def http_api_page(spec: dict[str, Any]) -> str:
 
 def _limits() -> list[str]:
     """The input bounds, from the constants the checks use (the schema states them too)."""
-    from api.app import MAX_BODY_BYTES
+    from api.app import MAX_BODY_BYTES, MAX_WEBHOOK_BODY_BYTES, WEBHOOK_PATH
     from api.middleware import MAX_HEADER_BYTES, MAX_HEADER_COUNT
     from api.schemas import CUSTOMER_ID_RULE, RESERVED_KEYS
     from outbox import validation as v
@@ -167,7 +167,9 @@ def _limits() -> list[str]:
         "characters | 422 |",
         f"| ids and cursors (`hold_id`, `event_ids`, `cursor`) | 1 to 2^63-1 ({v.MAX_ID}); a "
         "cursor is `next_cursor` as returned | 422 |",
-        f"| body | at most {MAX_BODY_BYTES // 1024} KiB | 413 `request_too_large` |",
+        f"| body | at most {MAX_BODY_BYTES // 1024} KiB; `{WEBHOOK_PATH}`: "
+        f"{MAX_WEBHOOK_BODY_BYTES // 1024 // 1024} MiB (Polar documents no size for its "
+        "webhooks and disables an endpoint that keeps refusing them) | 413 `request_too_large` |",
         f"| headers | at most {MAX_HEADER_BYTES // 1024} KiB in total and {MAX_HEADER_COUNT} "
         "headers | 431 `headers_too_large` |",
         "| path | exactly as listed: `/v1/usage/` (trailing slash) is not redirected | 404 |",

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.polar_webhooks import decoded_key, signed
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -136,8 +138,11 @@ def test_outbox_dev_from_an_empty_directory_bills_the_readme_example(tmp_path: P
     # and mints a new token while revoking the first: one dev token is valid at a time.
     process = start_dev(tmp_path, port, emulator_port)
     try:
-        second, _ = read_token(process)
+        second, second_banner = read_token(process)
         wait_ready(port)
+        # Each start has its own webhook secret: no one can sign webhooks for every dev API.
+        first_secret = exports(banner)["POLAR_WEBHOOK_SECRET"]
+        assert exports(second_banner)["POLAR_WEBHOOK_SECRET"] != first_secret
         credits = httpx.get(
             f"http://127.0.0.1:{port}/v1/customers/demo_customer/credits",
             headers={"Authorization": f"Bearer {second}"},
@@ -266,6 +271,20 @@ def test_dev_ignores_a_deployment_env_and_prints_exports_for_a_second_terminal(
         assert usage.status_code == 201, usage.text
         emulator = httpx.Client(base_url=f"http://127.0.0.1:{emulator_port}")
         eventually(lambda: emulator.get("/_emulator/totals").json() == {"demo_customer": 4})
+
+        # The exported webhook secret is the one the API verifies with: a webhook signed with
+        # it is accepted; one signed with a secret known beforehand (the fixed one dev once
+        # had) is not.
+        secret = env["POLAR_WEBHOOK_SECRET"]
+        known = "whsec_b3V0Ym94IGRldjogbG9jYWwgd2ViaG9va3Mgb25seQ=="
+        assert secret.startswith("whsec_") and len(decoded_key(secret)) == 24
+        webhooks = f"http://127.0.0.1:{port}/v1/polar/webhooks"
+        event = {"type": "order.paid", "data": {}}
+        accepted = httpx.post(webhooks, **signed(event, "wh_dev_1", key=decoded_key(secret)))
+        assert accepted.status_code == 202, accepted.text
+        for key in (decoded_key(known), known.encode()):
+            forged = httpx.post(webhooks, **signed(event, "wh_dev_2", key=key))
+            assert forged.status_code == 403
 
         # The second terminal: the exports pasted, in the same directory (its `.env` is read
         # too, and must not win) and in another one (no .env, no outbox.db).

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 
-from api.app import create_app
+from api.app import MAX_BODY_BYTES, MAX_WEBHOOK_BODY_BYTES, create_app
 from outbox.db import session_scope
 from outbox.ledger import get_credits, grant_credits, ledger_balance, record_usage
 from outbox.models import Customer, LedgerEntry, PolarGrantCycle, WebhookEvent
@@ -274,6 +274,54 @@ def test_long_webhook_ids_are_kept_whole_and_do_not_collide(
     assert first.status_code == second.status_code == 202
     assert "granted" in second.json()["outcome"]
     assert [row.webhook_id for row in stored(clean_tables)] == [prefix + "1", prefix + "2"]
+    assert balance(clean_tables, "u1") == balance(clean_tables, "u2") == 20
+
+
+def test_a_webhook_larger_than_the_api_limit_is_stored_and_applied(
+    client: TestClient, clean_tables: Engine
+) -> None:
+    """Polar documents no size for its webhooks, and disables an endpoint that keeps refusing:
+    this route takes up to 10 MiB, not the 256 KiB of the rest of the API."""
+    payload = credited(units=20)
+    payload["data"]["customer"]["metadata"] = {"notes": "x" * (4 * MAX_BODY_BYTES)}
+    body = json.dumps(payload).encode()
+    assert MAX_BODY_BYTES < len(body) < MAX_WEBHOOK_BODY_BYTES
+    response = client.post(URL, **signed(body, "wh_big"))
+    assert response.status_code == 202, response.text
+    assert balance(clean_tables, "user_1") == 20
+    assert bytes(stored(clean_tables)[0].body) == body
+
+
+def test_a_webhook_over_10_mib_is_413_and_stores_nothing(
+    client: TestClient, clean_tables: Engine
+) -> None:
+    payload = credited(units=20)
+    payload["data"]["customer"]["metadata"] = {"notes": "x" * MAX_WEBHOOK_BODY_BYTES}
+    response = client.post(URL, **signed(payload, "wh_huge"))
+    assert response.status_code == 413
+    assert response.json()["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        for _ in range(MAX_WEBHOOK_BODY_BYTES // 65536 + 2):
+            yield b"x" * 65536
+
+    chunked = client.post(URL, content=chunks(), headers=signed(b"", "wh_chunked")["headers"])
+    assert chunked.status_code == 413
+    assert chunked.json()["code"] == "request_too_large"
+    assert nothing_written(clean_tables)
+
+
+def test_a_webhook_id_is_shown_cut_at_10000_characters_but_deduplicated_whole(
+    client: TestClient, clean_tables: Engine
+) -> None:
+    """docs/explanation/webhooks.md: `webhook_id` keeps the first 10,000 characters; the
+    dedup key is the SHA-256 of the whole header."""
+    prefix = "wh_" + "y" * 10_500
+    first = client.post(URL, **signed(credited(grant="g1", customer="u1"), prefix + "1"))
+    second = client.post(URL, **signed(credited(grant="g2", customer="u2"), prefix + "2"))
+    assert first.status_code == second.status_code == 202
+    assert "granted" in second.json()["outcome"]
+    assert [row.webhook_id for row in stored(clean_tables)] == [prefix[:10_000]] * 2
     assert balance(clean_tables, "u1") == balance(clean_tables, "u2") == 20
 
 

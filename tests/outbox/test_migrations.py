@@ -7,14 +7,20 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.engine import make_url
 
+from outbox.db import session_scope
+from outbox.ledger import get_credits, ledger_balance
 from outbox.migrate import alembic_config, upgrade
+from outbox.settings import load_settings
+from outbox.webhooks import receive_webhook
 from tests.conftest import TEST_DATABASE_URL, service_missing
+from tests.polar_webhooks import CYCLE_1, CYCLE_2, credited, encode, revoked
 
 BEFORE_WEBHOOK_BODIES = "c499b4e2ea0e"
 
@@ -67,4 +73,134 @@ def test_stored_webhooks_keep_their_payload_as_body_and_get_their_id_hash(empty_
     assert (json.loads(stored.payload) if isinstance(stored.payload, str) else stored.payload) == (
         payload
     )
+    engine.dispose()
+
+
+OLD_NOW = "2026-11-30 00:00:00+00"
+
+
+def apply_as_old_code(conn: sa.Connection, webhook_id: str, payload: dict[str, Any]) -> None:
+    """What the code before 5d0e7c1f9a42 wrote for an applied Meter Credits webhook
+    (`git show 28f92c6:outbox/webhooks.py`): the webhook row, and a ledger entry under
+    `polar-webhook:{webhook-id}` that moved the customer's balance; no grant cycle."""
+    units = payload["data"]["properties"]["last_credited_units"]
+    customer = payload["data"]["customer"]["external_id"]
+    revoke = payload["type"] == "benefit_grant.revoked"
+    if revoke:
+        delta = -abs(units)
+        outcome = f"revoked up to {abs(units)} credits of {customer}: balance "
+    else:
+        delta = units
+        outcome = f"granted {units} credits to {customer}: balance "
+    conn.execute(
+        sa.text(
+            "INSERT INTO customers (id, balance, held, granted, used, created_at, updated_at)"
+            " VALUES (:id, 0, 0, 0, 0, :now, :now) ON CONFLICT (id) DO NOTHING"
+        ),
+        {"id": customer, "now": OLD_NOW},
+    )
+    conn.execute(
+        sa.text(
+            "UPDATE customers SET balance = balance + :delta, granted = granted + :delta"
+            " WHERE id = :id"
+        ),
+        {"id": customer, "delta": delta},
+    )
+    balance = conn.execute(
+        sa.text("SELECT balance FROM customers WHERE id = :id"), {"id": customer}
+    ).scalar_one()
+    conn.execute(
+        sa.text(
+            "INSERT INTO ledger_entries"
+            " (customer_id, kind, delta, balance_after, reason, idempotency_key, created_at)"
+            " VALUES (:customer, :kind, :delta, :balance, :reason, :key, :now)"
+        ),
+        {
+            "customer": customer,
+            "kind": "revoke" if revoke else "grant",
+            "delta": delta,
+            "balance": balance,
+            "reason": f"Polar {payload['type']} (webhook {webhook_id})",
+            "key": f"polar-webhook:{webhook_id}",
+            "now": OLD_NOW,
+        },
+    )
+    store_as_old_code(conn, webhook_id, payload, outcome + str(balance))
+
+
+def store_as_old_code(
+    conn: sa.Connection, webhook_id: str, payload: dict[str, Any], outcome: str
+) -> None:
+    conn.execute(
+        sa.text(
+            "INSERT INTO webhook_events"
+            " (webhook_id, type, payload, received_at, processed_at, outcome)"
+            " VALUES (:id, :type, :payload, :now, :now, :outcome)"
+        ),
+        {
+            "id": webhook_id,
+            "type": payload["type"],
+            "payload": json.dumps(payload),
+            "now": OLD_NOW,
+            "outcome": outcome,
+        },
+    )
+
+
+def deliver(engine: sa.Engine, payload: dict[str, Any], webhook_id: str) -> str:
+    settings = load_settings(polar_meter_id="meter_1")
+    with session_scope(engine) as session:
+        result = receive_webhook(
+            session, webhook_id=webhook_id.encode(), body=encode(payload), settings=settings
+        )
+    return result.outcome
+
+
+def balances(engine: sa.Engine, customer: str) -> tuple[int, int]:
+    with session_scope(engine) as session:
+        return get_credits(session, customer).balance, ledger_balance(session, customer)
+
+
+def test_credits_granted_before_the_upgrade_are_revoked_after_it(empty_url: str) -> None:
+    upgrade(empty_url, BEFORE_WEBHOOK_BODIES)
+    engine = sa.create_engine(empty_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        apply_as_old_code(conn, "wh_old_1", credited(units=20))
+        apply_as_old_code(conn, "wh_old_2", credited("benefit_grant.cycled", cycle=CYCLE_2))
+        # Not applied by the old code (no ledger entry): no cycle row either.
+        store_as_old_code(conn, "wh_old_3", credited(grant="grant_9"), "ignored: ...")
+    upgrade(empty_url)
+    with engine.connect() as conn:
+        cycles = conn.execute(
+            sa.text("SELECT grant_id, cycle, customer_id, state, units FROM polar_grant_cycles")
+        ).all()
+    assert sorted(tuple(row) for row in cycles) == [
+        ("grant_1", CYCLE_1, "user_1", "credited", 20),
+        ("grant_1", CYCLE_2, "user_1", "credited", 20),
+    ]
+    assert balances(engine, "user_1") == (40, 40)
+
+    # Polar redelivers under a new webhook id: credited once, as after the upgrade.
+    assert "already credited" in deliver(engine, credited(units=20), "wh_new_1")
+    assert balances(engine, "user_1") == (40, 40)
+    # Each revoke takes back its cycle's credit: net zero.
+    assert "revoked up to 20" in deliver(engine, revoked(units=20), "wh_new_2")
+    assert "revoked up to 20" in deliver(engine, revoked(of_cycle=CYCLE_2), "wh_new_3")
+    assert balances(engine, "user_1") == (0, 0)
+    engine.dispose()
+
+
+def test_a_revoke_applied_before_the_upgrade_is_not_applied_again(empty_url: str) -> None:
+    upgrade(empty_url, BEFORE_WEBHOOK_BODIES)
+    engine = sa.create_engine(empty_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        apply_as_old_code(conn, "wh_old_0", credited(grant="grant_other", units=50))
+        apply_as_old_code(conn, "wh_old_1", credited(units=20))
+        apply_as_old_code(conn, "wh_old_2", revoked(units=20))
+    upgrade(empty_url)
+    assert balances(engine, "user_1") == (50, 50)
+    # Redeliveries of the revoke and of the credit under new webhook ids change nothing.
+    assert "already revoked" in deliver(engine, revoked(units=20), "wh_new_1")
+    assert "already revoked" in deliver(engine, credited(units=20), "wh_new_2")
+    assert balances(engine, "user_1") == (50, 50)
     engine.dispose()
