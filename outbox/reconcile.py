@@ -705,6 +705,14 @@ def reconcile(
     return report
 
 
+# A pruned row is re-created from its ledger entry: the caller's metadata went with the row.
+RECREATED_NOTE = (
+    "re-created by reconcile: Polar did not list it; its metadata was pruned with the row, so "
+    "it is resent without it (credits_used, usage_id and usage_external_id are re-added: "
+    "billing is unaffected)"
+)
+
+
 def _requeue(
     session: Session, missing: Sequence[_Usage], settings: Settings, now: datetime
 ) -> tuple[list[int], list[int]]:
@@ -739,7 +747,7 @@ def _requeue(
                     status=EventStatus.PENDING,
                     attempts=0,
                     next_attempt_at=now,
-                    last_error="re-created by reconcile: Polar did not list it",
+                    last_error=RECREATED_NOTE,
                     created_at=now,
                     updated_at=now,
                 )

@@ -262,16 +262,29 @@ def test_fix_recreates_a_pruned_event_that_polar_lost_and_bills_it_once(
 ) -> None:
     with session_scope(clean_tables) as session:
         customer = make_customer(session, credits=100)
-    events = usage(clean_tables, customer, 2, 4)
+        record_usage(session, customer, 2)
+        lost = record_usage(session, customer, 4, {"model": "gpt-x"})
     deliver_all(pg_url, clean_tables)
     with session_scope(clean_tables) as session:  # pruned after delivery
-        session.execute(delete(OutboxEvent).where(OutboxEvent.id == events[1][0]))
-    assert emulator.state.delete(events[1][1])
+        session.execute(delete(OutboxEvent).where(OutboxEvent.id == lost.event_id))
+    assert emulator.state.delete(lost.external_id)
 
     code, report = reconcile(monkeypatch, pg_url, "--fix")
-    assert code == 1 and report["recreated"] == [events[1][0]], report
+    assert code == 1 and report["recreated"] == [lost.event_id], report
+    with session_scope(clean_tables) as session:
+        row = session.get(OutboxEvent, lost.event_id)
+        assert row is not None and row.event_metadata == {}
+        # The operator is told the caller's metadata is gone, and that billing is not.
+        assert "metadata was pruned" in (row.last_error or "")
+        assert "billing is unaffected" in (row.last_error or "")
     deliver_all(pg_url, clean_tables)
     assert emulator.state.totals() == {customer: 6}
+    resent = emulator.state.by_external_id[lost.external_id].metadata
+    assert resent == {
+        "credits_used": 4,
+        "usage_id": str(lost.event_id),
+        "usage_external_id": lost.external_id,
+    }
     code, _ = reconcile(monkeypatch, pg_url)
     assert code == 0
 
