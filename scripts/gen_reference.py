@@ -154,7 +154,8 @@ def _limits() -> list[str]:
         "## Limits",
         "",
         "Every refusal is a 4xx with a `code` and changes nothing. To try the API from `/docs`,",
-        "press Authorize and paste a token (`outbox token create`).",
+        "press Authorize and paste a token (`outbox token create`). A `cursor` is a decimal id;",
+        "the previous release's cursors (base64 of `id:N`) are still accepted, deprecated.",
         "",
         "| input | rule | refusal |",
         "|---|---|---|",
@@ -168,8 +169,7 @@ def _limits() -> list[str]:
         f"| `Idempotency-Key` | 1 to {v.MAX_IDEMPOTENCY_KEY_LENGTH} characters, no control "
         "characters | 422 |",
         f"| ids and cursors (`hold_id`, `event_ids`, `cursor`) | 1 to 2^63-1 ({v.MAX_ID}); a "
-        "cursor is `next_cursor` as returned (a decimal id; the previous release's base64 "
-        "`id:N` cursors are still accepted, deprecated) | 422 |",
+        "cursor is `next_cursor` as returned | 422 |",
         f"| body | at most {MAX_BODY_BYTES // 1024} KiB | 413 `request_too_large` |",
         f"| headers | at most {MAX_HEADER_BYTES // 1024} KiB in total and {MAX_HEADER_COUNT} "
         "headers | 431 `headers_too_large` |",
