@@ -17,7 +17,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from outbox.queries import CURSOR_PATTERN, MAX_CURSOR_LENGTH, MAX_PAGE_SIZE
+from outbox.queries import CURSOR_PATTERN, MAX_LEGACY_CURSOR_LENGTH, MAX_PAGE_SIZE
 from outbox.validation import (
     CUSTOMER_ID_PATTERN,
     MAX_CREDITS,
@@ -88,8 +88,13 @@ RowId = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
 Cursor = Annotated[
     str | None,
     Query(
-        max_length=MAX_CURSOR_LENGTH,
-        description="`next_cursor` from the previous page (the id of its last row).",
+        # The pattern is the current form; maxLength also lets the deprecated one through.
+        max_length=MAX_LEGACY_CURSOR_LENGTH,
+        description=(
+            "`next_cursor` from the previous page (the id of its last row). Deprecated but "
+            "still accepted: a cursor of the previous release (`aWQ6...`, base64 of `id:N`), "
+            "for clients paginating across the upgrade."
+        ),
         json_schema_extra={"pattern": CURSOR_PATTERN},
     ),
 ]

@@ -22,12 +22,10 @@ from typer.core import TyperGroup
 
 from outbox.errors import ConfigError, OutboxError
 from outbox.settings import Settings, get_settings
-from outbox.validation import MAX_GRANT_CREDITS
+from outbox.validation import MAX_GRANT_CREDITS, MAX_ID  # ids, limits, counts: 64-bit
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
-
-MAX_ID = 2**63 - 1  # ids, limits and counts are 64-bit in the database
 
 out = Console()
 err = Console(stderr=True)

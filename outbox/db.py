@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -136,32 +137,56 @@ def session_scope(bind: Engine | sessionmaker[Session] | None = None) -> Iterato
         session.close()
 
 
-_USERINFO_PASSWORD = re.compile(r"(?P<keep>://[^/@\s:]*:)[^@\s]*@")
+# `scheme://user:password@host`: greedy up to the last "@" before the path, so a password
+# with an unescaped "@" is masked whole (`u:***@host`) however a parser split it.
+_USERINFO_PASSWORD = re.compile(r"(?P<keep>://[^/@\s:]*:)[^/\s]*@")
+# `?password=...` / `&sslpassword=...`: SQLAlchemy and libpq take a password in the query too.
+_QUERY_PASSWORD = re.compile(r"(?P<keep>[?&](?:ssl)?password=)[^&#\s]*", re.IGNORECASE)
 
 
 def redact_urls(text: str) -> str:
-    """`text` with the password of every `scheme://user:password@...` in it replaced by ***."""
-    return _USERINFO_PASSWORD.sub(lambda m: m.group("keep") + "***@", text)
+    """`text` with the password of every `scheme://user:password@...` in it, and every
+    `?password=` / `&sslpassword=` query value, replaced by ***."""
+    text = _USERINFO_PASSWORD.sub(lambda m: m.group("keep") + "***@", text)
+    return _QUERY_PASSWORD.sub(lambda m: m.group("keep") + "***", text)
+
+
+def _with_decoded(values: set[str]) -> set[str]:
+    return {form for value in values if value for form in (value, unquote_plus(value)) if form}
 
 
 def url_passwords(*urls: str) -> list[str]:
-    """The passwords in `urls`, longest first, found even when a URL cannot be parsed; with an
-    unescaped "@" in a password (parsers then take its tail for the host), its pieces too."""
+    """The passwords in `urls` (userinfo and `password`/`sslpassword` query values, as written
+    and percent-decoded), longest first, found even when a URL cannot be parsed."""
     found: set[str] = set()
     for url in urls:
         match = re.match(r"^[^:/]+://[^/@:]*:(?P<password>.+)@[^@]*$", url or "")
         if match:
-            password = match.group("password")
-            found |= {password, *(part for part in password.split("@") if len(part) >= 4)}
-    return sorted(found, key=len, reverse=True)
+            found.add(match.group("password"))
+        found |= {m.group(0)[len(m.group("keep")) :] for m in _QUERY_PASSWORD.finditer(url or "")}
+    return sorted(_with_decoded(found), key=len, reverse=True)
+
+
+def _password_fragments(passwords: list[str]) -> list[str]:
+    """The pieces of passwords with an unescaped "@": parsers take the tail for the host
+    (libpq: "failed to resolve host 'tail@host'"), so each piece can be printed alone."""
+    pieces = {piece for password in passwords if "@" in password for piece in password.split("@")}
+    return sorted((piece for piece in pieces if piece), key=len, reverse=True)
 
 
 def redact(text: str, *urls: str) -> str:
-    """`text` with every URL's password in it replaced by *** (see `url_passwords`)."""
-    text = redact_urls(text)
-    for password in url_passwords(*urls):
+    """`text` with every URL's password in it replaced by *** (see `url_passwords`): the whole
+    passwords first, then each piece of one with an "@" (anywhere if 4 characters or more,
+    else where it comes before an "@"), then whatever still looks like a URL's password."""
+    passwords = url_passwords(*urls)
+    for password in passwords:
         text = text.replace(password, "***")
-    return text
+    for piece in _password_fragments(passwords):
+        if len(piece) >= 4:
+            text = text.replace(piece, "***")
+        else:
+            text = re.sub(rf"(?<![\w.~%+-]){re.escape(piece)}(?=@)", "***", text)
+    return redact_urls(text)
 
 
 def safe_url(url: str) -> str:

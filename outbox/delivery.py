@@ -10,7 +10,8 @@ The rules (DESIGN.md "Delivery rules", POLAR.md):
 - 422 "timestamp must be in the past" → pending shortly (clock skew); never dead-lettered,
   whatever else Polar lists beside it.
 - 422 naming no event we can attribute → the whole batch pending with backoff (an attempt),
-  loudly: an ERROR log line, a metric, a detail in /readyz. Nothing is failed for it.
+  loudly: an ERROR log line, a metric, a detail in /readyz. No row is failed as poison; like
+  any repeated fault, a row fails after OUTBOX_MAX_ATTEMPTS such attempts.
 - 401/403 → every row back to pending, no attempt; delivery pauses and says so (flag in the
   database for /readyz, a log line at ERROR, a metric) until the credentials work again.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Sequence
 
 from sqlalchemy import select
@@ -40,15 +42,45 @@ def encode_cursor(last_id: int) -> str:
     return str(last_id)
 
 
+def legacy_cursor(last_id: int) -> str:
+    """The cursor of the release before: unpadded URL-safe base64 of `id:N` (`aWQ6...`)."""
+    return base64.urlsafe_b64encode(f"id:{last_id}".encode()).decode().rstrip("=")
+
+
+# Deprecated, still accepted: a client paginating across the deploy holds one of these.
+LEGACY_CURSOR_PREFIX = "aWQ6"  # base64 of "id:"
+MAX_LEGACY_CURSOR_LENGTH = len(legacy_cursor(MAX_ID))
+
+
+def _legacy_id_text(cursor: str) -> str | None:
+    """The `N` of a cursor exactly as the release before made it, or None."""
+    if not (
+        cursor.startswith(LEGACY_CURSOR_PREFIX)
+        and len(cursor) <= MAX_LEGACY_CURSOR_LENGTH
+        and cursor.isascii()
+    ):
+        return None
+    standard = cursor.translate(str.maketrans("-_", "+/")) + "=" * (-len(cursor) % 4)
+    try:
+        text = base64.b64decode(standard, validate=True).decode("ascii")
+    except (binascii.Error, ValueError):
+        return None
+    value = text.removeprefix("id:")
+    # Re-encoding must give the cursor back: no other spelling of the same bytes.
+    return value if value.isdigit() and legacy_cursor(int(value)) == cursor else None
+
+
 def decode_cursor(cursor: str | None) -> int | None:
     """The id a cursor points after; `InvalidRequest` unless it is an id from 1 to 2^63-1, so a
-    cursor past 64 bits never reaches SQL."""
+    cursor past 64 bits never reaches SQL. A cursor of the release before (base64 of `id:N`)
+    is decoded first and passes the same check."""
     if cursor is None:
         return None
-    canonical = cursor.isascii() and cursor.isdigit() and not cursor.startswith("0")
-    if not (canonical and len(cursor) <= MAX_CURSOR_LENGTH and int(cursor) <= MAX_ID):
+    value = _legacy_id_text(cursor) or cursor
+    canonical = value.isascii() and value.isdigit() and not value.startswith("0")
+    if not (canonical and len(value) <= MAX_CURSOR_LENGTH and int(value) <= MAX_ID):
         raise InvalidRequest("cursor is not valid: pass next_cursor as returned", field="cursor")
-    return int(cursor)
+    return int(value)
 
 
 def check_limit(limit: int) -> int:

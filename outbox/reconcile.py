@@ -10,7 +10,8 @@
    costs about log2(customers per group) requests.
 3. Events, only in a narrowed (customer, hour). Polar's events are listed and matched by
    identity: `metadata.usage_external_id` (our `external_id`, globally unique) with the
-   customer; events delivered before that key existed by customer + `metadata.usage_id`.
+   customer; events delivered before that key existed (without it, or with a caller's own
+   value under that name, not reserved then) by customer + `metadata.usage_id`.
    Found: missing (ours, not at Polar), unknown (at Polar, not ours), mismatched credits.
    Where the list fails (Polar's own server answers 500 without its analytics store), `--fix`
    resends the hour's delivered events: Polar dedups on `external_id`, so the present ones
@@ -491,26 +492,36 @@ class _Reconciler:
         by_key = {u.external_id: u for u in rows}
         by_usage_id = {str(u.event_id): u for u in rows}
         seen: set[int] = set()
-        for event in events:
-            moment = _timestamp(event)
-            if self.born and moment is not None and moment < self.born:
-                continue  # before this database existed (it was reset): not ours, whatever ids
+        by_id: list[dict[str, Any]] = []
+
+        def settle(event: dict[str, Any], usage: _Usage | None) -> None:
             metadata = event.get("metadata") or {}
-            key = metadata.get(USAGE_KEY)
-            usage = (
-                by_key.get(str(key))
-                if key is not None
-                else by_usage_id.get(str(metadata.get("usage_id", "")))
-            )
-            credits = _credits_of(event, self.settings.usage_credits_field)
             if usage is None or usage.event_id in seen:
+                key = metadata.get(USAGE_KEY)
                 entry.unknown.append(str(key or metadata.get("usage_id") or event.get("id")))
-                continue
+                return
             seen.add(usage.event_id)
+            credits = _credits_of(event, self.settings.usage_credits_field)
             if credits != usage.credits:
                 entry.mismatched.append(
                     {"event_id": usage.event_id, "ledger": usage.credits, "polar": credits}
                 )
+
+        for event in events:
+            moment = _timestamp(event)
+            if self.born and moment is not None and moment < self.born:
+                continue  # before this database existed (it was reset): not ours, whatever ids
+            key = (event.get("metadata") or {}).get(USAGE_KEY)
+            usage = by_key.get(str(key)) if key is not None else None
+            if usage is None:
+                by_id.append(event)  # matched by usage_id once every keyed event has its row
+            else:
+                settle(event, usage)
+        # Events delivered before `usage_external_id` was ours: without it, or with a caller's
+        # own value under that name (it was not reserved then). Same customer, same usage_id.
+        for event in by_id:
+            usage_id = (event.get("metadata") or {}).get("usage_id")
+            settle(event, by_usage_id.get(str(usage_id)) if usage_id is not None else None)
         for usage in rows:
             if usage.event_id in seen and usage.status == EventStatus.FAILED:
                 entry.missing.remove(usage.event_id)  # failed here, yet Polar has it
@@ -694,6 +705,14 @@ def reconcile(
     return report
 
 
+# A pruned row is re-created from its ledger entry: the caller's metadata went with the row.
+RECREATED_NOTE = (
+    "re-created by reconcile: Polar did not list it; its metadata was pruned with the row, so "
+    "it is resent without it (credits_used, usage_id and usage_external_id are re-added: "
+    "billing is unaffected)"
+)
+
+
 def _requeue(
     session: Session, missing: Sequence[_Usage], settings: Settings, now: datetime
 ) -> tuple[list[int], list[int]]:
@@ -728,7 +747,7 @@ def _requeue(
                     status=EventStatus.PENDING,
                     attempts=0,
                     next_attempt_at=now,
-                    last_error="re-created by reconcile: Polar did not list it",
+                    last_error=RECREATED_NOTE,
                     created_at=now,
                     updated_at=now,
                 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -184,9 +185,13 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
 
-# Values copied from examples and compose defaults: never a real secret. Lower-cased; a value
-# ending in "xxx" (`polar_oat_xxx`, `whsec_xxx`) or wrapped in <...> is a placeholder too.
-PLACEHOLDERS = frozenset({"change-me", "changeme", "change_me", "secret", "xxx", "todo"})
+# Values copied from examples and compose defaults: never a real secret. Matched whole (a real
+# random token may well end in "xxx" or contain "change"), lower-cased, along with: only x's
+# after a known token prefix (`polar_oat_xxxx`, `whsec_xxx`, `xxxxxx`), a whole value wrapped
+# in <...> (`<your token>`) and `your-...-here`.
+PLACEHOLDERS = frozenset({"change-me", "changeme", "change_me", "secret", "todo"})
+_ONLY_XS = re.compile(r"(?:polar_oat_|polar_pat_|whsec_)?x{3,}")
+_TEMPLATE = re.compile(r"<[^<>]*>|your[-_].*[-_]here")
 # Passwords that are someone's default (docker images, the old compose file): refused only in
 # production, where a guessable password is an open door; sandbox and tests may use them.
 DEFAULT_PASSWORDS = frozenset({"outbox", "postgres", "password", "redis", "admin"})
@@ -194,7 +199,11 @@ DEFAULT_PASSWORDS = frozenset({"outbox", "postgres", "password", "redis", "admin
 
 def _is_placeholder(value: str) -> bool:
     value = value.strip().lower()
-    return value in PLACEHOLDERS or value.endswith("xxx") or value.startswith("<")
+    return (
+        value in PLACEHOLDERS
+        or _ONLY_XS.fullmatch(value) is not None
+        or _TEMPLATE.fullmatch(value) is not None
+    )
 
 
 def _url_password(url: str) -> str | None:

@@ -363,3 +363,87 @@ def test_doctor_names_an_unusable_database_without_its_password(
     code, out, err = invoke(env, url, ["doctor", *(["--json"] if json_out else [])])
     assert code == 1 and "Traceback" not in out + err and SECRET not in out + err, out + err
     assert "database" in out and ("✗ database" in out or '"ok": false' in out), out
+
+
+# The password as a query parameter (valid for SQLAlchemy and libpq), plain or percent-encoded.
+QUERY_PASSWORD_URLS = [
+    f"postgresql+psycopg://outbox@127.0.0.1:1/outbox?password={SECRET}",
+    f"postgresql+psycopg://outbox@127.0.0.1:1/outbox?sslmode=disable&password={SECRET}",
+    f"postgresql+psycopg://outbox@127.0.0.1:1/outbox?sslpassword={SECRET}&connect_timeout=5",
+    f"postgresql+psycopg://outbox:{SECRET}@127.0.0.1:1/outbox?password={SECRET}",
+    "postgresql+psycopg://outbox@127.0.0.1:1/outbox?password=s3cret%2Dpw",
+]
+
+
+@pytest.mark.parametrize("url", QUERY_PASSWORD_URLS)
+@pytest.mark.parametrize("args", [["status"], ["db", "upgrade"]], ids=" ".join)
+def test_a_password_in_the_query_is_not_printed(
+    env: pytest.MonkeyPatch, url: str, args: list[str]
+) -> None:
+    code, out, err = invoke(env, url, args)
+    assert_one_line_failure(code, out, err, "cannot open", "127.0.0.1:1", "password=***")
+    assert "s3cret%2Dpw" not in out + err
+
+
+@pytest.mark.parametrize("url", QUERY_PASSWORD_URLS)
+@pytest.mark.parametrize("json_out", [False, True])
+def test_doctor_does_not_print_a_password_in_the_query(
+    env: pytest.MonkeyPatch, url: str, json_out: bool
+) -> None:
+    code, out, err = invoke(env, url, ["doctor", *(["--json"] if json_out else [])])
+    assert code == 1 and "Traceback" not in out + err, out + err
+    assert SECRET not in out + err and "s3cret%2Dpw" not in out + err, out + err
+    assert "password=***" in out, out
+
+
+# An unescaped "@" in the password: libpq takes its tail for the host and names it in its
+# error ("failed to resolve host 'tpw@127.0.0.1'"); a short tail must not leak either.
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://outbox:s3cr@tpw@127.0.0.1:1/outbox",
+        "postgresql+psycopg://outbox:s3cr@tpw@nohost.invalid:1/outbox",
+        "postgresql+psycopg://outbox:ab@cd@ef@nohost.invalid/outbox",
+    ],
+)
+@pytest.mark.parametrize("args", [["status"], ["doctor"]], ids=" ".join)
+def test_no_fragment_of_a_password_with_an_at_sign_is_printed(
+    env: pytest.MonkeyPatch, url: str, args: list[str]
+) -> None:
+    code, out, err = invoke(env, url, args)
+    everything = out + err
+    assert code in (1, 2) and "Traceback" not in everything, everything
+    password = url.split("://outbox:", 1)[1].rsplit("@", 1)[0]
+    for fragment in password.split("@"):
+        assert f"{fragment}@" not in everything and f":{fragment}" not in everything, everything
+    assert "outbox:***@" in everything, everything
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Free text (a driver's message) masks what looks like a URL's password, unknown URL.
+        ("at postgresql://u@h/db?password=hunter2pass", "at postgresql://u@h/db?password=***"),
+        (
+            "h/db?sslmode=require&sslpassword=k3y&x=1 !",
+            "h/db?sslmode=require&sslpassword=***&x=1 !",
+        ),
+        ("postgresql://u:s3cr@tpw@h:5432/db", "postgresql://u:***@h:5432/db"),
+        (
+            "redis://:pw@r:6379/0 and postgresql://u:p@q@h/db",
+            "redis://:***@r:6379/0 and postgresql://u:***@h/db",
+        ),
+    ],
+)
+def test_redact_urls_masks_passwords_in_free_text(text: str, expected: str) -> None:
+    from outbox.db import redact_urls
+
+    assert redact_urls(text) == expected
+
+
+def test_url_passwords_finds_query_passwords_as_written_and_decoded() -> None:
+    from outbox.db import url_passwords
+
+    found = url_passwords("postgresql+psycopg://u@h/db?sslmode=require&password=hunter%402pass")
+    assert {"hunter%402pass", "hunter@2pass"} <= set(found)
+    assert url_passwords("postgresql+psycopg://u@h/db?sslpassword=k3ypass") == ["k3ypass"]

@@ -215,6 +215,44 @@ def test_a_credits_mismatch_and_an_event_unknown_to_the_ledger_are_named(
     assert report["totals"]["polar_credits"] == 18 and report["totals"]["ledger_credits"] == 15
 
 
+def test_an_event_carrying_the_callers_own_usage_external_id_is_matched_by_usage_id(
+    env: None,
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before `usage_external_id` was reserved a caller could send their own: the event Polar
+    holds carries the caller's value, not ours. It is still this row (same customer, same
+    `usage_id`): neither unknown nor missing, and only the event Polar really lost is named."""
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=100)
+    events = usage(clean_tables, customer, 2, 3, 4)
+    deliver_all(pg_url, clean_tables)
+    with session_scope(clean_tables) as session:  # as the old release stored and sent it
+        session.execute(
+            sa.update(OutboxEvent)
+            .where(OutboxEvent.id == events[0][0])
+            .values(event_metadata={"usage_external_id": "caller-ref-42"})
+        )
+    emulator.state.by_external_id[events[0][1]].metadata["usage_external_id"] = "caller-ref-42"
+    assert emulator.state.delete(events[2][1])  # a real difference in the same hour
+
+    code, report = reconcile(monkeypatch, pg_url)
+    assert code == 1, report
+    assert [(c["customer_id"], c["missing"]) for c in report["customers"]] == [
+        (customer, [events[2][0]])
+    ]
+    assert report["totals"]["unknown"] == report["totals"]["mismatched"] == 0, report
+
+    code, report = reconcile(monkeypatch, pg_url, "--fix")
+    assert report["requeued"] == [events[2][0]], report
+    deliver_all(pg_url, clean_tables)
+    code, report = reconcile(monkeypatch, pg_url)
+    assert (code, report["differs"]) == (0, False), report
+    assert emulator.state.totals() == {customer: 9}
+
+
 def test_fix_recreates_a_pruned_event_that_polar_lost_and_bills_it_once(
     env: None,
     clean_tables: Engine,
@@ -224,16 +262,29 @@ def test_fix_recreates_a_pruned_event_that_polar_lost_and_bills_it_once(
 ) -> None:
     with session_scope(clean_tables) as session:
         customer = make_customer(session, credits=100)
-    events = usage(clean_tables, customer, 2, 4)
+        record_usage(session, customer, 2)
+        lost = record_usage(session, customer, 4, {"model": "gpt-x"})
     deliver_all(pg_url, clean_tables)
     with session_scope(clean_tables) as session:  # pruned after delivery
-        session.execute(delete(OutboxEvent).where(OutboxEvent.id == events[1][0]))
-    assert emulator.state.delete(events[1][1])
+        session.execute(delete(OutboxEvent).where(OutboxEvent.id == lost.event_id))
+    assert emulator.state.delete(lost.external_id)
 
     code, report = reconcile(monkeypatch, pg_url, "--fix")
-    assert code == 1 and report["recreated"] == [events[1][0]], report
+    assert code == 1 and report["recreated"] == [lost.event_id], report
+    with session_scope(clean_tables) as session:
+        row = session.get(OutboxEvent, lost.event_id)
+        assert row is not None and row.event_metadata == {}
+        # The operator is told the caller's metadata is gone, and that billing is not.
+        assert "metadata was pruned" in (row.last_error or "")
+        assert "billing is unaffected" in (row.last_error or "")
     deliver_all(pg_url, clean_tables)
     assert emulator.state.totals() == {customer: 6}
+    resent = emulator.state.by_external_id[lost.external_id].metadata
+    assert resent == {
+        "credits_used": 4,
+        "usage_id": str(lost.event_id),
+        "usage_external_id": lost.external_id,
+    }
     code, _ = reconcile(monkeypatch, pg_url)
     assert code == 0
 

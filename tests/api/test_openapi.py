@@ -4,6 +4,8 @@ property test per rule: the schema accepts exactly what outbox/validation.py acc
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Any
 
@@ -18,7 +20,7 @@ from api.app import create_app
 from api.schemas import METADATA_SCHEMA
 from outbox.db import make_engine
 from outbox.errors import InvalidRequest
-from outbox.queries import CURSOR_PATTERN, decode_cursor
+from outbox.queries import CURSOR_PATTERN, MAX_LEGACY_CURSOR_LENGTH, decode_cursor, legacy_cursor
 from outbox.settings import load_settings
 from outbox.validation import (
     CUSTOMER_ID_PATTERN,
@@ -217,10 +219,44 @@ def test_the_idempotency_key_pattern_is_check_idempotency_key(value: str) -> Non
     )
 
 
-@settings(max_examples=300)
-@given(st.one_of(st.integers(min_value=-5, max_value=10**25).map(str), TEXT, EDGY))
+def is_legacy_cursor(value: str) -> bool:
+    """Exactly what the previous release's `encode_cursor` made for an id of 1..2^63-1."""
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return False
+    number = raw.removeprefix("id:")
+    return number.isdigit() and 1 <= int(number) <= MAX_ID and legacy_cursor(int(number)) == value
+
+
+IDS_AROUND_THE_BOUNDS = st.integers(min_value=-5, max_value=10**25)
+LEGACY = st.one_of(
+    IDS_AROUND_THE_BOUNDS.map(legacy_cursor),
+    st.sampled_from(["0", "01", "1 ", "-1", "+1", "1.0", "\uff11"]).map(
+        lambda n: base64.urlsafe_b64encode(f"id:{n}".encode()).decode().rstrip("=")
+    ),
+    # the same bytes spelled otherwise: padded, standard alphabet, a trailing character
+    IDS_AROUND_THE_BOUNDS.map(lambda n: base64.b64encode(f"id:{n}".encode()).decode()),
+    st.tuples(IDS_AROUND_THE_BOUNDS.map(legacy_cursor), st.sampled_from("A=_-+/ ")).map("".join),
+)
+
+
+@settings(max_examples=400)
+@given(st.one_of(IDS_AROUND_THE_BOUNDS.map(str), TEXT, EDGY, LEGACY))
 def test_the_cursor_pattern_is_decode_cursor(value: str) -> None:
-    assert (re.fullmatch(CURSOR_PATTERN, value) is not None) == accepted(decode_cursor, value)
+    """The pattern states the current form exactly; the previous release's form, deprecated
+    (the parameter's description says so), is accepted too and nothing else."""
+    in_schema = re.fullmatch(CURSOR_PATTERN, value) is not None
+    assert (in_schema or is_legacy_cursor(value)) == accepted(decode_cursor, value)
+    assert not (in_schema and is_legacy_cursor(value))
+
+
+def test_the_cursor_parameter_admits_the_deprecated_form() -> None:
+    [string, _] = parameter("/v1/customers/{customer_id}/usage", "get", "cursor")["schema"]["anyOf"]
+    assert string["maxLength"] == len(legacy_cursor(MAX_ID)) == MAX_LEGACY_CURSOR_LENGTH
+    assert decode_cursor(legacy_cursor(MAX_ID)) == MAX_ID
+    description = parameter("/v1/customers/{customer_id}/usage", "get", "cursor")["description"]
+    assert "Deprecated" in description and "base64 of `id:N`" in description
 
 
 METADATA_VALUES = st.one_of(

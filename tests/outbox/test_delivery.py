@@ -269,7 +269,7 @@ def test_a_422_naming_no_event_fails_nothing_and_is_loud(
     assert after == before + 1
     assert metric(api.get("/metrics").text, "outbox_polar_unattributed_422") == 1
     ready = api.get("/readyz")
-    assert ready.status_code == 503
+    assert ready.status_code == 200  # reported, but the request path does not depend on Polar
     assert "naming no event" in ready.json()["checks"]["polar_ingest"]
     assert "['body', 'events']: Field required" in ready.json()["checks"]["polar_ingest"]
 

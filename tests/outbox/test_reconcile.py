@@ -1,12 +1,24 @@
-"""Reconcile's pure parts: which window it compares (and says why), how it groups customers."""
+"""Reconcile's pure parts: which window it compares (and says why), how it groups customers,
+how listed events are matched to rows."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pytest
+from sqlalchemy.orm import Session
 
-from outbox.reconcile import MAX_CUSTOMER_QUERY_CHARS, customer_groups, reconcile_window
+from outbox.reconcile import (
+    MAX_CUSTOMER_QUERY_CHARS,
+    PolarSide,
+    _Reconciler,
+    _Usage,
+    customer_groups,
+    reconcile_window,
+)
+from outbox.settings import load_settings
+from outbox.states import EventStatus
 
 NOW = datetime(2026, 12, 1, 11, 47, 3, tzinfo=UTC)
 LONG_AGO = NOW - timedelta(days=400)
@@ -78,3 +90,47 @@ def test_customer_groups_fit_one_request_line_and_keep_every_customer() -> None:
         )
     assert len(groups) == 7  # 36 characters each: 166 per request
     assert customer_groups(["a b/é"]) == [["a b/é"]]
+
+
+def _reconciler(rows: list[_Usage]) -> _Reconciler:
+    return _Reconciler(
+        cast(Session, None),  # match() reads neither the database nor Polar
+        cast(PolarSide, None),
+        load_settings(),
+        meter_id="meter",
+        interval="hour",
+        since=NOW - timedelta(hours=1),
+        until=NOW,
+        born=None,
+        ours=rows,
+        fix=False,
+        progress=lambda _: None,
+    )
+
+
+def _row(event_id: int, external_id: str, credits: int) -> _Usage:
+    return _Usage(event_id, "alice", credits, external_id, NOW, EventStatus.DELIVERED, {})
+
+
+def _event(credits: int, **metadata: str) -> dict[str, object]:
+    return {"timestamp": NOW.isoformat(), "metadata": {"credits_used": credits, **metadata}}
+
+
+def test_an_unknown_key_falls_back_to_usage_id_after_every_key_has_matched() -> None:
+    """An event with a caller's own `usage_external_id` (allowed before the key was reserved)
+    is its row by `usage_id`; a foreign event listed first cannot take a row whose own event
+    carries our key."""
+    rows = [_row(1, "ev_a", 2), _row(2, "ev_b", 3)]
+    reconciler = _reconciler(rows)
+    reconciler.match(
+        "alice",
+        rows,
+        [
+            _event(9, usage_external_id="someone_else", usage_id="1"),  # not ours, id collides
+            _event(2, usage_external_id="ev_a", usage_id="1"),
+            _event(3, usage_external_id="caller-ref-42", usage_id="2"),  # the old release's
+        ],
+    )
+    entry = reconciler.entry("alice")
+    assert (entry.unknown, entry.missing, entry.mismatched) == (["someone_else"], [], [])
+    assert reconciler.requeue == []

@@ -19,6 +19,11 @@ REFUSED = [
     ({"polar_webhook_secret": "whsec_xxx"}, "POLAR_WEBHOOK_SECRET"),
     ({"polar_access_token": "change-me"}, "POLAR_ACCESS_TOKEN"),
     ({"polar_access_token": "<your token>"}, "POLAR_ACCESS_TOKEN"),
+    ({"polar_access_token": "polar_oat_XXXXXXXXXXXXXXXX"}, "POLAR_ACCESS_TOKEN"),
+    ({"polar_access_token": "your-polar-token-here"}, "POLAR_ACCESS_TOKEN"),
+    ({"polar_webhook_secret": "whsec_xxxxxxxx"}, "POLAR_WEBHOOK_SECRET"),
+    ({"polar_webhook_secret": "<whsec_...>"}, "POLAR_WEBHOOK_SECRET"),
+    ({"redis_url": "redis://:xxxxxx@redis:6379/0"}, "REDIS_URL"),
     ({"database_url": "postgresql+psycopg://outbox:change-me@db/outbox"}, "DATABASE_URL"),
     ({"redis_url": "redis://:CHANGEME@redis:6379/0"}, "REDIS_URL"),
     (
@@ -36,6 +41,13 @@ REFUSED = [
 
 ACCEPTED = [
     {"polar_access_token": "polar_oat_4f9Q2xkz", "polar_webhook_secret": "whsec_9dK2"},
+    # Real random tokens may end in "xxx" or start with "<": only whole placeholders are refused.
+    {"polar_access_token": "polar_oat_7Hq2mZ0pLxxx", "polar_webhook_secret": "whsec_dGsxxx"},
+    {"polar_access_token": "<Tq9v1xk2", "polar_webhook_secret": "whsec_yourxhere"},
+    {
+        "database_url": "postgresql+psycopg://outbox:Zk81qxxx@db/outbox",
+        "polar_environment": "production",
+    },
     {"database_url": "postgresql+psycopg://outbox:outbox@db/outbox"},  # sandbox: a local default
     {
         "database_url": "postgresql+psycopg://outbox:7f3a9c1e@db/outbox",
