@@ -25,6 +25,12 @@ the Polar emulator in its own process, one table with ratios to (a):
   d            workers against an emulator limited to 500 requests per fixed 60 s window, our
                POLAR_REQUESTS_PER_MINUTE=500, for whole windows (>= 2 minutes): events/s vs the
                ceiling 500 x batch / 60, and the emulator's 429 count
+  pace-L-P     the paced budget (issue 15): an emulator limited to L requests per 60 s window,
+               POLAR_REQUESTS_PER_MINUTE=L, usage offered (as in lat) at P% of the capacity
+               L x --pace-batch / 60 for --pace-windows whole windows: p50/p99 commit ->
+               accepted, mean batch, 429s, how requests spread over each window
+  sat-L        the same emulator with a backlog that never runs dry: events/s vs the ceiling
+               L x --pace-batch / 60 (>= 97% with zero 429)
 
 Rates come from the rows themselves: `delivered_at` of every delivered row. A drain's rows/s is
 the steady rate between the 10th and the 90th percentile of `delivered_at` (start-up and the
@@ -34,6 +40,7 @@ is checked (every row delivered, none failed) and so is the emulator (it stored 
     python bench/drain.py                     # the full run (~20 minutes: d alone is 3)
     python bench/drain.py --quick             # a smoke run (short windows, few rows)
     python bench/drain.py --only a,b-celery   # some scenarios (a key or a prefix)
+    python bench/drain.py --only pace,sat     # the pacing scenarios (~25 minutes)
     python bench/drain.py --py-spy /tmp/prof  # also profile every drainer with py-spy
 """
 

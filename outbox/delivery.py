@@ -3,7 +3,10 @@
 The rules (DESIGN.md "Delivery rules", POLAR.md):
 - OK → delivered (inserted or duplicate: Polar dedups on `external_id`, so a resend is free).
 - Network error, timeout, 5xx, an unattributable 4xx → pending with backoff; counts an attempt.
-- 429 / our own rate budget → pending after Retry-After; not the events' fault, no attempt.
+- A slot of the shared, paced rate budget first, then the claim (docs/explanation/pacing.md):
+  no slot within the budget's wait → nothing is claimed, the rows stay due.
+- 429 → pending after Retry-After (and every worker paused as long); not the events' fault,
+  no attempt.
 - 422 naming events → those rows failed with Polar's message (poison); the rest resent at once,
   and again if the resend is refused for other events (Polar validates in two stages), bounded.
   An event is judged only by the errors of the union variant we send (`outbox.policy`).

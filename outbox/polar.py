@@ -223,22 +223,20 @@ class PolarGateway:
         )
         self.credentials_ok: bool | None = None
         self.requests = 0  # HTTP requests sent (reconcile reports what it spent)
-        self.last_slot_wait = 0.0
 
     def _spend(self) -> None:
         started = time.perf_counter()
         wait = self.budget.acquire(timeout=self.budget_wait_seconds, share=self.budget_share)
         if wait is not None:
             raise BudgetWait(wait)
-        self.last_slot_wait = time.perf_counter() - started
-        metrics.RATE_SLOT_WAIT.observe(self.last_slot_wait)
+        metrics.RATE_SLOT_WAIT.observe(time.perf_counter() - started)
         metrics.RATE_BUDGET_SLOTS.labels("delivery" if self.budget_share is None else "low").inc()
         metrics.RATE_BUDGET_USED.set(self.budget.granted_in_window)
 
     def take_slot(self) -> float | None:
         """Take the slot of the next request now, waiting for it up to the budget's wait:
         None when taken (pass `slot_taken=True` to the call that spends it), else the
-        seconds until one is free. `last_slot_wait` says how long it took."""
+        seconds until one is free."""
         try:
             self._spend()
         except BudgetWait as wait:
