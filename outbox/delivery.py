@@ -182,6 +182,8 @@ class Deliverer:
         if not pending:  # another worker took them while this one waited for its slot
             metrics.RATE_BUDGET_SLOTS_UNUSED.inc()
             return report
+        if len(pending) >= self.settings.outbox_batch_size:
+            self.gateway.budget.delivery_busy()  # reconcile steps back while batches are full
         slot_taken = True
         for _ in range(MAX_REJECTION_ROUNDS):
             events = [to_polar_event(event, self.settings) for event in pending]

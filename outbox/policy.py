@@ -239,15 +239,24 @@ class SlotDecision:
 
 
 def take_slot(
-    tat_us: int, low_tat_us: int, now_us: int, pace: Pacing, *, low: bool = False
+    tat_us: int,
+    low_tat_us: int,
+    now_us: int,
+    pace: Pacing,
+    *,
+    low: bool = False,
+    delivery_busy: bool = False,
 ) -> SlotDecision:
     """One GCRA step. Delivery (`low=False`) gets a slot when it is due (within the
-    tolerance). A low-priority caller gets one only when delivery left a whole slot unused
-    (`tat <= now - interval`: the budget is idle, it delays delivery by one slot at most), and
-    at most one per `low_interval_us` (its own cap per window, by the same argument with no
-    tolerance). Both draw from the same `tat`, so together they stay within the allowance."""
+    tolerance). A low-priority caller (reconcile) gets at most one per `low_interval_us` (its
+    own cap per window, by the same argument with no tolerance), and then:
+    - while delivery is not `delivery_busy` (its batches are not full: the budget is not what
+      holds it back), a due slot like delivery's: it delays delivery by one slot at most;
+    - while it is, only a slot delivery left unused (`tat <= now - interval`).
+    Both draw from the same `tat`, so together they stay within the allowance."""
     if low:
-        wait = max(tat_us + pace.interval_us - now_us, low_tat_us - now_us)
+        lead = pace.interval_us if delivery_busy else -pace.tolerance_us
+        wait = max(tat_us + lead - now_us, low_tat_us - now_us)
         if wait > 0:
             return SlotDecision(wait, tat_us, low_tat_us)
         return SlotDecision(

@@ -27,6 +27,7 @@ from outbox.settings import Settings
 log = logging.getLogger("outbox.ratelimit")
 
 DEFAULT_LOCAL_SHARE_DIVISOR = 4
+BUSY_SECONDS = 5.0
 
 # KEYS[1]: the namespace. ARGV[1]: interval, ARGV[2]: tolerance, ARGV[3]: 0, or the interval
 # of a low-priority caller (all microseconds), ARGV[4]: window length in seconds (accounting).
@@ -47,7 +48,9 @@ local tat = tonumber(redis.call('GET', tat_key) or '0')
 if low_interval > 0 then
   local low_key = KEYS[1] .. ':tat:low'
   local low_tat = tonumber(redis.call('GET', low_key) or '0')
-  local wait = math.max(tat + interval - now, low_tat - now)
+  local lead = -tolerance
+  if redis.call('EXISTS', KEYS[1] .. ':busy') == 1 then lead = interval end
+  local wait = math.max(tat + lead - now, low_tat - now)
   if wait > 0 then return {2, math.ceil(wait / 1000)} end
   redis.call('SET', low_key, string.format('%.0f', now + low_interval), 'PX',
     math.ceil(low_interval / 1000) + 1000)
@@ -63,6 +66,10 @@ local used = redis.call('INCR', key)
 if used == 1 then redis.call('PEXPIRE', key, math.ceil(window_us / 500)) end
 return {0, used, now}
 """
+
+# KEYS[1]: the namespace. ARGV[1]: ms. Delivery's batches are full (the budget holds it back):
+# low-priority callers take only slots delivery leaves unused for that long.
+_BUSY = "redis.call('SET', KEYS[1] .. ':busy', '1', 'PX', ARGV[1]) return 1"
 
 # KEYS[1]: the namespace. ARGV[1]: pause in ms. Extends a pause, never shortens it.
 _PAUSE = """
@@ -107,6 +114,10 @@ class RateBudget(Protocol):
     def acquire(self, *, timeout: float, share: float | None = None) -> float | None: ...
 
     def pause(self, seconds: float) -> None: ...
+
+    def delivery_busy(self) -> None:
+        """Delivery sent a full batch: the budget is what holds it back, so low-priority
+        callers get only slots it leaves unused, for the next `BUSY_SECONDS`."""
 
     def used_this_window(self) -> int: ...
 
@@ -155,6 +166,7 @@ class RedisRateBudget(_WaitingBudget):
         self.last_grant_us = 0  # Redis's clock at this process's last grant (tests read it)
         self._acquire = client.register_script(_ACQUIRE)
         self._pause = client.register_script(_PAUSE)
+        self._busy = client.register_script(_BUSY)
         self._peek = client.register_script(_PEEK)
 
     def pacing(self, share: float | None = None) -> Pacing:
@@ -176,6 +188,9 @@ class RedisRateBudget(_WaitingBudget):
 
     def pause(self, seconds: float) -> None:
         self._pause(keys=[self.namespace], args=[max(1, int(seconds * 1000))])
+
+    def delivery_busy(self) -> None:
+        self._busy(keys=[self.namespace], args=[int(BUSY_SECONDS * 1000)])
 
     def used_this_window(self) -> int:
         used, _ = self._peek(keys=[self.namespace], args=[self.window_seconds])
@@ -208,6 +223,7 @@ class LocalRateBudget(_WaitingBudget):
         self._window = -1
         self._used = 0
         self._paused_until = 0.0
+        self._busy_until = 0.0
 
     def try_acquire(self, share: float | None = None) -> float | None:
         with self._lock:
@@ -217,7 +233,14 @@ class LocalRateBudget(_WaitingBudget):
             cap = low_priority_cap(self.allowance, share)
             pace = pacing(self.allowance, self.window_seconds, low_cap=cap)
             now_us = int(now * 1_000_000)
-            decision = take_slot(self._tat_us, self._low_tat_us, now_us, pace, low=cap > 0)
+            decision = take_slot(
+                self._tat_us,
+                self._low_tat_us,
+                now_us,
+                pace,
+                low=cap > 0,
+                delivery_busy=now < self._busy_until,
+            )
             if decision.wait_us is not None:
                 return decision.wait_us / 1_000_000
             self._tat_us, self._low_tat_us = decision.tat_us, decision.low_tat_us
@@ -231,6 +254,10 @@ class LocalRateBudget(_WaitingBudget):
     def pause(self, seconds: float) -> None:
         with self._lock:
             self._paused_until = max(self._paused_until, self.clock() + seconds)
+
+    def delivery_busy(self) -> None:
+        with self._lock:
+            self._busy_until = self.clock() + BUSY_SECONDS
 
     def used_this_window(self) -> int:
         with self._lock:
@@ -283,6 +310,13 @@ class FallbackRateBudget:
         self.fallback.pause(seconds)
         try:
             self.primary.pause(seconds)
+        except redis.RedisError as exc:
+            self._failed(exc)
+
+    def delivery_busy(self) -> None:
+        self.fallback.delivery_busy()
+        try:
+            self.primary.delivery_busy()
         except redis.RedisError as exc:
             self._failed(exc)
 

@@ -243,3 +243,39 @@ def test_a_second_claim_gets_the_next_rows_while_the_first_claims_transaction_is
         first.rollback()
         first.close()
         thread.join(30)
+
+
+# -- reconcile steps back while delivery's batches are full ----------------------------------
+
+
+def test_a_full_batch_makes_reconcile_wait_for_a_slot_delivery_leaves_unused(
+    clean_tables: Engine,
+    pg_url: str,
+    redis_url: str,
+    emulator: polar_emulator.RunningEmulator,
+) -> None:
+    """10 requests per 4 s (a slot every ~0.5 s). Delivery sends a full batch: when its next
+    slot is due, reconcile (low priority) does not get it, it waits for one delivery leaves
+    unused. After a batch that was not full, the due slot is reconcile's."""
+    settings = settings_for(pg_url, emulator, outbox_batch_size=3, polar_rate_window_seconds=4)
+
+    def attempt(rows: int) -> float | None:
+        namespace = f"test:{uuid.uuid4().hex}"
+        shared = RedisRateBudget(
+            redis.Redis.from_url(redis_url), 10, namespace=namespace, window_seconds=4
+        )
+        reconcile = RedisRateBudget(
+            redis.Redis.from_url(redis_url), 10, namespace=namespace, window_seconds=4
+        )
+        seed(clean_tables, rows)
+        assert deliverer(clean_tables, settings, shared).deliver_batch().delivered == min(rows, 3)
+        next_due = shared.last_grant_us / 1e6 + shared.pacing().interval_us / 1e6
+        wait = next_due + 0.2 - time.time()
+        assert wait > 0, "the batch took longer than a slot: cannot tell"
+        time.sleep(wait)
+        return reconcile.acquire(timeout=0, share=0.2)
+
+    assert attempt(3) is not None  # full: reconcile waits
+    with session_scope(clean_tables) as session:
+        session.execute(text("DELETE FROM outbox_events"))
+    assert attempt(2) is None  # not full: the due slot is reconcile's

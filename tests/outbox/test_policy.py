@@ -259,10 +259,11 @@ def most_in_any_window(grants: list[int], window_us: int) -> int:
 
 
 def run_callers(
-    pace: Pacing, asks: list[tuple[int, bool]], *, retry: bool = True
+    pace: Pacing, asks: list[tuple[int, bool]], *, retry: bool = True, busy_every: int = 0
 ) -> tuple[list[int], list[int]]:
     """Callers asking at the given times (microseconds, low priority or not); a refused caller
-    asks again when told (like `_WaitingBudget`), up to a bound. Returns (all grants, low)."""
+    asks again when told (like `_WaitingBudget`), up to a bound; delivery is "busy" for every
+    `busy_every`-th try (0: never). Returns (all grants, low grants)."""
     tat = low_tat = 0
     grants: list[int] = []
     low_grants: list[int] = []
@@ -271,7 +272,8 @@ def run_callers(
     while queue and tries < 20_000:
         tries += 1
         now, low = queue.pop(0)
-        decision = take_slot(tat, low_tat, now, pace, low=low)
+        busy = bool(busy_every) and tries % busy_every == 0
+        decision = take_slot(tat, low_tat, now, pace, low=low, delivery_busy=busy)
         if decision.wait_us is None:
             tat, low_tat = decision.tat_us, decision.low_tat_us
             grants.append(now)
@@ -288,17 +290,24 @@ def run_callers(
     allowance=st.integers(1, 600),
     window=st.sampled_from([1, 2, 3, 60]),
     share=st.sampled_from([None, 0.1, 0.2, 0.5]),
+    busy_every=st.integers(0, 3),
     asks=st.lists(st.tuples(st.integers(0, 200_000_000), st.booleans()), min_size=1, max_size=300),
 )
 def test_no_interval_of_one_window_ever_holds_more_than_the_allowance(
-    allowance: int, window: int, share: float | None, asks: list[tuple[int, bool]]
+    allowance: int,
+    window: int,
+    share: float | None,
+    busy_every: int,
+    asks: list[tuple[int, bool]],
 ) -> None:
     """Whatever the callers do (bursts, late, low priority or not), and wherever Polar's window
     starts: at most `allowance` grants in any interval of one window, and at most the low
     priority cap of low-priority ones."""
     cap = 0 if share is None else max(1, int(allowance * share))
     pace = pacing(allowance, window, low_cap=cap)
-    grants, low_grants = run_callers(pace, [(t, low and cap > 0) for t, low in asks])
+    grants, low_grants = run_callers(
+        pace, [(t, low and cap > 0) for t, low in asks], busy_every=busy_every
+    )
     assert grants  # the first caller is never refused
     assert most_in_any_window(grants, window * 1_000_000) <= allowance
     if cap:
@@ -356,10 +365,13 @@ def test_a_lone_request_on_an_idle_budget_is_granted_at_once() -> None:
     assert second.wait_us == pace.interval_us - pace.tolerance_us  # the next slot, not a minute
 
 
-def test_a_low_priority_caller_waits_while_delivery_uses_the_budget() -> None:
+def test_a_low_priority_caller_steps_back_while_delivery_sends_full_batches() -> None:
     pace = pacing(98, 60, low_cap=19)
     now = 10**15
     delivery = take_slot(0, 0, now, pace)
-    assert take_slot(delivery.tat_us, 0, now + pace.interval_us // 2, pace, low=True).wait_us
+    due = delivery.tat_us  # the next slot is due
+    assert take_slot(delivery.tat_us, 0, due, pace, low=True).wait_us is None
+    # Delivery's batches are full: only a slot it left unused.
+    assert take_slot(delivery.tat_us, 0, due, pace, low=True, delivery_busy=True).wait_us
     later = now + 2 * pace.interval_us  # delivery left a whole slot unused
-    assert take_slot(delivery.tat_us, 0, later, pace, low=True).wait_us is None
+    assert take_slot(delivery.tat_us, 0, later, pace, low=True, delivery_busy=True).wait_us is None

@@ -137,8 +137,8 @@ def test_a_low_priority_caller_takes_its_share_and_leaves_delivery_the_rest(
     redis_url: str, kind: str
 ) -> None:
     """Reconcile (share 0.25 of an allowance of 28 = 7 per window) never takes more than its
-    cap in a window, and only slots delivery leaves unused: while delivery asks for every
-    slot, reconcile gets none and delivery is not slowed down."""
+    cap in a window, and while delivery's batches are full only slots delivery leaves
+    unused."""
     window = 1
     allowance = LIMIT - 2
     if kind == "redis":
@@ -156,30 +156,39 @@ def test_a_low_priority_caller_takes_its_share_and_leaves_delivery_the_rest(
     assert 9 <= len(low_grants) <= 12  # 7 per window, one every 1/7 s
     assert max(sum(1 for t in low_grants if s <= t < s + window) for s in low_grants) <= 7
 
-    # Delivery saturating the budget, reconcile asking too: reconcile gets (almost) nothing.
-    if kind == "redis":
-        busy: RedisRateBudget | LocalRateBudget = budget(
-            redis_url, f"test:{uuid.uuid4().hex}", window
-        )
-    else:
-        busy = LocalRateBudget(LIMIT, window_seconds=window)
-    counts = {"delivery": 0, "low": 0}
-    stop = threading.Event()
+    # Delivery asking for every slot, reconcile asking too. While delivery's batches are full
+    # (it says so: `delivery_busy`), reconcile gets (almost) nothing and delivery is not slowed
+    # down; while they are not, reconcile gets its cap and delivery the rest.
+    for busy_delivery in (True, False):
+        if kind == "redis":
+            busy: RedisRateBudget | LocalRateBudget = budget(
+                redis_url, f"test:{uuid.uuid4().hex}", window
+            )
+        else:
+            busy = LocalRateBudget(LIMIT, window_seconds=window)
+        counts = {"delivery": 0, "low": 0}
+        stop = threading.Event()
 
-    def ask(kind: str) -> None:
-        while not stop.is_set():
-            if busy.acquire(timeout=0.2, share=0.25 if kind == "low" else None) is None:
-                counts[kind] += 1
+        def ask(kind: str, busy: RedisRateBudget | LocalRateBudget = busy) -> None:
+            while not stop.is_set():
+                if busy.acquire(timeout=0.2, share=0.25 if kind == "low" else None) is None:
+                    counts[kind] += 1
+                    if kind == "delivery" and busy_delivery:
+                        busy.delivery_busy()
 
-    askers = [threading.Thread(target=ask, args=(k,)) for k in ("delivery", "delivery", "low")]
-    for asker in askers:
-        asker.start()
-    time.sleep(2 * window)
-    stop.set()
-    for asker in askers:
-        asker.join()
-    assert counts["low"] <= 1
-    assert counts["delivery"] >= 2 * (allowance - 2)
+        askers = [threading.Thread(target=ask, args=(k,)) for k in ("delivery", "delivery", "low")]
+        for asker in askers:
+            asker.start()
+        time.sleep(2 * window)
+        stop.set()
+        for asker in askers:
+            asker.join()
+        if busy_delivery:
+            assert counts["low"] <= 1
+            assert counts["delivery"] >= 2 * (allowance - 2)
+        else:
+            assert 7 <= counts["low"] <= 2 * 7 + 1  # a real share, never past its cap
+            assert counts["delivery"] + counts["low"] >= 2 * (allowance - 2)
 
 
 def test_a_tiny_budget_still_gives_the_low_priority_caller_its_slot() -> None:
