@@ -1,6 +1,6 @@
 """Delivery paced over Polar's window: real Celery workers against a rate-limited emulator.
 
-The window is shortened to 3 s (Polar's is 60 s) so the test takes seconds; the pacing is the
+The window is shortened to 4 s (Polar's is 60 s) so the test takes seconds; the pacing is the
 same function of (limit, window). Offered load is half of the rate-limited capacity (limit x
 batch size per window): every usage is delivered, Polar never answers 429, and the requests are
 spread over each window instead of being spent at its start.
@@ -23,7 +23,7 @@ from tests.acceptance.conftest import Worker, all_delivered, status_counts, wait
 from tests.factories import make_customer
 
 LIMIT = 20  # requests per window at "Polar"
-WINDOW = 3  # seconds (60 at Polar; shortened for the test)
+WINDOW = 4  # seconds (60 at Polar; shortened for the test)
 BATCH = 5
 CAPACITY = LIMIT * BATCH / WINDOW  # events per second the budget can carry
 RATE = CAPACITY / 2  # offered load: half of it
