@@ -25,6 +25,12 @@ the Polar emulator in its own process, one table with ratios to (a):
   d            workers against an emulator limited to 500 requests per fixed 60 s window, our
                POLAR_REQUESTS_PER_MINUTE=500, for whole windows (>= 2 minutes): events/s vs the
                ceiling 500 x batch / 60, and the emulator's 429 count
+  pace-L-P     the paced budget (issue 15): an emulator limited to L requests per 60 s window,
+               POLAR_REQUESTS_PER_MINUTE=L, usage offered (as in lat) at P% of the capacity
+               L x --pace-batch / 60 for --pace-windows whole windows: p50/p99 commit ->
+               accepted, mean batch, 429s, how requests spread over each window
+  sat-L        the same emulator with a backlog that never runs dry: events/s vs the ceiling
+               L x --pace-batch / 60 (>= 97% with zero 429)
 
 Rates come from the rows themselves: `delivered_at` of every delivered row. A drain's rows/s is
 the steady rate between the 10th and the 90th percentile of `delivered_at` (start-up and the
@@ -34,6 +40,7 @@ is checked (every row delivered, none failed) and so is the emulator (it stored 
     python bench/drain.py                     # the full run (~20 minutes: d alone is 3)
     python bench/drain.py --quick             # a smoke run (short windows, few rows)
     python bench/drain.py --only a,b-celery   # some scenarios (a key or a prefix)
+    python bench/drain.py --only pace,sat     # the pacing scenarios (~25 minutes)
     python bench/drain.py --py-spy /tmp/prof  # also profile every drainer with py-spy
 """
 
@@ -152,6 +159,13 @@ class Config:
     latency_lib_rate: float
     latency_rows_per_tx: int
     latency_margin: float
+    pace_limits: tuple[int, ...]
+    pace_loads: tuple[int, ...]
+    pace_batch: int
+    pace_window: int
+    pace_windows: int
+    pace_warmup: float
+    pace_concurrency: int
     only: tuple[str, ...]
     keep_db: bool
     json_path: Path | None
@@ -167,6 +181,7 @@ class DrainResult(ScenarioResult):
     elapsed: float = 0.0  # trigger -> drained: the CPU window
     status_429: int = 0
     requests: int = 0  # ingest requests the emulator answered
+    mean_batch: float = math.nan  # events per accepted ingest request (pace-*, sat-*)
 
     def cpu_us_per_row(self, group: str) -> float:
         """CPU microseconds per delivered row spent by `group` over the whole drain."""
@@ -182,6 +197,7 @@ class DrainResult(ScenarioResult):
             elapsed=round(self.elapsed, 2),
             status_429=self.status_429,
             requests=self.requests,
+            mean_batch=None if math.isnan(self.mean_batch) else round(self.mean_batch, 1),
         )
         return data
 
@@ -793,6 +809,22 @@ def _producer(
 
 
 @dataclass
+class OfferedLoad:
+    """What `Bench._offer_load` measured."""
+
+    lat: Latencies
+    cpu: tuple[dict[str, float], float]
+    window: tuple[float, float]
+    drained: bool
+    made: int
+    late: float
+    errors: list[str]
+    problem: str | None
+    lib_rate: float
+    fill_rate: float
+
+
+@dataclass
 class Scenario:
     key: str
     label: str
@@ -872,6 +904,27 @@ class Bench:
                 self._limited,
             ),
         ]
+        for limit in cfg.pace_limits:
+            capacity = limit * cfg.pace_batch / cfg.pace_window
+            for load in cfg.pace_loads:
+                out.append(
+                    Scenario(
+                        f"pace-{limit}-{load}",
+                        f"{load}% of {limit} req/{cfg.pace_window} s x batch {cfg.pace_batch}"
+                        f" = {capacity * load / 100:,.0f} usages/s, nudge + beat",
+                        self._paced,
+                        {"limit": limit, "load": load},
+                    )
+                )
+            out.append(
+                Scenario(
+                    f"sat-{limit}",
+                    f"saturated: backlog, emulator {limit}/{cfg.pace_window} s,"
+                    f" batch {cfg.pace_batch}",
+                    self._limited,
+                    {"limit": limit, "batch": cfg.pace_batch, "window": cfg.pace_window},
+                )
+            )
         return [s for s in out if self._selected(s.key)]
 
     def _selected(self, key: str) -> bool:
@@ -1092,31 +1145,29 @@ class Bench:
 
     # lat
 
-    def _latency(self, scenario: Scenario) -> DrainResult:
+    def _offer_load(
+        self,
+        key: str,
+        target: float,
+        env: dict[str, str],
+        k: int,
+        warmup: float,
+        seconds: float,
+    ) -> OfferedLoad:
+        """Offer `target` usages/s (record_usage + nudge, pgbench adding what exceeds
+        --latency-lib-rate) to K workers with beat for `warmup` + `seconds`; measure commit ->
+        accepted of the rows created in the last `seconds`."""
         cfg = self.cfg
-        best = self.best_b()
-        capacity = best.throughput if best is not None else 0.0
-        target = cfg.latency_rate or (capacity / 2 if capacity else 200.0)
         lib_rate = min(cfg.latency_lib_rate, target)
         fill_rate = max(0.0, target - lib_rate)
-        k = self.best_concurrency()
+        margin = float(env.get("OUTBOX_CLOCK_MARGIN_SECONDS", cfg.latency_margin))
         prepare_outbox(cfg.url, 0, customers=CUSTOMERS)
-        workers = CeleryWorkers(
-            worker_env(
-                cfg,
-                self.emulator.url,
-                OUTBOX_CLOCK_MARGIN_SECONDS=f"{cfg.latency_margin:g}",
-                OUTBOX_DRAIN_INTERVAL_SECONDS=f"{cfg.drain_interval:g}",
-            ),
-            k,
-            self.log_dir / "lat.log",
-            beat=True,
-        )
+        workers = CeleryWorkers(env, k, self.log_dir / f"{key}.log", beat=True)
         workers.start()
         ctx = mp.get_context("spawn")
         ready, results = ctx.Queue(), ctx.Queue()
         go, start_at = ctx.Event(), ctx.Value("d", 0.0)
-        run_seconds = cfg.latency_warmup + cfg.latency_seconds + 1.0
+        run_seconds = warmup + seconds + 1.0
         spec = ProducerSpec(
             cfg.url,
             cfg.redis_url,
@@ -1124,7 +1175,7 @@ class Bench:
             threads=8,
             seconds=run_seconds,
             customers=CUSTOMERS,
-            margin=cfg.latency_margin,
+            margin=margin,
         )
         producer = ctx.Process(target=_producer, args=(spec, ready, go, start_at, results))
         producer.start()
@@ -1145,7 +1196,7 @@ class Bench:
                     rate=fill_rate / cfg.latency_rows_per_tx,
                     defines={"customers": CUSTOMERS, "rows": cfg.latency_rows_per_tx},
                 )
-            window = (start + cfg.latency_warmup, start + cfg.latency_warmup + cfg.latency_seconds)
+            window = (start + warmup, start + warmup + seconds)
             assert producer.pid is not None
             roots = {
                 "drainers": [workers.pid],
@@ -1155,7 +1206,7 @@ class Bench:
             meter = GroupCpuMeter(roots)
             _sleep_until(window[0])
             meter.start()
-            self.profiler.record(scenario.key, "workers", workers.pid)
+            self.profiler.record(key, "workers", workers.pid)
             _sleep_until(window[1])
             cpu = meter.stop()
             self.profiler.stop()
@@ -1167,8 +1218,43 @@ class Bench:
             workers.stop()
             producer.join(30)
         if problem:
-            raise RuntimeError(f"lat: the producer failed:\n{problem}")
-        lat = latencies(cfg.url, *window)
+            raise RuntimeError(f"{key}: the producer failed:\n{problem}")
+        return OfferedLoad(
+            lat=latencies(cfg.url, *window),
+            cpu=cpu,
+            window=window,
+            drained=drained,
+            made=made,
+            late=late,
+            errors=errors,
+            problem=problem,
+            lib_rate=lib_rate,
+            fill_rate=fill_rate,
+        )
+
+    def _latency(self, scenario: Scenario) -> DrainResult:
+        cfg = self.cfg
+        best = self.best_b()
+        capacity = best.throughput if best is not None else 0.0
+        target = cfg.latency_rate or (capacity / 2 if capacity else 200.0)
+        lib_rate = min(cfg.latency_lib_rate, target)
+        fill_rate = max(0.0, target - lib_rate)
+        k = self.best_concurrency()
+        run = self._offer_load(
+            scenario.key,
+            target,
+            worker_env(
+                cfg,
+                self.emulator.url,
+                OUTBOX_CLOCK_MARGIN_SECONDS=f"{cfg.latency_margin:g}",
+                OUTBOX_DRAIN_INTERVAL_SECONDS=f"{cfg.drain_interval:g}",
+            ),
+            k,
+            cfg.latency_warmup,
+            cfg.latency_seconds,
+        )
+        lat, cpu, drained = run.lat, run.cpu, run.drained
+        made, late, errors = run.made, run.late, run.errors
         result = DrainResult(
             key=scenario.key,
             label=scenario.label,
@@ -1211,35 +1297,38 @@ class Bench:
         from outbox.policy import window_allowance
 
         cfg = self.cfg
-        batch = cfg.limited_batch
-        allowance = window_allowance(cfg.limit)
-        ceiling = cfg.limit * batch / cfg.window
-        best_possible = allowance * batch / cfg.window
+        limit = scenario.options.get("limit", cfg.limit)
+        batch = scenario.options.get("batch", cfg.limited_batch)
+        window = scenario.options.get("window", cfg.window)
+        windows = cfg.pace_windows if "window" in scenario.options else cfg.windows
+        allowance = window_allowance(limit)
+        ceiling = limit * batch / window
+        best_possible = allowance * batch / window
         settle = 5.0
-        span = settle + cfg.window + cfg.windows * cfg.window + 2  # worst case to the end
+        span = settle + window + windows * window + 2  # worst case to the end
         best = self.best_b()
         pace = min(best_possible, best.throughput) if best is not None else best_possible
         rows = int(max(pace, best_possible * 0.5) * span * 1.2) + batch
         prepare_outbox(cfg.url, rows)
-        self.emulator.reset(rate_limit_per_minute=cfg.limit, window_seconds=float(cfg.window))
+        self.emulator.reset(rate_limit_per_minute=limit, window_seconds=float(window))
         workers = CeleryWorkers(
             worker_env(
                 cfg,
                 self.emulator.url,
-                POLAR_REQUESTS_PER_MINUTE=str(cfg.limit),
-                POLAR_RATE_WINDOW_SECONDS=str(cfg.window),
+                POLAR_REQUESTS_PER_MINUTE=str(limit),
+                POLAR_RATE_WINDOW_SECONDS=str(window),
                 OUTBOX_BATCH_SIZE=str(batch),
                 OUTBOX_DRAIN_INTERVAL_SECONDS=f"{cfg.drain_interval:g}",
             ),
             self.best_concurrency(),
-            self.log_dir / "d.log",
+            self.log_dir / f"{scenario.key}.log",
             beat=True,
         )
         workers.start()
         try:
             started = time.time()
-            w0 = (math.floor((started + settle) / cfg.window) + 1) * cfg.window
-            w1 = w0 + cfg.windows * cfg.window
+            w0 = (math.floor((started + settle) / window) + 1) * window
+            w1 = w0 + windows * window
             meter = GroupCpuMeter({"drainers": [workers.pid], "emulator": [self.emulator.pid]})
             _sleep_until(w0)
             meter.start()
@@ -1263,13 +1352,14 @@ class Bench:
             elapsed=cpu[1],
             status_429=int(stats.get("status_429", 0)),
             requests=int(stats.get("ingest_requests", 0)),
+            mean_batch=_mean(stats.get("accepted_batch_sizes") or []),
         )
         result.ratio = None
         result.notes.append(
-            f"{result.throughput:,.0f} events/s over {cfg.windows} whole {cfg.window} s windows"
-            f" = {result.throughput / ceiling:.1%} of the ceiling {cfg.limit} x {batch} /"
-            f" {cfg.window} s = {ceiling:,.0f}/s (our margin allows {allowance} requests per"
-            f" window: at best {best_possible:,.0f}/s = {allowance / cfg.limit:.0%})"
+            f"{result.throughput:,.0f} events/s over {windows} whole {window} s windows"
+            f" = {result.throughput / ceiling:.1%} of the ceiling {limit} x {batch} /"
+            f" {window} s = {ceiling:,.0f}/s (our margin allows {allowance} requests per"
+            f" window: at best {best_possible:,.0f}/s = {allowance / limit:.0%})"
         )
         result.notes.append(
             f"emulator: {result.status_429} x 429, at most"
@@ -1277,7 +1367,85 @@ class Bench:
             f" {result.requests:,} ingest requests in the whole run (warm-up included);"
             f" {left:,} rows still pending at the end (the backlog never ran dry: {left > 0})"
         )
+        result.notes.append(spread_note(stats.get("request_times") or [], w0, w1, window, limit))
         return result
+
+    # pace-L-P
+
+    def _paced(self, scenario: Scenario) -> DrainResult:
+        cfg = self.cfg
+        limit, load = scenario.options["limit"], scenario.options["load"]
+        batch, window = cfg.pace_batch, cfg.pace_window
+        capacity = limit * batch / window
+        target = capacity * load / 100
+        self.emulator.reset(rate_limit_per_minute=limit, window_seconds=float(window))
+        env = worker_env(
+            cfg,
+            self.emulator.url,
+            POLAR_REQUESTS_PER_MINUTE=str(limit),
+            POLAR_RATE_WINDOW_SECONDS=str(window),
+            OUTBOX_BATCH_SIZE=str(batch),
+            OUTBOX_CLOCK_MARGIN_SECONDS=f"{cfg.latency_margin:g}",
+            OUTBOX_DRAIN_INTERVAL_SECONDS=f"{cfg.drain_interval:g}",
+        )
+        # Whole windows of the emulator: start measuring at a window boundary.
+        warmup = cfg.pace_warmup
+        seconds = cfg.pace_windows * window
+        run = self._offer_load(scenario.key, target, env, cfg.pace_concurrency, warmup, seconds)
+        stats = self.emulator.stats()
+        lat = run.lat
+        result = DrainResult(
+            key=scenario.key,
+            label=scenario.label,
+            seconds=seconds,
+            count=lat.rows,
+            p50_ms=lat.p50 * 1000,
+            p99_ms=lat.p99 * 1000,
+            rows=lat.rows,
+            cpu=run.cpu[0],
+            elapsed=run.cpu[1],
+            status_429=int(stats.get("status_429", 0)),
+            requests=int(stats.get("ingest_requests", 0)),
+            mean_batch=_mean(stats.get("accepted_batch_sizes") or []),
+        )
+        result.ratio = None
+        result.notes.append(
+            f"offered {target:,.1f} usages/s ({run.lib_rate:,.0f} record_usage + nudge,"
+            f" {run.fill_rate:,.0f} from pgbench) = {load}% of {limit} x {batch} / {window} s"
+            f" = {capacity:,.0f}/s; committed {result.throughput:,.1f}/s in {seconds:.0f} s;"
+            f" mean batch {result.mean_batch:.1f} events over {result.requests:,} requests"
+        )
+        result.notes.append(
+            f"commit -> accepted: p50 {lat.p50:.3f} s, p99 {lat.p99:.3f} s, max {lat.max:.3f} s"
+            f" (OUTBOX_CLOCK_MARGIN_SECONDS={cfg.latency_margin:g} included);"
+            f" --concurrency={cfg.pace_concurrency}, beat every {cfg.drain_interval:g} s"
+        )
+        result.notes.append(
+            spread_note(stats.get("request_times") or [], *run.window, window, limit)
+        )
+        if not run.drained or lat.undelivered:
+            result.notes.append(f"NOT DRAINED: {lat.undelivered:,} rows of the window undelivered")
+        return result
+
+
+def _mean(values: list[int]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def spread_note(times: list[float], start: float, end: float, window: int, limit: int) -> str:
+    """How the requests spread over each whole emulator window in [start, end): the most in
+    one window, and the most in a window's first fifth (a fifth of the limit if even)."""
+    first = math.ceil(start / window) * window
+    starts = range(int(first), int(end) - window + 1, window)
+    per_window = [sum(1 for t in times if w <= t < w + window) for w in starts]
+    fifths = [sum(1 for t in times if w <= t < w + window / 5) for w in starts]
+    if not per_window:
+        return "spread: no whole window measured"
+    return (
+        f"spread over {len(per_window)} whole windows: {min(per_window)}-{max(per_window)}"
+        f" requests per window (limit {limit}); first fifth of a window: at most {max(fifths)}"
+        f" (a fifth of the limit: {limit / 5:g})"
+    )
 
 
 def _sleep_until(moment: float) -> None:
@@ -1366,6 +1534,25 @@ def goal_lines(results: list[DrainResult], cfg: Config) -> list[str]:
             f"goal p99 commit -> accepted < 2 s at ~half capacity: p99 {lat.p99_ms / 1000:.2f} s"
             f"{where} -> {verdict(lat.p99_ms < 2000)}"
         )
+    for r in results:
+        if r.key.startswith("pace-"):
+            _, limit, load = r.key.split("-")
+            bound = 5.0 if int(load) >= 90 else (2.0 if int(limit) >= 500 else 3.0)
+            if int(load) in (50, 90):
+                lines.append(
+                    f"goal {r.key}: p99 commit -> accepted < {bound:g} s with 0 x 429:"
+                    f" p99 {r.p99_ms / 1000:.2f} s, {r.status_429} x 429"
+                    f" -> {verdict(r.p99_ms < bound * 1000 and r.status_429 == 0)}"
+                )
+        if r.key.startswith("sat-"):
+            limit = int(r.key.split("-")[1])
+            ceiling = limit * cfg.pace_batch / cfg.pace_window
+            share = r.throughput / ceiling
+            lines.append(
+                f"goal {r.key} >= 97% of the ceiling ({ceiling:,.0f}/s) with zero 429:"
+                f" {share:.1%}, {r.status_429} x 429"
+                f" -> {verdict(share >= 0.97 and r.status_429 == 0)}"
+            )
     small, big = by_key.get("e-10k"), by_key.get("e-1m")
     if small is not None and big is not None and small.throughput:
         ratio = big.throughput / small.throughput
@@ -1440,6 +1627,27 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="OUTBOX_CLOCK_MARGIN_SECONDS in lat (0.5 is the production default)",
     )
     parser.add_argument(
+        "--pace-limits", default="100,500", help="requests per window at Polar (pace, sat)"
+    )
+    parser.add_argument(
+        "--pace-loads", default="25,50,90", help="offered load, %% of the capacity (pace)"
+    )
+    parser.add_argument(
+        "--pace-batch",
+        type=int,
+        default=20,
+        help="OUTBOX_BATCH_SIZE (pace, sat): scaled down from 500 so that the capacity fits"
+        " this machine; the pacing over the window is what is measured",
+    )
+    parser.add_argument("--pace-window", type=int, default=60, help="Polar's window (pace, sat)")
+    parser.add_argument(
+        "--pace-windows", type=int, default=2, help="whole windows measured (pace, sat)"
+    )
+    parser.add_argument("--pace-warmup", type=float, default=10.0, help="warm-up (pace)")
+    parser.add_argument(
+        "--pace-concurrency", type=int, default=4, help="Celery prefork children (pace)"
+    )
+    parser.add_argument(
         "--only", default="", help="comma-separated scenario keys or prefixes (default: all)"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: few rows, 5 s windows")
@@ -1460,6 +1668,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         args.limit, args.window, args.windows, args.limited_batch = 50, 5, 2, 20
         args.drain_interval = 1.0
         args.latency_seconds, args.latency_warmup = 5.0, 1.0
+        args.pace_window, args.pace_warmup = 5, 2.0
         if args.threads == parser.get_default("threads"):
             args.threads = "1,4"
     return Config(
@@ -1484,6 +1693,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         latency_rows_per_tx=args.latency_rows_per_tx,
         latency_lib_rate=args.latency_lib_rate,
         latency_margin=args.latency_margin,
+        pace_limits=_ints(args.pace_limits),
+        pace_loads=_ints(args.pace_loads),
+        pace_batch=args.pace_batch,
+        pace_window=args.pace_window,
+        pace_windows=args.pace_windows,
+        pace_warmup=args.pace_warmup,
+        pace_concurrency=args.pace_concurrency,
         only=tuple(s.strip() for s in args.only.split(",") if s.strip()),
         keep_db=args.keep_db,
         json_path=args.json,

@@ -338,6 +338,8 @@ def worker(
         "worker",
         f"--concurrency={concurrency}",
         f"--loglevel={loglevel}",
+        "--without-gossip",  # unused, and fragile after a lost Redis (worker/celery_app.py)
+        "--without-mingle",
     ]
     if beat:
         argv.append("-B")

@@ -3,7 +3,10 @@
 The rules (DESIGN.md "Delivery rules", POLAR.md):
 - OK → delivered (inserted or duplicate: Polar dedups on `external_id`, so a resend is free).
 - Network error, timeout, 5xx, an unattributable 4xx → pending with backoff; counts an attempt.
-- 429 / our own rate budget → pending after Retry-After; not the events' fault, no attempt.
+- A slot of the shared, paced rate budget first, then the claim (docs/explanation/pacing.md):
+  no slot within the budget's wait → nothing is claimed, the rows stay due.
+- 429 → pending after Retry-After (and every worker paused as long); not the events' fault,
+  no attempt.
 - 422 naming events → those rows failed with Polar's message (poison); the rest resent at once,
   and again if the resend is refused for other events (Polar validates in two stages), bounded.
   An event is judged only by the errors of the union variant we send (`outbox.policy`).
@@ -37,6 +40,7 @@ from outbox.leases import (
     ClaimedEvent,
     claim_batch,
     fail_if_claimed,
+    has_due,
     mark_delivered_if_claimed,
     new_claim_token,
     release_if_claimed,
@@ -139,6 +143,13 @@ class Deliverer:
                 hold_back_until=hold_back,
             )
 
+    def has_due(self) -> bool:
+        """Whether a row is due now (a cheap look, no lock: the claim decides)."""
+        now = self.clock()
+        hold_back = now - timedelta(seconds=self.settings.outbox_clock_margin_seconds)
+        with session_scope(self.sessions) as session:
+            return has_due(session, now=now, hold_back_until=hold_back)
+
     def rescue(self) -> int:
         """Make rows of lost workers (expired leases) claimable again."""
         now = self.clock()
@@ -156,14 +167,30 @@ class Deliverer:
         """Claim one batch and deliver it; settle every row. Never raises for Polar faults."""
         owner = new_claim_token(self.worker_id)
         report = BatchReport(batch_id=owner)
+        if not self.has_due():
+            return report
+        # The slot first, the claim once it is granted: while the budget is the bottleneck,
+        # the wait for the slot is what fills the batch (every row that became due meanwhile
+        # goes in it, up to OUTBOX_BATCH_SIZE); when it is not, the slot is free at once and a
+        # lone usage goes immediately. No row waits leased to a worker that waits.
+        wait = self.gateway.take_slot()
+        if wait is not None:
+            report.pause_seconds = wait  # nothing claimed: the rows stay due, no attempt
+            report.outcomes.append(Outcome.RATE_LIMITED.value)
+            return report
         pending = self.claim(owner)
         report.claimed = len(pending)
-        if not pending:
+        if not pending:  # another worker took them while this one waited for its slot
+            metrics.RATE_BUDGET_SLOTS_UNUSED.inc()
             return report
+        if len(pending) >= self.settings.outbox_batch_size:
+            self.gateway.budget.delivery_busy()  # reconcile steps back while batches are full
+        slot_taken = True
         for _ in range(MAX_REJECTION_ROUNDS):
             events = [to_polar_event(event, self.settings) for event in pending]
             started = time.perf_counter()
-            result = self.gateway.ingest(events)
+            result = self.gateway.ingest(events, slot_taken=slot_taken)
+            slot_taken = False
             metrics.POLAR_REQUEST_SECONDS.observe(time.perf_counter() - started)
             report.requests += 1
             report.outcomes.append(result.outcome.value)
@@ -402,6 +429,7 @@ def drain(
             break
         batch = deliverer.deliver_batch()
         if batch.claimed == 0:
+            report.pause_seconds = max(report.pause_seconds, batch.pause_seconds)
             break
         report.batches += 1
         report.delivered += batch.delivered

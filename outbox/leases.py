@@ -115,6 +115,22 @@ def claim_batch(
     return claimed
 
 
+def has_due(session: Session, *, now: datetime, hold_back_until: datetime) -> bool:
+    """Whether any pending row is due (what `claim_batch` would take), without locking."""
+    return (
+        session.execute(
+            select(OutboxEvent.id)
+            .where(
+                OutboxEvent.status == EventStatus.PENDING,
+                OutboxEvent.next_attempt_at <= now,
+                OutboxEvent.occurred_at <= hold_back_until,
+            )
+            .limit(1)
+        ).first()
+        is not None
+    )
+
+
 def _claimed_by(owner: str, ids: Iterable[int]) -> Any:
     return and_(
         OutboxEvent.id.in_(list(ids)),

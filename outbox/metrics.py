@@ -50,7 +50,8 @@ POLAR_AUTH_OK = Gauge(
 )
 RATE_BUDGET_USED = Gauge(
     "outbox_rate_budget_used",
-    "Requests spent in the current minute of the shared Polar budget.",
+    "Slots granted in the current fixed window of the shared Polar budget (as of this "
+    "process's last request).",
     multiprocess_mode="mostrecent",
 )
 
@@ -60,3 +61,27 @@ def observe_delivered(events: Sequence[_HasCreatedAt], now: datetime) -> None:
     DELIVERED.inc(len(events))
     for event in events:
         DELIVERY_LATENCY.observe(max(0.0, (now - event.created_at).total_seconds()))
+
+
+RATE_SLOT_WAIT = Histogram(
+    "outbox_rate_slot_wait_seconds",
+    "How long a request waited for its slot of the paced, shared Polar budget (~0 when the "
+    "budget is not the bottleneck).",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+RATE_BUDGET_SLOTS = Counter(
+    "outbox_rate_budget_slots",
+    "Slots this process took from the shared Polar budget, by priority (delivery; low: "
+    "reconcile). rate() of the sum over workers is the budget in use.",
+    ["priority"],
+)
+BATCH_EVENTS = Histogram(
+    "outbox_batch_events",
+    "Events per ingest request to Polar (batch fill; at most OUTBOX_BATCH_SIZE).",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 300, 400, 500, 1000, 2000, 5000),
+)
+RATE_BUDGET_SLOTS_UNUSED = Counter(
+    "outbox_rate_budget_slots_unused",
+    "Delivery slots taken and then not used: another worker had claimed the due rows while "
+    "this one waited for its slot.",
+)

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -37,6 +38,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from outbox import metrics
 from outbox.errors import ConfigError
 from outbox.logs import redact
 from outbox.policy import BatchRejections, parse_batch_rejections
@@ -223,15 +225,34 @@ class PolarGateway:
         self.requests = 0  # HTTP requests sent (reconcile reports what it spent)
 
     def _spend(self) -> None:
+        started = time.perf_counter()
         wait = self.budget.acquire(timeout=self.budget_wait_seconds, share=self.budget_share)
         if wait is not None:
             raise BudgetWait(wait)
+        metrics.RATE_SLOT_WAIT.observe(time.perf_counter() - started)
+        metrics.RATE_BUDGET_SLOTS.labels("delivery" if self.budget_share is None else "low").inc()
+        metrics.RATE_BUDGET_USED.set(self.budget.granted_in_window)
 
-    def _call(self, fn: Any, /, **kwargs: Any) -> Any:
-        """Spend a slot, call, and retry briefly on no-answer/5xx (each try spends a slot)."""
+    def take_slot(self) -> float | None:
+        """Take the slot of the next request now, waiting for it up to the budget's wait:
+        None when taken (pass `slot_taken=True` to the call that spends it), else the
+        seconds until one is free."""
+        try:
+            self._spend()
+        except BudgetWait as wait:
+            return wait.wait
+        return None
+
+    def _call(self, fn: Any, /, *, slot_taken: bool = False, **kwargs: Any) -> Any:
+        """Spend a slot, call, and retry briefly on no-answer/5xx (each try spends a slot;
+        the first one spends the slot already taken when `slot_taken`)."""
+        have_slot = [slot_taken]
 
         def attempt() -> Any:
-            self._spend()
+            if have_slot[0]:
+                have_slot[0] = False
+            else:
+                self._spend()
             self.requests += 1
             try:
                 return fn(**kwargs)
@@ -254,10 +275,12 @@ class PolarGateway:
                 return attempt()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def ingest(self, events: list[dict[str, Any]]) -> IngestResult:
-        """Send one batch. Never raises for Polar, network or budget faults."""
+    def ingest(self, events: list[dict[str, Any]], *, slot_taken: bool = False) -> IngestResult:
+        """Send one batch (after `take_slot` when `slot_taken`). Never raises for Polar,
+        network or budget faults."""
+        metrics.BATCH_EVENTS.observe(len(events))
         try:
-            response = self._call(self.client.events.ingest, events=events)
+            response = self._call(self.client.events.ingest, slot_taken=slot_taken, events=events)
         except BudgetWait as wait:
             return IngestResult(Outcome.RATE_LIMITED, retry_after=wait.wait, message=str(wait))
         except Exception as exc:

@@ -185,3 +185,83 @@ def window_allowance(limit: int, margin: int | None = None) -> int:
     if margin is None:
         margin = max(2, limit // 50)
     return max(1, limit - margin)
+
+
+# -- pacing the shared request budget --------------------------------------------------------
+#
+# Polar counts requests per organization in a fixed window (60 s) whose start is not
+# documented. A fixed-window counter of our own only agrees with Polar's when both windows
+# start together, and it lets the whole allowance go in the window's first second. Instead
+# the budget hands out slots at a steady pace (GCRA, the "generic cell rate algorithm": one
+# "theoretical arrival time" per budget). All times are integer microseconds (Redis TIME), so
+# the Lua script in outbox/ratelimit.py and `take_slot` compute the same thing.
+#
+# Why any window of Polar's holds at most `allowance` slots, wherever it starts: a slot is
+# granted at t_k only if t_k >= tat_k - tolerance, and tat_{k+1} = max(tat_k, t_k) + interval.
+# So tat_n >= t_1 + (n - 1) * interval and t_n >= t_1 + (n - 1) * interval - tolerance. In a
+# half-open interval [s, s + W) holding n slots, t_n - t_1 < W, hence
+# n < 1 + (W + tolerance) / interval. With interval >= (W + tolerance) / allowance that is
+# n < 1 + allowance: at most `allowance` slots in ANY interval of length W.
+
+PACING_TOLERANCE_SHARE = 1 / 240  # of the window: 0.25 s of 60 s
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """How one budget hands out slots (microseconds). `tolerance_us` lets a caller that came
+    a little late (scheduling, a Redis round trip) keep the slot it was due, so that lateness
+    is not lost throughput; the interval is widened by as much, so no window holds more.
+    `low_interval_us` > 0: the spacing of a low-priority caller (reconcile), see `take_slot`."""
+
+    interval_us: int
+    tolerance_us: int
+    low_interval_us: int = 0
+
+
+def pacing(allowance: int, window_seconds: float, *, low_cap: int = 0) -> Pacing:
+    """The pacing that spends at most `allowance` slots in any `window_seconds` interval, and
+    at most `low_cap` of them at low priority (0: none reserved, full priority)."""
+    window_us = round(window_seconds * 1_000_000)
+    tolerance_us = int(window_us * PACING_TOLERANCE_SHARE)
+    interval_us = -(-(window_us + tolerance_us) // max(1, allowance))  # ceil
+    low_interval_us = -(-window_us // low_cap) if low_cap > 0 else 0
+    return Pacing(interval_us, tolerance_us, low_interval_us)
+
+
+@dataclass(frozen=True)
+class SlotDecision:
+    """`wait_us` is None when a slot was granted (then `tat_us`/`low_tat_us` are the new
+    state to store), else how long until asking again makes sense (state unchanged)."""
+
+    wait_us: int | None
+    tat_us: int
+    low_tat_us: int
+
+
+def take_slot(
+    tat_us: int,
+    low_tat_us: int,
+    now_us: int,
+    pace: Pacing,
+    *,
+    low: bool = False,
+    delivery_busy: bool = False,
+) -> SlotDecision:
+    """One GCRA step. Delivery (`low=False`) gets a slot when it is due (within the
+    tolerance). A low-priority caller (reconcile) gets at most one per `low_interval_us` (its
+    own cap per window, by the same argument with no tolerance), and then:
+    - while delivery is not `delivery_busy` (its batches are not full: the budget is not what
+      holds it back), a due slot like delivery's: it delays delivery by one slot at most;
+    - while it is, only a slot delivery left unused (`tat <= now - interval`).
+    Both draw from the same `tat`, so together they stay within the allowance."""
+    if low:
+        lead = pace.interval_us if delivery_busy else -pace.tolerance_us
+        wait = max(tat_us + lead - now_us, low_tat_us - now_us)
+        if wait > 0:
+            return SlotDecision(wait, tat_us, low_tat_us)
+        return SlotDecision(
+            None, max(tat_us, now_us) + pace.interval_us, now_us + pace.low_interval_us
+        )
+    if tat_us - now_us > pace.tolerance_us:
+        return SlotDecision(tat_us - pace.tolerance_us - now_us, tat_us, low_tat_us)
+    return SlotDecision(None, max(tat_us, now_us) + pace.interval_us, low_tat_us)

@@ -1,11 +1,14 @@
-"""One Polar request budget per minute for the whole organization, shared by every worker.
+"""One Polar request budget for the whole organization, shared by every worker, paced.
 
 Polar counts requests per organization in a fixed 60-second window over all endpoints and
-answers 429 (Retry-After: 60) past the limit (POLAR.md). So every process takes a slot from one
-Redis counter per window before each request, keeping a safety margin under the limit; and a
-429 seen by any worker pauses all of them until its Retry-After has passed. Window boundaries
-come from Redis's clock (TIME inside the script), so workers with skewed clocks still agree.
-Without Redis a worker falls back to a local share of the budget and says so in its log.
+answers 429 (Retry-After: 60) past the limit (POLAR.md); where its window starts is not
+documented. So every process takes a slot from one Redis budget before each request, and the
+budget hands slots out at a steady pace (GCRA, `outbox.policy.take_slot`): at most the
+allowance (the limit minus a safety margin) in ANY interval of one window, however Polar's
+window is aligned, instead of the whole allowance in the first second of a wall-clock minute.
+A 429 seen by any worker pauses all of them until its Retry-After has passed. Time comes from
+Redis's clock (TIME inside the script), so workers with skewed clocks still agree. Without
+Redis a worker falls back to a local, paced share of the budget and says so in its log.
 """
 
 from __future__ import annotations
@@ -18,41 +21,55 @@ from typing import Protocol
 
 import redis
 
-from outbox.policy import window_allowance
+from outbox.policy import Pacing, pacing, take_slot, window_allowance
 from outbox.settings import Settings
 
 log = logging.getLogger("outbox.ratelimit")
 
 DEFAULT_LOCAL_SHARE_DIVISOR = 4
+BUSY_SECONDS = 5.0
 
-# KEYS[1]: the namespace. ARGV[1]: allowance per window, ARGV[2]: window length in seconds,
-# ARGV[3]: 0, or the cap of a low-priority caller (see `low_priority_cap`).
-# Returns {0, used} when a slot was taken, {1, ms} while paused, {2, ms} when the window is
-# spent (ms: how long until trying again makes sense).
+# KEYS[1]: the namespace. ARGV[1]: interval, ARGV[2]: tolerance, ARGV[3]: 0, or the interval
+# of a low-priority caller (all microseconds), ARGV[4]: window length in seconds (accounting).
+# Mirrors `outbox.policy.take_slot` (tests/outbox/test_ratelimit.py checks they agree).
+# Returns {0, slots granted in this fixed window, now in us} when a slot was taken, {1, ms}
+# while paused, {2, ms} when no slot is due yet (ms: how long until asking again makes sense).
+# Numbers are stored with %.0f: Lua's tostring would round microsecond epochs (%.14g).
 _ACQUIRE = """
 local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window_ms = tonumber(ARGV[2]) * 1000
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local paused = redis.call('PTTL', KEYS[1] .. ':pause')
 if paused > 0 then return {1, paused} end
-local start = now_ms - (now_ms % window_ms)
-local key = KEYS[1] .. ':window:' .. start
-local cap = tonumber(ARGV[3] or '0')
-if cap > 0 then
-  local low_key = key .. ':low'
-  local total = tonumber(redis.call('GET', key) or '0')
-  local low = tonumber(redis.call('GET', low_key) or '0')
-  if low >= cap or total >= math.max(cap, tonumber(ARGV[1]) - cap) then
-    return {2, start + window_ms - now_ms}
-  end
-  redis.call('INCR', low_key)
-  redis.call('PEXPIRE', low_key, window_ms * 2)
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local low_interval = tonumber(ARGV[3])
+local tat_key = KEYS[1] .. ':tat'
+local tat = tonumber(redis.call('GET', tat_key) or '0')
+if low_interval > 0 then
+  local low_key = KEYS[1] .. ':tat:low'
+  local low_tat = tonumber(redis.call('GET', low_key) or '0')
+  local lead = -tolerance
+  if redis.call('EXISTS', KEYS[1] .. ':busy') == 1 then lead = interval end
+  local wait = math.max(tat + lead - now, low_tat - now)
+  if wait > 0 then return {2, math.ceil(wait / 1000)} end
+  redis.call('SET', low_key, string.format('%.0f', now + low_interval), 'PX',
+    math.ceil(low_interval / 1000) + 1000)
+elseif tat - now > tolerance then
+  return {2, math.ceil((tat - tolerance - now) / 1000)}
 end
+local next_tat = math.max(tat, now) + interval
+redis.call('SET', tat_key, string.format('%.0f', next_tat), 'PX',
+  math.ceil((next_tat - now) / 1000) + 1000)
+local window_us = tonumber(ARGV[4]) * 1000000
+local key = KEYS[1] .. ':window:' .. string.format('%.0f', now - (now % window_us))
 local used = redis.call('INCR', key)
-if used == 1 then redis.call('PEXPIRE', key, window_ms * 2) end
-if used > tonumber(ARGV[1]) then return {2, start + window_ms - now_ms} end
-return {0, used}
+if used == 1 then redis.call('PEXPIRE', key, math.ceil(window_us / 500)) end
+return {0, used, now}
 """
+
+# KEYS[1]: the namespace. ARGV[1]: ms. Delivery's batches are full (the budget holds it back):
+# low-priority callers take only slots delivery leaves unused for that long.
+_BUSY = "redis.call('SET', KEYS[1] .. ':busy', '1', 'PX', ARGV[1]) return 1"
 
 # KEYS[1]: the namespace. ARGV[1]: pause in ms. Extends a pause, never shortens it.
 _PAUSE = """
@@ -63,22 +80,23 @@ end
 return 1
 """
 
-# KEYS[1]: the namespace. ARGV[1]: window length. Returns {used in this window, pause ms}.
+# KEYS[1]: the namespace. ARGV[1]: window length in seconds. Returns {slots granted in this
+# fixed window, pause ms}.
 _PEEK = """
 local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window_ms = tonumber(ARGV[1]) * 1000
-local start = now_ms - (now_ms % window_ms)
-local used = tonumber(redis.call('GET', KEYS[1] .. ':window:' .. start) or '0')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window_us = tonumber(ARGV[1]) * 1000000
+local key = KEYS[1] .. ':window:' .. string.format('%.0f', now - (now % window_us))
+local used = tonumber(redis.call('GET', key) or '0')
 return {used, math.max(0, redis.call('PTTL', KEYS[1] .. ':pause'))}
 """
 
 
 def low_priority_cap(allowance: int, share: float | None) -> int:
     """Slots per window a low-priority caller (reconcile) may take: `share` of the allowance,
-    at least 1; 0 means no cap (delivery). Such a caller also takes a slot only while the
-    window has more than that cap left (or, in a tiny budget, nothing used beyond the cap),
-    so it never eats into what delivery needs."""
+    at least 1; 0 means no cap (delivery). Such a caller also takes a slot only when delivery
+    left a whole slot unused (`outbox.policy.take_slot`), so it never eats into what delivery
+    needs."""
     if share is None:
         return 0
     return max(1, int(allowance * share))
@@ -87,11 +105,19 @@ def low_priority_cap(allowance: int, share: float | None) -> int:
 class RateBudget(Protocol):
     """A shared request budget. `acquire` returns None when a slot was taken, otherwise the
     seconds to wait before asking again (it waited up to `timeout` first). With `share`, the
-    caller has low priority and a cap (`low_priority_cap`)."""
+    caller has low priority and a cap (`low_priority_cap`). `granted_in_window`: slots
+    granted in the current fixed window as of this process's last grant (for the gauge)."""
+
+    @property
+    def granted_in_window(self) -> int: ...
 
     def acquire(self, *, timeout: float, share: float | None = None) -> float | None: ...
 
     def pause(self, seconds: float) -> None: ...
+
+    def delivery_busy(self) -> None:
+        """Delivery sent a full batch: the budget is what holds it back, so low-priority
+        callers get only slots it leaves unused, for the next `BUSY_SECONDS`."""
 
     def used_this_window(self) -> int: ...
 
@@ -102,6 +128,7 @@ class _WaitingBudget:
     """`acquire` on top of a non-blocking `try_acquire`: wait while the wait fits in `timeout`."""
 
     sleep: Callable[[float], None]
+    granted_in_window: int = 0
 
     def try_acquire(self, share: float | None = None) -> float | None:
         raise NotImplementedError
@@ -115,7 +142,7 @@ class _WaitingBudget:
             left = deadline - time.monotonic()
             if wait > left:
                 return wait
-            self.sleep(max(wait, 0.005))
+            self.sleep(max(wait, 0.001))
 
 
 class RedisRateBudget(_WaitingBudget):
@@ -136,19 +163,34 @@ class RedisRateBudget(_WaitingBudget):
         self.namespace = namespace
         self.window_seconds = window_seconds
         self.sleep = sleep
+        self.last_grant_us = 0  # Redis's clock at this process's last grant (tests read it)
         self._acquire = client.register_script(_ACQUIRE)
         self._pause = client.register_script(_PAUSE)
+        self._busy = client.register_script(_BUSY)
         self._peek = client.register_script(_PEEK)
 
-    def try_acquire(self, share: float | None = None) -> float | None:
-        cap = low_priority_cap(self.allowance, share)
-        status, value = self._acquire(
-            keys=[self.namespace], args=[self.allowance, self.window_seconds, cap]
+    def pacing(self, share: float | None = None) -> Pacing:
+        return pacing(
+            self.allowance, self.window_seconds, low_cap=low_priority_cap(self.allowance, share)
         )
-        return None if int(status) == 0 else int(value) / 1000.0
+
+    def try_acquire(self, share: float | None = None) -> float | None:
+        pace = self.pacing(share)
+        reply = self._acquire(
+            keys=[self.namespace],
+            args=[pace.interval_us, pace.tolerance_us, pace.low_interval_us, self.window_seconds],
+        )
+        if int(reply[0]) != 0:
+            return int(reply[1]) / 1000.0
+        self.granted_in_window = int(reply[1])
+        self.last_grant_us = int(reply[2])
+        return None
 
     def pause(self, seconds: float) -> None:
         self._pause(keys=[self.namespace], args=[max(1, int(seconds * 1000))])
+
+    def delivery_busy(self) -> None:
+        self._busy(keys=[self.namespace], args=[int(BUSY_SECONDS * 1000)])
 
     def used_this_window(self) -> int:
         used, _ = self._peek(keys=[self.namespace], args=[self.window_seconds])
@@ -160,7 +202,7 @@ class RedisRateBudget(_WaitingBudget):
 
 
 class LocalRateBudget(_WaitingBudget):
-    """The same fixed-window budget inside one process (SQLite/`outbox dev`, or a fallback)."""
+    """The same paced budget inside one process (SQLite/`outbox dev`, or a fallback)."""
 
     def __init__(
         self,
@@ -176,31 +218,46 @@ class LocalRateBudget(_WaitingBudget):
         self.clock = clock
         self.sleep = sleep
         self._lock = threading.Lock()
+        self._tat_us = 0
+        self._low_tat_us = 0
         self._window = -1
         self._used = 0
-        self._used_low = 0
         self._paused_until = 0.0
+        self._busy_until = 0.0
 
     def try_acquire(self, share: float | None = None) -> float | None:
         with self._lock:
             now = self.clock()
             if now < self._paused_until:
                 return self._paused_until - now
+            cap = low_priority_cap(self.allowance, share)
+            pace = pacing(self.allowance, self.window_seconds, low_cap=cap)
+            now_us = int(now * 1_000_000)
+            decision = take_slot(
+                self._tat_us,
+                self._low_tat_us,
+                now_us,
+                pace,
+                low=cap > 0,
+                delivery_busy=now < self._busy_until,
+            )
+            if decision.wait_us is not None:
+                return decision.wait_us / 1_000_000
+            self._tat_us, self._low_tat_us = decision.tat_us, decision.low_tat_us
             window = int(now // self.window_seconds)
             if window != self._window:
-                self._window, self._used, self._used_low = window, 0, 0
-            cap = low_priority_cap(self.allowance, share)
-            if self._used >= self.allowance or (
-                cap and (self._used_low >= cap or self._used >= max(cap, self.allowance - cap))
-            ):
-                return (window + 1) * self.window_seconds - now
+                self._window, self._used = window, 0
             self._used += 1
-            self._used_low += 1 if cap else 0
+            self.granted_in_window = self._used
             return None
 
     def pause(self, seconds: float) -> None:
         with self._lock:
             self._paused_until = max(self._paused_until, self.clock() + seconds)
+
+    def delivery_busy(self) -> None:
+        with self._lock:
+            self._busy_until = self.clock() + BUSY_SECONDS
 
     def used_this_window(self) -> int:
         with self._lock:
@@ -221,6 +278,10 @@ class FallbackRateBudget:
         self.fallback = fallback
         self.degraded = False
         self._last_warning = 0.0
+
+    @property
+    def granted_in_window(self) -> int:
+        return (self.fallback if self.degraded else self.primary).granted_in_window
 
     def _failed(self, exc: Exception) -> None:
         self.degraded = True
@@ -249,6 +310,13 @@ class FallbackRateBudget:
         self.fallback.pause(seconds)
         try:
             self.primary.pause(seconds)
+        except redis.RedisError as exc:
+            self._failed(exc)
+
+    def delivery_busy(self) -> None:
+        self.fallback.delivery_busy()
+        try:
+            self.primary.delivery_busy()
         except redis.RedisError as exc:
             self._failed(exc)
 

@@ -207,6 +207,7 @@ def build_app(state: EmulatorState) -> Starlette:
                 return JSONResponse({"error": check.stage, "detail": check.errors}, 422)
             inserted, duplicates = state.store(check.events)
             state.stats.accepted_batches += 1
+            state.stats.accepted_batch_sizes.append(len(check.events))
             if state.chance(state.config.accept_then_drop_rate):
                 state.stats.dropped_after_store += 1
                 return JSONResponse({"detail": "injected: stored, then failed"}, status_code=502)

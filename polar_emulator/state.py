@@ -156,6 +156,10 @@ class Stats:
     injected_5xx: int = 0
     dropped_after_store: int = 0
     max_requests_in_a_window: int = 0
+    # When each /v1 request was counted (time.time(), 429s included) and the size of each
+    # accepted batch: tests check how requests spread over a window and how full batches are.
+    request_times: list[float] = field(default_factory=list)
+    accepted_batch_sizes: list[int] = field(default_factory=list)
 
 
 def is_sum_number(value: object) -> bool:
@@ -208,6 +212,7 @@ class EmulatorState:
             self._window_start, self._window_count = start, 0
         self._window_count += 1
         self.stats.requests += 1
+        self.stats.request_times.append(now)
         self.stats.max_requests_in_a_window = max(
             self.stats.max_requests_in_a_window, self._window_count
         )

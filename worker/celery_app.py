@@ -36,15 +36,28 @@ app.conf.update(
     result_backend=None,
     task_serializer="json",
     accept_content=["json"],
+    # Redis going away must never end a worker: retry connecting forever, at start and after
+    # a loss (tests/chaos/test_redis_outage.py stops and starts Redis under load). Workers run
+    # without gossip and mingle (docker-compose.yml, `outbox worker`): the project uses
+    # neither, and restarting Gossip after a lost connection is where kombu trips over its
+    # closed connection ("'NoneType' object has no attribute 'hostname'" / 'connection_errors',
+    # celery/kombu#582).
     broker_connection_retry_on_startup=True,
     broker_connection_retry=True,
     broker_connection_max_retries=None,
-    # Longer than any task may run (time limit below), so an unacked message is redelivered
-    # only when its worker is really gone.
+    # A drain running when Redis goes away needs no Redis to finish (the table is the truth,
+    # the rate budget falls back to a local share): let it finish rather than kill it mid-batch
+    # (its rows would wait for their lease and lose an attempt). Its message, unacked, comes
+    # again later: one more drain, harmless. (Explicit: Celery 6 changes the default.)
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     broker_transport_options={
+        # Longer than any task may run (time limit below), so an unacked message is
+        # redelivered only when its worker is really gone.
         "visibility_timeout": 600,
         "socket_connect_timeout": 2,
         "socket_timeout": 5,
+        # Ping idle connections, so a Redis that restarted is noticed within seconds.
+        "health_check_interval": 10,
     },
     task_time_limit=300,
     task_soft_time_limit=240,

@@ -63,11 +63,21 @@ class Worker:
     """A real `celery -A worker worker -B` process (its own process group, so kill -9 takes
     its prefork children too)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 2) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        concurrency: int = 2,
+        argv: list[str] | None = None,
+    ) -> None:
+        """`argv`: the command to run in its own directory (e.g. the compose file's, or
+        `outbox worker`); default: a worker with its beat, without gossip, mingle and
+        heartbeat, as the tests need no more."""
         self.log_path = log_path
         self.log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [
+            argv
+            or [
                 sys.executable,
                 "-m",
                 "celery",
@@ -82,7 +92,7 @@ class Worker:
                 "--without-heartbeat",
                 f"--schedule={log_path.with_suffix('.beat')}",
             ],
-            cwd=ROOT,
+            cwd=log_path.parent if argv else ROOT,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -110,8 +120,9 @@ class Worker:
 def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     workers: list[Worker] = []
 
-    def start(concurrency: int = 2, **env: str) -> Worker:
-        worker = Worker({**worker_env, **env}, tmp_path / f"worker{len(workers)}.log", concurrency)
+    def start(concurrency: int = 2, argv: list[str] | None = None, **env: str) -> Worker:
+        log_path = tmp_path / f"worker{len(workers)}.log"
+        worker = Worker({**worker_env, **env}, log_path, concurrency, argv)
         workers.append(worker)
         return worker
 

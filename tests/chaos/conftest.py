@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -35,7 +36,8 @@ class PrivateRedis:
         if binary is None:
             service_missing("redis-server (binary)", FileNotFoundError("redis-server"))
         self.binary = binary or "redis-server"
-        self.port = free_port()
+        # CI (or a machine where free ports are scarce) may name the port: TEST_PRIVATE_REDIS_PORT.
+        self.port = int(os.environ.get("TEST_PRIVATE_REDIS_PORT") or free_port())
         self.dir = tmp
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -1,5 +1,5 @@
 """Delivery policy, table-driven: backoff with full jitter, Retry-After, 422 index parsing,
-rate windows."""
+rate windows, the paced budget (properties checked with hypothesis)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outbox.policy import (
+    Pacing,
     backoff_seconds,
     is_lease_expired,
     next_attempt_at,
+    pacing,
     parse_batch_rejections,
     seconds_until_next_window,
+    take_slot,
     window_allowance,
     window_start,
 )
@@ -235,3 +240,138 @@ def test_rate_windows() -> None:
 @pytest.mark.parametrize(("limit", "allowance"), [(500, 490), (100, 98), (60, 58), (3, 1), (1, 1)])
 def test_window_allowance_keeps_a_safety_margin(limit: int, allowance: int) -> None:
     assert window_allowance(limit) == allowance
+
+
+# -- pacing: any window of Polar's, wherever it starts, holds at most the allowance ----------
+
+
+def most_in_any_window(grants: list[int], window_us: int) -> int:
+    """The most grants in any half-open interval [s, s + window) (it suffices to start at
+    each grant)."""
+    grants = sorted(grants)
+    most, j = 0, 0
+    for i, start in enumerate(grants):
+        j = max(j, i)
+        while j < len(grants) and grants[j] < start + window_us:
+            j += 1
+        most = max(most, j - i)
+    return most
+
+
+def run_callers(
+    pace: Pacing, asks: list[tuple[int, bool]], *, retry: bool = True, busy_every: int = 0
+) -> tuple[list[int], list[int]]:
+    """Callers asking at the given times (microseconds, low priority or not); a refused caller
+    asks again when told (like `_WaitingBudget`), up to a bound; delivery is "busy" for every
+    `busy_every`-th try (0: never). Returns (all grants, low grants)."""
+    tat = low_tat = 0
+    grants: list[int] = []
+    low_grants: list[int] = []
+    queue = sorted(asks)
+    tries = 0
+    while queue and tries < 20_000:
+        tries += 1
+        now, low = queue.pop(0)
+        busy = bool(busy_every) and tries % busy_every == 0
+        decision = take_slot(tat, low_tat, now, pace, low=low, delivery_busy=busy)
+        if decision.wait_us is None:
+            tat, low_tat = decision.tat_us, decision.low_tat_us
+            grants.append(now)
+            if low:
+                low_grants.append(now)
+        elif retry:
+            queue.append((now + decision.wait_us, low))
+            queue.sort()
+    return grants, low_grants
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    allowance=st.integers(1, 600),
+    window=st.sampled_from([1, 2, 3, 60]),
+    share=st.sampled_from([None, 0.1, 0.2, 0.5]),
+    busy_every=st.integers(0, 3),
+    asks=st.lists(st.tuples(st.integers(0, 200_000_000), st.booleans()), min_size=1, max_size=300),
+)
+def test_no_interval_of_one_window_ever_holds_more_than_the_allowance(
+    allowance: int,
+    window: int,
+    share: float | None,
+    busy_every: int,
+    asks: list[tuple[int, bool]],
+) -> None:
+    """Whatever the callers do (bursts, late, low priority or not), and wherever Polar's window
+    starts: at most `allowance` grants in any interval of one window, and at most the low
+    priority cap of low-priority ones."""
+    cap = 0 if share is None else max(1, int(allowance * share))
+    pace = pacing(allowance, window, low_cap=cap)
+    grants, low_grants = run_callers(
+        pace, [(t, low and cap > 0) for t, low in asks], busy_every=busy_every
+    )
+    assert grants  # the first caller is never refused
+    assert most_in_any_window(grants, window * 1_000_000) <= allowance
+    if cap:
+        assert most_in_any_window(low_grants, window * 1_000_000) <= cap
+
+
+@pytest.mark.parametrize(("limit", "window"), [(100, 60), (500, 60), (30, 2)])
+def test_a_saturated_budget_spends_almost_all_of_it_evenly(limit: int, window: int) -> None:
+    """Callers always waiting (each asks again when told, a little late): at least 97% of
+    Polar's limit per window, every window; and the first fifth of a window holds no more than
+    its fifth of the allowance (plus two): the budget is spread, not spent at the start."""
+    allowance = window_allowance(limit)
+    pace = pacing(allowance, window)
+    window_us = window * 1_000_000
+    rng = random.Random(5)
+    asks = [(rng.randrange(0, 2000), False) for _ in range(8)]  # 8 workers, always busy
+    tat = low_tat = 0
+    grants: list[int] = []
+    while asks:
+        asks.sort()
+        now, _ = asks.pop(0)
+        if now > 5 * window_us:
+            continue
+        decision = take_slot(tat, low_tat, now, pace)
+        late = rng.randrange(0, 3000)  # scheduling and a Redis round trip: up to 3 ms late
+        if decision.wait_us is None:
+            tat, low_tat = decision.tat_us, decision.low_tat_us
+            grants.append(now)
+            asks.append((now + 1000 + late, False))
+        else:
+            asks.append((now + decision.wait_us + late, False))
+    per_window = [
+        sum(1 for g in grants if k * window_us <= g < (k + 1) * window_us) for k in range(5)
+    ]
+    first_fifths = [
+        sum(1 for g in grants if k * window_us <= g < k * window_us + window_us // 5)
+        for k in range(5)
+    ]
+    # The interval alone sets the pace: callers up to 3 ms late lose nothing.
+    assert min(per_window) >= window_us // pace.interval_us - 1
+    if window == 60:
+        assert min(per_window) >= 0.97 * limit
+    assert max(per_window) <= allowance
+    assert most_in_any_window(grants, window_us) <= allowance
+    # An interval of length L holds fewer than 1 + (L + tolerance) / interval slots: a fifth.
+    assert max(first_fifths) < 1 + (window_us / 5 + pace.tolerance_us) / pace.interval_us
+    assert max(first_fifths) <= allowance / 5 + 2
+
+
+def test_a_lone_request_on_an_idle_budget_is_granted_at_once() -> None:
+    pace = pacing(98, 60)
+    assert take_slot(0, 0, 10**15, pace).wait_us is None
+    busy = take_slot(0, 0, 10**15, pace)
+    second = take_slot(busy.tat_us, 0, 10**15, pace)
+    assert second.wait_us == pace.interval_us - pace.tolerance_us  # the next slot, not a minute
+
+
+def test_a_low_priority_caller_steps_back_while_delivery_sends_full_batches() -> None:
+    pace = pacing(98, 60, low_cap=19)
+    now = 10**15
+    delivery = take_slot(0, 0, now, pace)
+    due = delivery.tat_us  # the next slot is due
+    assert take_slot(delivery.tat_us, 0, due, pace, low=True).wait_us is None
+    # Delivery's batches are full: only a slot it left unused.
+    assert take_slot(delivery.tat_us, 0, due, pace, low=True, delivery_busy=True).wait_us
+    later = now + 2 * pace.interval_us  # delivery left a whole slot unused
+    assert take_slot(delivery.tat_us, 0, later, pace, low=True, delivery_busy=True).wait_us is None

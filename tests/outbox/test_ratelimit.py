@@ -1,5 +1,6 @@
 """The shared Polar budget on real Redis: threads and processes together never exceed the
-allowance of a window; a 429 seen by one pauses all; without Redis, a local share."""
+allowance in any interval of one window, and spread it; a 429 seen by one pauses all; without
+Redis, a local, paced share; reconcile at low priority, capped."""
 
 from __future__ import annotations
 
@@ -18,35 +19,36 @@ LIMIT = 30  # allowance 28 (margin 2)
 WINDOW = 2
 
 
-def budget(redis_url: str, namespace: str) -> RedisRateBudget:
+def budget(redis_url: str, namespace: str, window: int = WINDOW) -> RedisRateBudget:
     return RedisRateBudget(
-        redis.Redis.from_url(redis_url), LIMIT, namespace=namespace, window_seconds=WINDOW
+        redis.Redis.from_url(redis_url), LIMIT, namespace=namespace, window_seconds=window
     )
 
 
 def _spend_for(redis_url: str, namespace: str, seconds: float, queue: object) -> None:
+    """Take every slot it can for `seconds`; report Redis's clock at each grant."""
     mine = budget(redis_url, namespace)
     stamps = []
     deadline = time.time() + seconds
     while time.time() < deadline:
-        if mine.try_acquire() is None:
-            stamps.append(time.time())
-        else:
-            time.sleep(0.01)
+        if mine.acquire(timeout=0.5) is None:
+            stamps.append(mine.last_grant_us)
     queue.put(stamps)  # type: ignore[attr-defined]
 
 
-def per_window(stamps: list[float]) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for stamp in stamps:
-        key = int(stamp // WINDOW)
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+def most_in_any_window(stamps_us: list[int], window_us: int) -> int:
+    stamps_us = sorted(stamps_us)
+    return max(
+        sum(1 for t in stamps_us[i:] if t < start + window_us) for i, start in enumerate(stamps_us)
+    )
 
 
-def test_processes_and_threads_share_one_budget(redis_url: str) -> None:
+def test_processes_and_threads_share_one_paced_budget(redis_url: str) -> None:
+    """3 processes and 3 threads, always asking: no interval of one window (wherever it
+    starts, by Redis's clock) holds more than the allowance, the budget is used (each
+    window's share), and the slots are spread (a window's first fifth holds about a fifth)."""
     namespace = f"test:{uuid.uuid4().hex}"
-    queue: multiprocessing.Queue[list[float]] = multiprocessing.Queue()
+    queue: multiprocessing.Queue[list[int]] = multiprocessing.Queue()
     processes = [
         multiprocessing.Process(target=_spend_for, args=(redis_url, namespace, 5.0, queue))
         for _ in range(3)
@@ -57,16 +59,21 @@ def test_processes_and_threads_share_one_budget(redis_url: str) -> None:
     ]
     for worker in [*processes, *threads]:
         worker.start()
-    stamps = [stamp for _ in range(6) for stamp in queue.get(timeout=30)]
+    stamps = sorted(stamp for _ in range(6) for stamp in queue.get(timeout=30))
     for worker in processes:
         worker.join()
     for thread in threads:
         thread.join()
-    windows = per_window(stamps)
-    assert len(windows) >= 2
-    # Redis and this machine share a clock here, so window boundaries agree.
-    assert max(windows.values()) <= LIMIT - 2
-    assert sum(1 for n in windows.values() if n == LIMIT - 2) >= 1  # the budget was used
+    allowance = LIMIT - 2
+    window_us = WINDOW * 1_000_000
+    assert most_in_any_window(stamps, window_us) <= allowance
+    # Whole windows from the first grant on: each spent (nearly) all of its share.
+    start = stamps[0]
+    for k in range(2):
+        in_window = [t for t in stamps if start + k * window_us <= t < start + (k + 1) * window_us]
+        assert len(in_window) >= allowance - 2
+        first_fifth = [t for t in in_window if t < start + k * window_us + window_us // 5]
+        assert len(first_fifth) <= allowance / 5 + 2
 
 
 def test_a_pause_seen_by_one_worker_stops_every_worker(redis_url: str) -> None:
@@ -83,12 +90,18 @@ def test_a_pause_seen_by_one_worker_stops_every_worker(redis_url: str) -> None:
 
 def test_without_redis_a_worker_spends_only_its_local_share(redis_url: str) -> None:
     dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    now = [1000.0]
     fallback = FallbackRateBudget(
         RedisRateBudget(dead, LIMIT, namespace="x", window_seconds=60),
-        LocalRateBudget(LIMIT // 4, margin=0, window_seconds=60),
+        LocalRateBudget(LIMIT // 4, margin=0, window_seconds=60, clock=lambda: now[0]),
     )
-    granted = sum(1 for _ in range(20) if fallback.acquire(timeout=0) is None)
-    assert granted == LIMIT // 4
+    granted = []
+    for _ in range(240):  # two minutes, asking every half second
+        if fallback.acquire(timeout=0) is None:
+            granted.append(int(now[0] * 1_000_000))
+        now[0] += 0.5
+    assert most_in_any_window(granted, 60_000_000) <= LIMIT // 4
+    assert len(granted) >= 2 * (LIMIT // 4) - 1
     assert fallback.degraded
 
 
@@ -106,51 +119,76 @@ def test_make_budget_is_local_for_sqlite_and_shared_otherwise(redis_url: str) ->
     assert shared.primary.allowance == 490  # 500/minute in production, with a margin
 
 
-def test_local_budget_windows_with_a_fake_clock() -> None:
+def test_local_budget_paces_with_a_fake_clock() -> None:
+    """5 per 60 s: a slot every ~12 s, not 5 at once; a pause holds every slot back."""
     now = [1000.0]
     local = LocalRateBudget(5, margin=0, window_seconds=60, clock=lambda: now[0])
-    assert [local.try_acquire() for _ in range(5)] == [None] * 5
-    assert local.try_acquire() == pytest.approx(20.0)  # 1020 is the next window
-    now[0] = 1020.0
+    assert local.try_acquire() is None  # an idle budget: at once
+    wait = local.try_acquire()
+    assert wait == pytest.approx((60 + 0.25) / 5 - 0.25)
+    now[0] += wait or 0
     assert local.try_acquire() is None
-    local.pause(10)
-    assert local.try_acquire() == pytest.approx(10.0)
+    local.pause(30)
+    assert local.try_acquire() == pytest.approx(30.0)
 
 
 @pytest.mark.parametrize("kind", ["redis", "local"])
 def test_a_low_priority_caller_takes_its_share_and_leaves_delivery_the_rest(
     redis_url: str, kind: str
 ) -> None:
-    """Reconcile (share 0.25 of an allowance of 28 = 7) never takes more than its cap, and
-    never a slot that would leave delivery fewer than that cap."""
+    """Reconcile (share 0.25 of an allowance of 28 = 7 per window) never takes more than its
+    cap in a window, and while delivery's batches are full only slots delivery leaves
+    unused."""
+    window = 1
+    allowance = LIMIT - 2
     if kind == "redis":
-        shared: RedisRateBudget | LocalRateBudget = RedisRateBudget(
-            redis.Redis.from_url(redis_url),
-            LIMIT,
-            namespace=f"test:{uuid.uuid4().hex}",
-            window_seconds=3600,
+        shared: RedisRateBudget | LocalRateBudget = budget(
+            redis_url, f"test:{uuid.uuid4().hex}", window
         )
     else:
-        shared = LocalRateBudget(LIMIT, window_seconds=3600, clock=lambda: 7200.0)
-    low = [shared.try_acquire(share=0.25) for _ in range(10)]
-    assert low.count(None) == 7  # its cap
-    assert all(wait is not None and wait > 0 for wait in low[7:])
-    delivery = [shared.try_acquire() for _ in range(30)]
-    assert delivery.count(None) == 28 - 7  # delivery still has the rest of the window
+        shared = LocalRateBudget(LIMIT, window_seconds=window)
+    # Reconcile alone, asking all the time for 1.5 windows: its cap, spread out.
+    low_grants = []
+    deadline = time.monotonic() + 1.5 * window
+    while time.monotonic() < deadline:
+        if shared.acquire(timeout=0.3, share=0.25) is None:
+            low_grants.append(time.monotonic())
+    assert 9 <= len(low_grants) <= 12  # 7 per window, one every 1/7 s
+    assert max(sum(1 for t in low_grants if s <= t < s + window) for s in low_grants) <= 7
 
-    if kind == "redis":
-        busy: RedisRateBudget | LocalRateBudget = RedisRateBudget(
-            redis.Redis.from_url(redis_url),
-            LIMIT,
-            namespace=f"test:{uuid.uuid4().hex}",
-            window_seconds=3600,
-        )
-    else:
-        busy = LocalRateBudget(LIMIT, window_seconds=3600, clock=lambda: 7200.0)
-    assert [busy.try_acquire() for _ in range(22)] == [None] * 22  # delivery is busy
-    # 6 slots are left, fewer than reconcile's cap of 7: reconcile waits for the next window.
-    assert busy.try_acquire(share=0.25) is not None
-    assert busy.try_acquire() is None  # delivery is not held back
+    # Delivery asking for every slot, reconcile asking too. While delivery's batches are full
+    # (it says so: `delivery_busy`), reconcile gets (almost) nothing and delivery is not slowed
+    # down; while they are not, reconcile gets its cap and delivery the rest.
+    for busy_delivery in (True, False):
+        if kind == "redis":
+            busy: RedisRateBudget | LocalRateBudget = budget(
+                redis_url, f"test:{uuid.uuid4().hex}", window
+            )
+        else:
+            busy = LocalRateBudget(LIMIT, window_seconds=window)
+        counts = {"delivery": 0, "low": 0}
+        stop = threading.Event()
+
+        def ask(kind: str, busy: RedisRateBudget | LocalRateBudget = busy) -> None:
+            while not stop.is_set():
+                if busy.acquire(timeout=0.2, share=0.25 if kind == "low" else None) is None:
+                    counts[kind] += 1
+                    if kind == "delivery" and busy_delivery:
+                        busy.delivery_busy()
+
+        askers = [threading.Thread(target=ask, args=(k,)) for k in ("delivery", "delivery", "low")]
+        for asker in askers:
+            asker.start()
+        time.sleep(1.5 * window)
+        stop.set()
+        for asker in askers:
+            asker.join()
+        if busy_delivery:
+            assert counts["low"] <= 1
+            assert counts["delivery"] >= 1.5 * allowance - 4
+        else:
+            assert 5 <= counts["low"] <= 1.5 * 7 + 2  # a real share, never past its cap
+            assert counts["delivery"] + counts["low"] >= 1.5 * allowance - 4
 
 
 def test_a_tiny_budget_still_gives_the_low_priority_caller_its_slot() -> None:
