@@ -293,8 +293,8 @@ class Deliverer:
             detail = f"{len(pending)} events, Polar said: {'; '.join(reasons)}"[:1000]
             log.error(
                 "Polar refused a batch with a 422 that names no event of it: the batch is "
-                "retried with backoff, nothing is failed. Check what we send (a Polar API "
-                "change?) in the reasons.",
+                "retried with backoff (rows fail only after OUTBOX_MAX_ATTEMPTS). Check what we "
+                "send (a Polar API change?) in the reasons.",
                 extra={"batch_id": owner, "events": len(pending), "reasons": list(reasons)},
             )
             metrics.UNATTRIBUTED_REJECTIONS.inc()
