@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, UsageToken, after_commit
+from api.deps import UsageToken, after_commit, in_transaction
 from api.errors import response_for
 from api.schemas import ERROR_RESPONSES, ErrorOut, UsageIn, UsageOut
 from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
@@ -49,10 +50,9 @@ IdempotencyKey = Annotated[
         409: {"model": ErrorOut, "description": "idempotency_key_reused"},
     },
 )
-def post_usage(
+async def post_usage(
     body: UsageIn,
     request: Request,
-    session: SessionDep,
     token: UsageToken,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
@@ -62,21 +62,31 @@ def post_usage(
     check_customer_id(body.customer_id)
     metadata = check_metadata(body.metadata, credits_field=settings.usage_credits_field)
     key = check_idempotency_key(idempotency_key)
+    fingerprint = ""
+    if key is not None:
+        fingerprint = request_fingerprint("POST", "/v1/usage", body.model_dump(mode="json"))
 
-    def action() -> StoredResponse:
-        result = record_usage(session, body.customer_id, body.credits, metadata, settings=settings)
-        out = asdict(result)
-        out.pop("replayed")
-        return StoredResponse(201, out)
+    def work(session: Session) -> StoredResponse:
+        def action() -> StoredResponse:
+            result = record_usage(
+                session, body.customer_id, body.credits, metadata, settings=settings
+            )
+            out = asdict(result)
+            out.pop("replayed")
+            return StoredResponse(201, out)
 
-    response = run_idempotent(
-        session,
-        token_id=token.id,
-        key=key,
-        fingerprint=request_fingerprint("POST", "/v1/usage", body.model_dump(mode="json")),
-        action=action,
-        error_response=response_for,
-    )
-    if response.status_code == 201:
-        after_commit(session, request.app.state.nudge)
+        response = run_idempotent(
+            session,
+            token_id=token.id,
+            key=key,
+            fingerprint=fingerprint,
+            action=action,
+            error_response=response_for,
+        )
+        if response.status_code == 201:
+            after_commit(session, request.app.state.nudge)
+        return response
+
+    # One transaction, committed before the response is built (201 means recorded).
+    response = await in_transaction(request, work)
     return JSONResponse(response.body, status_code=response.status_code)
