@@ -47,7 +47,7 @@ def _json(status: int, body: dict[str, Any]) -> Response:
 
 def create_app() -> Starlette:
     url = os.environ["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://", 1)
-    pool = AsyncConnectionPool(url, min_size=4, max_size=20, open=False)
+    pool = AsyncConnectionPool(url, min_size=2, max_size=10, open=False)
     tokens: dict[str, int] = {}
 
     async def post_usage(request: Request) -> Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
@@ -12,8 +11,7 @@ from sqlalchemy.orm import Session
 from api.deps import UsageToken, after_commit, in_transaction
 from api.errors import response_for
 from api.schemas import ERROR_RESPONSES, ErrorOut, UsageIn, UsageOut
-from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
-from outbox.ledger import record_usage
+from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent_usage
 from outbox.validation import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     NO_CONTROL_PATTERN,
@@ -67,20 +65,15 @@ async def post_usage(
         fingerprint = request_fingerprint("POST", "/v1/usage", body.model_dump(mode="json"))
 
     def work(session: Session) -> StoredResponse:
-        def action() -> StoredResponse:
-            result = record_usage(
-                session, body.customer_id, body.credits, metadata, settings=settings
-            )
-            out = asdict(result)
-            out.pop("replayed")
-            return StoredResponse(201, out)
-
-        response = run_idempotent(
+        response = run_idempotent_usage(
             session,
             token_id=token.id,
             key=key,
             fingerprint=fingerprint,
-            action=action,
+            customer_id=body.customer_id,
+            credits=body.credits,
+            metadata=metadata,
+            settings=settings,
             error_response=response_for,
         )
         if response.status_code == 201:
