@@ -527,12 +527,19 @@ def create_usage_token(url: str) -> str:
     from outbox.tokens import create_token
 
     engine = make_engine(url, poolclass=NullPool)
+    deadline = time.monotonic() + 60
     try:
-        with session_scope(engine) as session:
-            token, _ = create_token(session, "usage", "bench")
+        while True:
+            try:
+                with session_scope(engine) as session:
+                    token, _ = create_token(session, "usage", "bench")
+                return token
+            except Exception as exc:  # out of connections on a shared machine: wait
+                if "too many clients" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         engine.dispose()
-    return token
 
 
 # -- scenarios --------------------------------------------------------------------------------
