@@ -59,7 +59,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import psycopg
 from common import (
     DEFAULT_URL,
     FAILED,
@@ -71,6 +70,7 @@ from common import (
     Samples,
     ScenarioResult,
     check_ledger,
+    connect,
     cpu_reference_ms,
     customer_id,
     database_name,
@@ -214,7 +214,7 @@ def _psycopg_client(spec: ClientSpec, barrier: Callable[[], float]) -> Samples:
     from datetime import UTC, datetime
 
     def make_tx() -> Callable[[str], int]:
-        conn = psycopg.connect(libpq_url(spec.url))
+        conn = connect(libpq_url(spec.url))
 
         def tx(cid: str) -> int:
             now = datetime.now(UTC)
