@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -95,9 +96,14 @@ def create_app(
         # Token lookups are cached only while this process hears every revocation.
         if engine.dialect.name == "postgresql":
             token_cache.watcher = RevocationWatcher(engine, token_cache.forget).start()
+        # Everything built so far (modules, the app, its models) lives as long as the process:
+        # keep it out of the cyclic collector's full passes, which otherwise walk it again and
+        # again under load (docs/benchmarks.md, issue 13).
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()  # collectable again (tests start and stop many apps in one process)
             if token_cache.watcher is not None:
                 token_cache.watcher.stop()
                 token_cache.watcher = None

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.concurrency import run_in_threadpool
@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import error_body
 from outbox.db import session_scope
@@ -32,6 +32,7 @@ from outbox.tokens import RevocationWatcher, TokenInfo, authenticate, hash_token
 log = logging.getLogger("api")
 
 AFTER_COMMIT = "after_commit"
+T = TypeVar("T")
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -40,6 +41,10 @@ def get_session(request: Request) -> Iterator[Session]:
     the after-commit hooks run; they are best effort and never fail the request."""
     with session_scope(request.app.state.sessionmaker) as session:
         yield session
+    _after_commit(session)
+
+
+def _after_commit(session: Session) -> None:
     for hook in session.info.get(AFTER_COMMIT, ()):
         try:
             hook()
@@ -48,6 +53,21 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+async def in_transaction(request: Request, work: Callable[[Session], T]) -> T:
+    """`work(session)` in one transaction, committed (then the after-commit hooks run) before
+    this returns: what `SessionDep` gives a sync route, in ONE threadpool hand-off instead of
+    three (the dependency's enter, the route, the dependency's exit). For the hot route
+    (POST /v1/usage), whose route function is async; measured in docs/benchmarks.md."""
+    return await run_in_threadpool(_transaction, request.app.state.sessionmaker, work)
+
+
+def _transaction(maker: sessionmaker[Session], work: Callable[[Session], T]) -> T:
+    with session_scope(maker) as session:
+        result = work(session)
+    _after_commit(session)
+    return result
 
 
 def after_commit(session: Session, hook: Callable[[], None]) -> None:

@@ -37,6 +37,19 @@ FAILED = 599  # anything else (exception, connection error): always a bug in a b
 # -- database ---------------------------------------------------------------------------------
 
 
+def connect(conninfo: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """psycopg.connect, waiting up to a minute while PostgreSQL is out of connections (on a
+    shared machine, other work may hold most of max_connections for a moment)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return psycopg.connect(conninfo, **kwargs)
+        except psycopg.OperationalError as exc:
+            if "too many clients" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def libpq_url(url: str) -> str:
     """The libpq form of a SQLAlchemy URL (`postgresql+psycopg://` -> `postgresql://`)."""
     parts = urlsplit(url)
@@ -60,7 +73,7 @@ def recreate_database(url: str) -> None:
     name = database_name(url)
     if "bench" not in name or not name.replace("_", "").isalnum():
         raise SystemExit(f"refusing to recreate {name!r}: benchmark databases contain 'bench'")
-    with psycopg.connect(_maintenance_url(url), autocommit=True) as conn:
+    with connect(_maintenance_url(url), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
     from outbox.migrate import upgrade
@@ -73,14 +86,14 @@ def drop_database(url: str) -> None:
     name = database_name(url)
     if "bench" not in name:
         raise SystemExit(f"refusing to drop {name!r}")
-    with psycopg.connect(_maintenance_url(url), autocommit=True) as conn:
+    with connect(_maintenance_url(url), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def reset_tables(url: str) -> None:
     """Empty every table of the schema (not `alembic_version`) and checkpoint, so each scenario
     starts from the same empty indexes and no checkpoint left by the last one lands in it."""
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+    with connect(libpq_url(url), autocommit=True) as conn:
         tables = [
             row[0]
             for row in conn.execute(
@@ -95,7 +108,7 @@ def reset_tables(url: str) -> None:
 def seed_customers(url: str, count: int, balance: int) -> None:
     """`count` customers `bench_1..bench_<count>` with `balance` credits each, every one backed
     by a grant ledger entry so `balance == sum(delta)` holds as it would after `grant_credits`."""
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+    with connect(libpq_url(url), autocommit=True) as conn:
         conn.execute(
             "INSERT INTO customers (id, balance, held, granted, used, created_at, updated_at)"
             " SELECT %s || g, %s, 0, %s, 0, now(), now() FROM generate_series(1, %s) g",
@@ -135,7 +148,7 @@ class LedgerCheck:
 
 def check_ledger(url: str) -> LedgerCheck:
     """Count outbox rows and usage entries, and look for broken balances."""
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+    with connect(libpq_url(url), autocommit=True) as conn:
         events = conn.execute("SELECT count(*) FROM outbox_events").fetchone()
         usage = conn.execute("SELECT count(*) FROM ledger_entries WHERE kind = 'usage'").fetchone()
         mismatched = conn.execute(
@@ -164,7 +177,7 @@ def machine_facts(url: str) -> dict[str, str]:
         "cpu": _cpu_model(),
         "python": platform.python_version(),
     }
-    with psycopg.connect(_maintenance_url(url), autocommit=True) as conn:
+    with connect(_maintenance_url(url), autocommit=True) as conn:
         version = conn.execute("SHOW server_version").fetchone()
         facts["postgresql"] = str(version[0]) if version else "?"
         for setting in ("fsync", "synchronous_commit", "shared_buffers", "max_connections"):

@@ -11,10 +11,18 @@ re-created, tables emptied and re-seeded before every scenario), one table with 
              P processes x T threads (how much of the gap is "Python at all")
   b-PxT      `record_usage` inside `outbox.db.session_scope`, one transaction per usage,
              P processes x T threads (1x16 = one process, threads only: the GIL case)
+  c-bare     the floor (issue #13): the same spend statement behind one async Starlette route
+             (bench/bare_app.py: bearer token by hash, json.loads, psycopg's async pool), the
+             same uvicorn workers and load as c
   c          POST /v1/usage over loopback HTTP: uvicorn --factory api.app:create_app with N
              workers, a usage token, a bounded load generator (fixed in-flight requests) in
              separate process(es)
   c-idem     the same with a fresh Idempotency-Key on every request
+  c-replay   the same with Idempotency-Keys already used (100 keys, each first used in the
+             warm-up): every request in the window is a replay
+  *-base     with --base DIR: c, c-idem and c-replay against a server run from another checkout
+             (e.g. `git archive <commit> | tar -x -C DIR`), interleaved with this one's rows in
+             each round: an A/B of two versions of the code in one run
   d-http     every request on ONE customer (row-lock contention), huge balance
   d-http-402 the same with a balance that runs out half-way: only 201 and 402 may appear
   d-lib      `record_usage` on ONE customer, in-process
@@ -51,7 +59,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import psycopg
 from common import (
     DEFAULT_URL,
     FAILED,
@@ -63,6 +70,7 @@ from common import (
     Samples,
     ScenarioResult,
     check_ledger,
+    connect,
     cpu_reference_ms,
     customer_id,
     database_name,
@@ -83,6 +91,8 @@ PGBENCH_SCRIPT = Path(__file__).resolve().parent / "pgbench_usage.sql"
 # Clients run a little past the window, so no backend exits (taking its CPU ticks along)
 # before the window's last CPU reading.
 TAIL_SECONDS = 0.5
+# c-replay: the keys (one per customer bench_1..bench_N) every request picks from.
+REPLAY_KEYS = 100
 # Notes that report a problem (kept from every repeat, not only the median run).
 PROBLEMS = ("LEDGER INCONSISTENT", "outbox rows", "errors other than 402", "pgbench exited")
 
@@ -120,6 +130,7 @@ class Config:
     only: tuple[str, ...]
     keep_db: bool
     json_path: Path | None
+    base_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,7 @@ class ClientSpec:
     seed: int
     port: int = 0
     token: str = ""
-    idempotency: bool = False
+    idempotency: str = ""  # "" | "fresh" (a new key per request) | "replay" (REPLAY_KEYS keys)
 
 
 # -- client processes -------------------------------------------------------------------------
@@ -203,7 +214,7 @@ def _psycopg_client(spec: ClientSpec, barrier: Callable[[], float]) -> Samples:
     from datetime import UTC, datetime
 
     def make_tx() -> Callable[[str], int]:
-        conn = psycopg.connect(libpq_url(spec.url))
+        conn = connect(libpq_url(spec.url))
 
         def tx(cid: str) -> int:
             now = datetime.now(UTC)
@@ -256,15 +267,21 @@ async def _http_main(spec: ClientSpec, barrier: Callable[[], float]) -> Samples:
         f"Authorization: Bearer {spec.token}\r\nContent-Type: application/json\r\n"
     ).encode()
 
+    replay = spec.idempotency == "replay"
+
     async def loop(index: int) -> None:
         rng = random.Random(spec.seed * 1000 + index)
         reader, writer = connections[index]
         while time.time() < deadline:
-            body = (
-                b'{"customer_id":"%s","credits":1}'
-                % customer_id(rng.randint(1, spec.customers)).encode()
+            number = rng.randint(1, min(spec.customers, REPLAY_KEYS) if replay else spec.customers)
+            body = b'{"customer_id":"%s","credits":1}' % customer_id(number).encode()
+            extra = (
+                f"Idempotency-Key: {uuid.uuid4().hex}\r\n".encode()
+                if spec.idempotency == "fresh"
+                else b"Idempotency-Key: replay-%d\r\n" % number
+                if replay
+                else b""
             )
-            extra = f"Idempotency-Key: {uuid.uuid4().hex}\r\n".encode() if spec.idempotency else b""
             request = head + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body
             began = time.perf_counter()
             try:
@@ -449,10 +466,11 @@ class ApiServer:
     """`uvicorn --factory api.app:create_app --workers N` on a free loopback port (the same
     server `outbox serve --workers N` runs, without its Celery nudge unless asked)."""
 
-    def __init__(self, url: str, workers: int, app: str) -> None:
+    def __init__(self, url: str, workers: int, app: str, cwd: Path = REPO) -> None:
         self.url = url
         self.workers = workers
         self.app = app
+        self.cwd = cwd
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -477,8 +495,8 @@ class ApiServer:
     def start(self) -> None:
         import httpx
 
-        env = dict(os.environ, DATABASE_URL=self.url)
-        self.proc = subprocess.Popen(self.command(), cwd=REPO, env=env)
+        env = dict(os.environ, DATABASE_URL=self.url, PYTHONPATH=str(self.cwd))
+        self.proc = subprocess.Popen(self.command(), cwd=self.cwd, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -509,12 +527,19 @@ def create_usage_token(url: str) -> str:
     from outbox.tokens import create_token
 
     engine = make_engine(url, poolclass=NullPool)
+    deadline = time.monotonic() + 60
     try:
-        with session_scope(engine) as session:
-            token, _ = create_token(session, "usage", "bench")
+        while True:
+            try:
+                with session_scope(engine) as session:
+                    token, _ = create_token(session, "usage", "bench")
+                return token
+            except Exception as exc:  # out of connections on a shared machine: wait
+                if "too many clients" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         engine.dispose()
-    return token
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -527,7 +552,8 @@ class Scenario:
     customers: int  # seeded; 1 = only the hot customer
     run: Callable[[Scenario], ScenarioResult]
     balance: int = HUGE_BALANCE
-    needs_server: bool = False
+    server: str = ""  # "" (none), "api", "bare" (bench/bare_app.py) or "base" (--base DIR)
+    replays: bool = False
 
 
 class Bench:
@@ -535,8 +561,9 @@ class Bench:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.server: ApiServer | None = None
+        self.servers: dict[str, ApiServer] = {}
         self._last: dict[str, ScenarioResult] = {}
+        self.runs: dict[str, list[ScenarioResult]] = {}
 
     def scenarios(self) -> list[Scenario]:
         cfg = self.cfg
@@ -564,23 +591,42 @@ class Bench:
                 )
             )
         http = f"{cfg.http_workers} uvicorn workers, {cfg.http_clients} in flight"
-        out += [
-            Scenario("c", f"POST /v1/usage, {http}", many, self._http(), needs_server=True),
+        out.append(
             Scenario(
-                "c-idem",
-                f"POST /v1/usage + Idempotency-Key, {http}",
+                "c-bare",
+                f"floor: same SQL, one async Starlette route + psycopg, {http}",
                 many,
-                self._http(idempotency=True),
-                needs_server=True,
-            ),
-            Scenario("d-http", f"ONE customer, {http}", 1, self._http(), needs_server=True),
+                self._http(),
+                server="bare",
+            )
+        )
+        servers = ["api", "base"] if cfg.base_dir is not None else ["api"]
+        for key, what, mode in (
+            ("c", "POST /v1/usage", ""),
+            ("c-idem", "POST /v1/usage + fresh Idempotency-Key", "fresh"),
+            ("c-replay", "POST /v1/usage, replayed Idempotency-Key", "replay"),
+        ):
+            for server in servers:
+                suffix = "-base" if server == "base" else ""
+                out.append(
+                    Scenario(
+                        key + suffix,
+                        f"{what}{' (--base)' if suffix else ''}, {http}",
+                        many,
+                        self._http(idempotency=mode),
+                        server=server,
+                        replays=mode == "replay",
+                    )
+                )
+        out += [
+            Scenario("d-http", f"ONE customer, {http}", 1, self._http(), server="api"),
             Scenario(
                 "d-http-402",
                 "ONE customer, balance runs out half-way",
                 1,
                 self._http(),
                 balance=0,  # sized from d-http's throughput, see run()
-                needs_server=True,
+                server="api",
             ),
         ]
         procs, threads = max(cfg.layouts)
@@ -619,9 +665,10 @@ class Bench:
 
         return run
 
-    def _http(self, *, idempotency: bool = False) -> Callable[[Scenario], ScenarioResult]:
+    def _http(self, *, idempotency: str = "") -> Callable[[Scenario], ScenarioResult]:
         def run(scenario: Scenario) -> ScenarioResult:
-            assert self.server is not None and self.server.proc is not None
+            server = self.servers[scenario.server]
+            assert server.proc is not None
             token = create_usage_token(self.cfg.url)
             gens = self.cfg.gen_procs
             per_gen = [
@@ -635,13 +682,13 @@ class Bench:
                 customers=scenario.customers,
                 run_seconds=self.cfg.warmup + self.cfg.seconds + TAIL_SECONDS,
                 seed=0,
-                port=self.server.port,
+                port=server.port,
                 token=token,
                 idempotency=idempotency,
             )
             specs = [replace(base, concurrency=n, seed=i + 1) for i, n in enumerate(per_gen) if n]
             return run_clients(
-                self.cfg, scenario.key, scenario.label, specs, server_pids=(self.server.proc.pid,)
+                self.cfg, scenario.key, scenario.label, specs, server_pids=(server.proc.pid,)
             )
 
         return run
@@ -653,19 +700,21 @@ class Bench:
         cfg = self.cfg
         scenarios = self.scenarios()
         runs: dict[str, list[ScenarioResult]] = {s.key: [] for s in scenarios}
+        self.runs = runs
         recreate_database(cfg.url)
         try:
             for round_number in range(cfg.repeat):
                 if cfg.repeat > 1:
                     print(f"round {round_number + 1} of {cfg.repeat}", file=sys.stderr)
                 for scenario in scenarios:
-                    if scenario.needs_server and self.server is None:
-                        self.server = ApiServer(cfg.url, cfg.http_workers, cfg.app)
-                        self.server.start()
+                    if scenario.server and scenario.server not in self.servers:
+                        server = self._make_server(scenario.server)
+                        self.servers[scenario.server] = server
+                        server.start()
                     runs[scenario.key].append(self._run_once(scenario))
         finally:
-            if self.server is not None:
-                self.server.stop()
+            for server in self.servers.values():
+                server.stop()
             if not cfg.keep_db:
                 drop_database(cfg.url)
         results = [self._median(runs[s.key]) for s in scenarios]
@@ -686,6 +735,28 @@ class Bench:
                         + " (the median is the table's)"
                     )
         return results
+
+    def _make_server(self, kind: str) -> ApiServer:
+        cfg = self.cfg
+        if kind == "bare":
+            return ApiServer(cfg.url, cfg.http_workers, "bench.bare_app:create_app")
+        if kind == "base":
+            assert cfg.base_dir is not None
+            return ApiServer(cfg.url, cfg.http_workers, cfg.app, cwd=cfg.base_dir)
+        return ApiServer(cfg.url, cfg.http_workers, cfg.app)
+
+    def round_ratio(self, key: str, base: str) -> tuple[float, list[float]] | None:
+        """The median over rounds of key's throughput / base's throughput in the same round,
+        and every round's ratio (None if either row was not run)."""
+        mine, theirs = self.runs.get(key), self.runs.get(base)
+        if not mine or not theirs:
+            return None
+        ratios = [
+            m.throughput / t.throughput for m, t in zip(mine, theirs, strict=True) if t.throughput
+        ]
+        if not ratios:
+            return None
+        return sorted(ratios)[len(ratios) // 2], ratios
 
     @staticmethod
     def _median(runs: list[ScenarioResult]) -> ScenarioResult:
@@ -729,7 +800,11 @@ class Bench:
         assert ledger is not None
         if not ledger.consistent:
             result.notes.append(f"LEDGER INCONSISTENT: {ledger}")
-        if ledger.events != result.total_ok:
+        replays = any(s.key == result.key and s.replays for s in self.scenarios())
+        if replays:
+            if ledger.events > REPLAY_KEYS:
+                result.notes.append(f"outbox rows {ledger.events} > {REPLAY_KEYS} keys replayed")
+        elif ledger.events != result.total_ok:
             result.notes.append(
                 f"outbox rows {ledger.events} != successful usages seen {result.total_ok}"
             )
@@ -936,6 +1011,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database")
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     parser.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="another checkout (e.g. `git archive <commit> | tar -x -C DIR`): adds c-base,"
+        " c-idem-base and c-replay-base, served from it, next to c, c-idem and c-replay",
+    )
+    parser.add_argument(
         "--trace",
         action="store_true",
         help="print the round trips of one usage (libpq trace) and exit",
@@ -961,6 +1043,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         only=tuple(s.strip() for s in args.only.split(",") if s.strip()),
         keep_db=args.keep_db,
         json_path=args.json,
+        base_dir=args.base.resolve() if args.base else None,
     )
     return cfg, args
 
@@ -976,7 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
                 drop_database(cfg.url)
         return 0
     facts = machine_facts(cfg.url)
-    results = Bench(cfg).run()
+    bench = Bench(cfg)
+    results = bench.run()
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     print_report(
         results,
@@ -985,18 +1069,36 @@ def main(argv: list[str] | None = None) -> int:
         command=command,
         cpu_line=f"window {cfg.seconds:g} s after {cfg.warmup:g} s warm-up; CPU in cores"
         " (CPU-seconds per second) during the window",
-        goals=goal_lines(results),
+        goals=goal_lines(results, bench),
         json_path=cfg.json_path,
     )
     failed = any(r.failed or (r.ledger is not None and not r.ledger.consistent) for r in results)
     return 1 if failed else 0
 
 
-def goal_lines(results: list[ScenarioResult]) -> list[str]:
-    """Issue #3's goals, each marked met or missed."""
+def goal_lines(results: list[ScenarioResult], bench: Bench | None = None) -> list[str]:
+    """Issue #3's and #13's goals, each marked met or missed (ratios: the median over rounds
+    of the ratio within a round)."""
     by_key = {r.key: r for r in results}
     base = by_key.get("a")
     lines = []
+    if bench is not None:
+        for key, other, goal, what in (
+            ("c", "c-bare", 0.8, "goal (c) >= 80% of the floor (c-bare)"),
+            ("c-idem", "c", 0.8, "goal (c-idem) >= 80% of (c)"),
+            ("c-replay", "c", 1.0, "goal (c-replay) >= (c)"),
+            ("c", "c-base", 0.0, "A/B: c vs c-base (--base)"),
+            ("c-idem", "c-idem-base", 0.0, "A/B: c-idem vs c-idem-base (--base)"),
+            ("c-replay", "c-replay-base", 0.0, "A/B: c-replay vs c-replay-base (--base)"),
+        ):
+            found = bench.round_ratio(key, other)
+            if found is None:
+                continue
+            ratio, each = found
+            verdict = "" if not goal else " -> met" if ratio >= goal else " -> MISSED"
+            lines.append(
+                f"{what}: {ratio:.0%} (rounds: {', '.join(f'{r:.0%}' for r in each)}){verdict}"
+            )
     if base is not None and base.throughput:
         bs = [r for r in results if r.key.startswith("b-")]
         if bs:

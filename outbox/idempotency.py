@@ -20,7 +20,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from outbox.errors import IdempotencyConflict, OutboxError
+from outbox.ledger import UsageResult, record_usage, refusal, spend_with_http_key
 from outbox.models import IdempotencyRecord, utcnow
+from outbox.settings import Settings
+from outbox.validation import Metadata
 
 
 @dataclass(frozen=True)
@@ -37,18 +40,126 @@ def request_fingerprint(method: str, path: str, body: Any) -> str:
     return hashlib.sha256(f"{method} {path}\n{canonical}".encode()).hexdigest()
 
 
-def _claim_key(session: Session, token_id: int, key: str, fingerprint: str) -> int | None:
-    dialect_insert = (
-        postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    )
+def _is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _claim_key(
+    session: Session,
+    token_id: int,
+    key: str,
+    fingerprint: str,
+    response: StoredResponse | None = None,
+) -> int | None:
+    """Insert the key's record (with its response if already known); None if the key is
+    taken (after waiting for a concurrent claimer to commit or roll back)."""
+    dialect_insert = postgresql.insert if _is_postgresql(session) else sqlite.insert
+    values: dict[str, Any] = {
+        "token_id": token_id,
+        "key": key,
+        "request_hash": fingerprint,
+        "created_at": utcnow(),
+    }
+    if response is not None:
+        values |= {"status_code": response.status_code, "response_body": response.body}
     stmt = (
         dialect_insert(IdempotencyRecord)
-        .values(token_id=token_id, key=key, request_hash=fingerprint, created_at=utcnow())
+        .values(**values)
         .on_conflict_do_nothing(index_elements=["token_id", "key"])
         .returning(IdempotencyRecord.id)
     )
     record_id = session.execute(stmt).scalar_one_or_none()
     return None if record_id is None else int(record_id)
+
+
+def _replay(
+    first: tuple[str, int | None, dict[str, Any] | None], key: str, fingerprint: str
+) -> StoredResponse:
+    """The first response to this key, or `IdempotencyConflict` if it was for another body."""
+    request_hash, status_code, body = first
+    if request_hash != fingerprint:
+        raise IdempotencyConflict(idempotency_key=key)
+    assert status_code is not None and body is not None
+    return StoredResponse(status_code, body)
+
+
+def _stored(session: Session, token_id: int, key: str, fingerprint: str) -> StoredResponse:
+    record = session.execute(
+        select(IdempotencyRecord).where(
+            IdempotencyRecord.token_id == token_id, IdempotencyRecord.key == key
+        )
+    ).scalar_one()
+    return _replay(
+        (record.request_hash, record.status_code, record.response_body), key, fingerprint
+    )
+
+
+def _usage_body(result: UsageResult) -> dict[str, Any]:
+    return {
+        "event_id": result.event_id,
+        "external_id": result.external_id,
+        "balance": result.balance,
+    }
+
+
+def run_idempotent_usage(
+    session: Session,
+    *,
+    token_id: int,
+    key: str | None,
+    fingerprint: str,
+    customer_id: str,
+    credits: int,
+    metadata: Metadata | None,
+    settings: Settings,
+    error_response: Callable[[OutboxError], StoredResponse],
+) -> StoredResponse:
+    """POST /v1/usage: `record_usage` once per (token, key), as `run_idempotent` does, in the
+    request's own session (it may roll that session back: HTTP path only).
+
+    On PostgreSQL a keyed usage is ONE statement and no savepoint (`spend_with_http_key`):
+    the lookup of the key, the spend and the key's record with its 201 response. A replay is
+    that one statement too (it spends nothing). A refusal (402, 404) spends nothing and is
+    stored as the key's response by a second statement. When a concurrent request with the
+    same key commits first, this one's spend is rolled back and the winner's response replayed.
+    """
+    if key is None or not _is_postgresql(session):
+
+        def action() -> StoredResponse:
+            result = record_usage(session, customer_id, credits, metadata, settings=settings)
+            return StoredResponse(201, _usage_body(result))
+
+        return run_idempotent(
+            session,
+            token_id=token_id,
+            key=key,
+            fingerprint=fingerprint,
+            action=action,
+            error_response=error_response,
+        )
+    outcome = spend_with_http_key(
+        session,
+        customer_id,
+        credits,
+        metadata,
+        token_id=token_id,
+        key=key,
+        request_hash=fingerprint,
+        settings=settings,
+    )
+    if outcome.claimed:
+        assert outcome.result is not None
+        return StoredResponse(201, _usage_body(outcome.result))
+    if outcome.first is not None:
+        return _replay(outcome.first, key, fingerprint)
+    if outcome.result is not None:
+        # A concurrent request with this key committed its record while this one spent.
+        session.rollback()
+        return _stored(session, token_id, key, fingerprint)
+    response = error_response(refusal(session, customer_id, credits))
+    if _claim_key(session, token_id, key, fingerprint, response) is None:
+        return _stored(session, token_id, key, fingerprint)
+    return response
 
 
 def run_idempotent(
@@ -69,15 +180,7 @@ def run_idempotent(
         return action()
     record_id = _claim_key(session, token_id, key, fingerprint)
     if record_id is None:
-        record = session.execute(
-            select(IdempotencyRecord).where(
-                IdempotencyRecord.token_id == token_id, IdempotencyRecord.key == key
-            )
-        ).scalar_one()
-        if record.request_hash != fingerprint:
-            raise IdempotencyConflict(idempotency_key=key)
-        assert record.status_code is not None and record.response_body is not None
-        return StoredResponse(record.status_code, record.response_body)
+        return _stored(session, token_id, key, fingerprint)
     try:
         with session.begin_nested():
             response = action()

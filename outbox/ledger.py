@@ -155,6 +155,135 @@ def build_spend_statement(deduct: Any) -> Any:
 
 
 _SPEND = build_spend_statement(_DEDUCT)
+_idempotency_records = Base.metadata.tables["idempotency_records"]
+
+
+def build_keyed_spend_statement() -> Any:
+    """PostgreSQL, POST /v1/usage with an `Idempotency-Key`: the spend of `_SPEND` and the
+    key's record in ONE statement, no savepoint. The record is looked up first (`existing`):
+    if the key was used (committed), nothing is deducted and the statement returns the first
+    response. Otherwise the spend runs and the record is INSERTed with its 201 response,
+    `ON CONFLICT DO NOTHING`: a concurrent request with the same key makes this insert wait
+    for it, and if it commits first `claim` is empty (the caller then rolls back its spend and
+    replays the winner's record: `outbox.idempotency.run_idempotent_usage`). Parameters: as
+    `_SPEND`, plus p_token_id, p_key and p_request_hash. One row, every column nullable:
+    balance and event_id (spent), claim_id (recorded), request_hash, status_code and
+    response_body (the key's earlier record)."""
+    r = _idempotency_records.c
+
+    def param(name: str, column: Any) -> Any:
+        return bindparam(name, type_=column.type)
+
+    existing = (
+        select(r.request_hash, r.status_code, r.response_body)
+        .where(r.token_id == param("p_token_id", r.token_id), r.key == param("p_key", r.key))
+        .cte("existing")
+    )
+    deduct = build_deduct_statement().where(~exists(select(literal(1)).select_from(existing)))
+    spend = build_spend_statement(deduct)
+    # The CTEs of the spend, reused: deducted, event (and entry, joined in `spend`).
+    spent = spend.subquery("spent")
+    response = func.jsonb_build_object(
+        "event_id",
+        spent.c.id,
+        "external_id",
+        param("p_external_id", _outbox_events.c.external_id),
+        "balance",
+        spent.c.balance,
+    )
+    claim = (
+        postgresql.insert(_idempotency_records)
+        .from_select(
+            ["token_id", "key", "request_hash", "status_code", "response_body", "created_at"],
+            select(
+                param("p_token_id", r.token_id),
+                param("p_key", r.key),
+                param("p_request_hash", r.request_hash),
+                literal(201, r.status_code.type),
+                response,
+                param("p_now", r.created_at),
+            ).select_from(spent),
+        )
+        .on_conflict_do_nothing(index_elements=["token_id", "key"])
+        .returning(r.id)
+        .cte("claim")
+    )
+    one = select(literal(1).label("one")).subquery("one")
+    return select(
+        spent.c.balance,
+        spent.c.id.label("event_id"),
+        claim.c.id.label("claim_id"),
+        existing.c.request_hash,
+        existing.c.status_code,
+        existing.c.response_body,
+    ).select_from(one.outerjoin(spent, true()).outerjoin(claim, true()).outerjoin(existing, true()))
+
+
+_KEYED_SPEND = build_keyed_spend_statement()
+
+
+@dataclass(frozen=True)
+class KeyedSpend:
+    """What `spend_with_http_key` did: `result` if it spent; `claimed` if the key's record was
+    written with it (201 recorded); `first` (request hash, status, body) if the key was used
+    before. Spent but not claimed: a concurrent request with the key committed first."""
+
+    result: UsageResult | None
+    claimed: bool
+    first: tuple[str, int, dict[str, Any]] | None
+
+
+def spend_with_http_key(
+    session: Session,
+    customer_id: str,
+    credits: int,
+    metadata: Metadata | None,
+    *,
+    token_id: int,
+    key: str,
+    request_hash: str,
+    settings: Settings,
+) -> KeyedSpend:
+    """PostgreSQL only: the spend and its HTTP idempotency record in one statement
+    (`build_keyed_spend_statement`); the caller (`outbox.idempotency.run_idempotent_usage`)
+    decides what each outcome answers."""
+    spend = _Spend(
+        check_customer_id(customer_id),
+        check_credits(credits),
+        check_metadata(metadata, credits_field=settings.usage_credits_field),
+        None,
+        utcnow(),
+        settings,
+    )
+    external_id = new_external_id()
+    row = session.execute(
+        _KEYED_SPEND,
+        {
+            "p_customer_id": spend.customer_id,
+            "p_credits": spend.credits,
+            "p_now": spend.now,
+            "p_external_id": external_id,
+            "p_name": settings.usage_event_name,
+            "p_metadata": spend.metadata,
+            "p_idempotency_key": None,
+            "p_token_id": token_id,
+            "p_key": key,
+            "p_request_hash": request_hash,
+        },
+    ).one()
+    result = (
+        None
+        if row.event_id is None
+        else UsageResult(
+            event_id=int(row.event_id), external_id=external_id, balance=int(row.balance)
+        )
+    )
+    first = (
+        None
+        if row.request_hash is None
+        else (row.request_hash, int(row.status_code), dict(row.response_body))
+    )
+    return KeyedSpend(result=result, claimed=row.claim_id is not None, first=first)
 
 
 def _deduct_if_covered(session: Session, customer_id: str, credits: int, now: datetime) -> int:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, UsageToken, after_commit
+from api.deps import UsageToken, after_commit, in_transaction
 from api.errors import response_for
 from api.schemas import ERROR_RESPONSES, ErrorOut, UsageIn, UsageOut
-from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
-from outbox.ledger import record_usage
+from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent_usage
 from outbox.validation import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     NO_CONTROL_PATTERN,
@@ -49,10 +48,9 @@ IdempotencyKey = Annotated[
         409: {"model": ErrorOut, "description": "idempotency_key_reused"},
     },
 )
-def post_usage(
+async def post_usage(
     body: UsageIn,
     request: Request,
-    session: SessionDep,
     token: UsageToken,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
@@ -62,21 +60,26 @@ def post_usage(
     check_customer_id(body.customer_id)
     metadata = check_metadata(body.metadata, credits_field=settings.usage_credits_field)
     key = check_idempotency_key(idempotency_key)
+    fingerprint = ""
+    if key is not None:
+        fingerprint = request_fingerprint("POST", "/v1/usage", body.model_dump(mode="json"))
 
-    def action() -> StoredResponse:
-        result = record_usage(session, body.customer_id, body.credits, metadata, settings=settings)
-        out = asdict(result)
-        out.pop("replayed")
-        return StoredResponse(201, out)
+    def work(session: Session) -> StoredResponse:
+        response = run_idempotent_usage(
+            session,
+            token_id=token.id,
+            key=key,
+            fingerprint=fingerprint,
+            customer_id=body.customer_id,
+            credits=body.credits,
+            metadata=metadata,
+            settings=settings,
+            error_response=response_for,
+        )
+        if response.status_code == 201:
+            after_commit(session, request.app.state.nudge)
+        return response
 
-    response = run_idempotent(
-        session,
-        token_id=token.id,
-        key=key,
-        fingerprint=request_fingerprint("POST", "/v1/usage", body.model_dump(mode="json")),
-        action=action,
-        error_response=response_for,
-    )
-    if response.status_code == 201:
-        after_commit(session, request.app.state.nudge)
+    # One transaction, committed before the response is built (201 means recorded).
+    response = await in_transaction(request, work)
     return JSONResponse(response.body, status_code=response.status_code)
