@@ -31,9 +31,10 @@ from outbox.ledger import record_usage
 from outbox.models import OutboxEvent, utcnow
 from outbox.polar import PolarGateway
 from outbox.ratelimit import LocalRateBudget, RedisRateBudget
-from outbox.settings import Settings, load_settings
+from outbox.settings import Settings
 from outbox.states import EventStatus
 from tests.factories import make_customer
+from tests.outbox.test_delivery import make_settings
 
 
 @pytest.fixture
@@ -41,22 +42,6 @@ def emulator() -> Iterator[polar_emulator.RunningEmulator]:
     running = polar_emulator.serve_in_thread(config=polar_emulator.EmulatorConfig(seed=5))
     yield running
     running.stop()
-
-
-def settings_for(
-    pg_url: str, emulator: polar_emulator.RunningEmulator, **extra: object
-) -> Settings:
-    values: dict[str, object] = {
-        "database_url": pg_url,
-        "polar_access_token": emulator.token,
-        "polar_base_url": emulator.url,
-        "outbox_clock_margin_seconds": 0,
-        "outbox_backoff_base_seconds": 0.02,
-        "outbox_backoff_cap_seconds": 0.2,
-        "polar_timeout_seconds": 5,
-    }
-    values.update(extra)
-    return load_settings(**values)
 
 
 def deliverer(
@@ -99,7 +84,7 @@ def test_a_429_holds_every_worker_back_for_its_retry_after_and_costs_no_attempt(
     its rows wait at least 60 s and keep their attempts at 0; a second worker (its own
     budget object on the same Redis namespace) sends nothing to Polar during the pause."""
     emulator.configure(rate_limit_per_minute=1, window_seconds=60.0, retry_after_mode="polar")
-    settings = settings_for(pg_url, emulator, outbox_batch_size=1)
+    settings = make_settings(pg_url, emulator, outbox_batch_size=1)
     namespace = f"test:{uuid.uuid4().hex}"
 
     def shared() -> RedisRateBudget:
@@ -197,7 +182,7 @@ def test_no_request_carries_more_than_outbox_batch_size_events(
     clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
 ) -> None:
     seed(clean_tables, 23)
-    settings = settings_for(pg_url, emulator, outbox_batch_size=7)
+    settings = make_settings(pg_url, emulator, outbox_batch_size=7)
     report = drain(deliverer(clean_tables, settings), max_seconds=30)
     assert report.delivered == 23
     assert emulator.state.stats.accepted_batch_sizes == [7, 7, 7, 2]
@@ -257,7 +242,7 @@ def test_a_full_batch_makes_reconcile_wait_for_a_slot_delivery_leaves_unused(
     """10 requests per 4 s (a slot every ~0.5 s). Delivery sends a full batch: when its next
     slot is due, reconcile (low priority) does not get it, it waits for one delivery leaves
     unused. After a batch that was not full, the due slot is reconcile's."""
-    settings = settings_for(pg_url, emulator, outbox_batch_size=3, polar_rate_window_seconds=4)
+    settings = make_settings(pg_url, emulator, outbox_batch_size=3, polar_rate_window_seconds=4)
 
     def attempt(rows: int) -> float | None:
         namespace = f"test:{uuid.uuid4().hex}"
