@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.asyncdb import AsyncDatabase
 from api.deps import TokenCache
 from api.errors import error_body, install_error_handlers
 from api.middleware import HeaderLimit
@@ -92,10 +93,12 @@ def create_app(
     token_cache = TokenCache()
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Token lookups are cached only while this process hears every revocation.
         if engine.dialect.name == "postgresql":
             token_cache.watcher = RevocationWatcher(engine, token_cache.forget).start()
+            # POST /v1/usage runs on async connections of this event loop (api.asyncdb).
+            app.state.async_database = AsyncDatabase(settings)
         # Everything built so far (modules, the app, its models) lives as long as the process:
         # keep it out of the cyclic collector's full passes, which otherwise walk it again and
         # again under load (docs/benchmarks.md, issue 13).
@@ -104,6 +107,9 @@ def create_app(
             yield
         finally:
             gc.unfreeze()  # collectable again (tests start and stop many apps in one process)
+            database, app.state.async_database = app.state.async_database, None
+            if database is not None:
+                await database.close()
             if token_cache.watcher is not None:
                 token_cache.watcher.stop()
                 token_cache.watcher = None
@@ -121,6 +127,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = session_factory(engine)
+    app.state.async_database = None  # set by the lifespan (PostgreSQL)
     app.state.token_cache = token_cache
     app.state.schema_cache = SchemaCache()
     app.state.nudge = nudge or _no_nudge

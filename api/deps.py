@@ -145,6 +145,27 @@ def _unauthorized(detail: str) -> HTTPException:
     )
 
 
+def bearer_token(header: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header's value, None if malformed."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > 200:
+        return None
+    return token
+
+
+def cached_token(request: Request, scope: TokenScope) -> TokenInfo | None:
+    """The request's token if it is cached and allows `scope`, else None (no database, no
+    thread): the hot route's check (`api.routes.usage`); anything else goes the way of
+    `RequireScope`, which answers 401 or 403."""
+    header = request.headers.get("authorization")
+    token = None if header is None else bearer_token(header)
+    if token is None:
+        return None
+    info = request.app.state.token_cache.cached(token)
+    return info if info is not None and info.allows(scope) else None
+
+
 async def current_token(request: Request) -> TokenInfo:
     """The caller's token from `Authorization: Bearer <token>`; 401 if missing or unknown.
     A cache hit costs no thread and no query; a miss asks the database on a connection of its
@@ -152,9 +173,8 @@ async def current_token(request: Request) -> TokenInfo:
     header = request.headers.get("authorization")
     if not header:
         raise _unauthorized("missing Authorization header: use 'Authorization: Bearer <token>'")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > 200:
+    token = bearer_token(header)
+    if token is None:
         raise _unauthorized("malformed Authorization header: use 'Authorization: Bearer <token>'")
     cache: TokenCache = request.app.state.token_cache
     info = cache.cached(token)

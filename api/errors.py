@@ -91,17 +91,15 @@ def _auth_refusal(request: Request) -> JSONResponse | None:
     without the route's scope, else None: what the auth dependency would have answered."""
     from sqlalchemy.orm import Session
 
-    from api.deps import forbidden_body, required_scope
+    from api.deps import bearer_token, forbidden_body, required_scope
 
     scope = required_scope(request.scope.get("route"))
     if scope is None:
         return None
 
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
+    token = bearer_token(request.headers.get("authorization", ""))
     info = None
-    if scheme.lower() == "bearer" and token and len(token) <= 200:
+    if token is not None:
         with Session(request.app.state.engine) as session:
             info = request.app.state.token_cache.lookup(session, token)
     if info is not None:

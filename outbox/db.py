@@ -77,16 +77,22 @@ def make_request_engine(settings: Settings, **kwargs: Any) -> Engine:
     url = settings.database_url
     if url.startswith("sqlite"):
         return get_engine(url)  # `outbox dev`: one process, one engine (busy_timeout bounds it)
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    options = request_session_options(settings)
+    connect_args["options"] = f"{connect_args.get('options', '')} {options}".strip()
+    kwargs.setdefault("pool_timeout", settings.outbox_api_pool_timeout_seconds)
+    return make_engine(url, connect_args=connect_args, **kwargs)
+
+
+def request_session_options(settings: Settings) -> str:
+    """libpq `options` bounding every wait of an API connection (`make_request_engine`, and
+    the async connections of POST /v1/usage: `api.asyncdb`)."""
     statement = _milliseconds(settings.outbox_api_statement_timeout_seconds)
-    options = (
+    return (
         f"-c lock_timeout={_milliseconds(settings.outbox_api_lock_timeout_seconds)}"
         f" -c statement_timeout={statement}"
         f" -c idle_in_transaction_session_timeout={statement}"
     )
-    connect_args = dict(kwargs.pop("connect_args", {}))
-    connect_args["options"] = f"{connect_args.get('options', '')} {options}".strip()
-    kwargs.setdefault("pool_timeout", settings.outbox_api_pool_timeout_seconds)
-    return make_engine(url, connect_args=connect_args, **kwargs)
 
 
 def get_engine(url: str | None = None) -> Engine:

@@ -15,14 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from outbox.errors import IdempotencyConflict, OutboxError
-from outbox.ledger import UsageResult, record_usage, refusal, spend_with_http_key
-from outbox.models import IdempotencyRecord, utcnow
+from outbox.ledger import UsageResult, keyed_spend_steps, record_usage, refusal_steps, usage_steps
+from outbox.models import Base, IdempotencyRecord, utcnow
 from outbox.settings import Settings
+from outbox.steps import ROLLBACK, Query, Steps, run_steps
 from outbox.validation import Metadata
 
 
@@ -84,14 +85,7 @@ def _replay(
 
 
 def _stored(session: Session, token_id: int, key: str, fingerprint: str) -> StoredResponse:
-    record = session.execute(
-        select(IdempotencyRecord).where(
-            IdempotencyRecord.token_id == token_id, IdempotencyRecord.key == key
-        )
-    ).scalar_one()
-    return _replay(
-        (record.request_hash, record.status_code, record.response_body), key, fingerprint
-    )
+    return run_steps(session, _stored_steps(token_id, key, fingerprint))
 
 
 def _usage_body(result: UsageResult) -> dict[str, Any]:
@@ -100,6 +94,9 @@ def _usage_body(result: UsageResult) -> dict[str, Any]:
         "external_id": result.external_id,
         "balance": result.balance,
     }
+
+
+ErrorResponse = Callable[[OutboxError], StoredResponse]
 
 
 def run_idempotent_usage(
@@ -112,33 +109,61 @@ def run_idempotent_usage(
     credits: int,
     metadata: Metadata | None,
     settings: Settings,
-    error_response: Callable[[OutboxError], StoredResponse],
+    error_response: ErrorResponse,
 ) -> StoredResponse:
     """POST /v1/usage: `record_usage` once per (token, key), as `run_idempotent` does, in the
-    request's own session (it may roll that session back: HTTP path only).
-
-    On PostgreSQL a keyed usage is ONE statement and no savepoint (`spend_with_http_key`):
-    the lookup of the key, the spend and the key's record with its 201 response. A replay is
-    that one statement too (it spends nothing). A refusal (402, 404) spends nothing and is
-    stored as the key's response by a second statement. When a concurrent request with the
-    same key commits first, this one's spend is rolled back and the winner's response replayed.
-    """
-    if key is None or not _is_postgresql(session):
-
-        def action() -> StoredResponse:
-            result = record_usage(session, customer_id, credits, metadata, settings=settings)
-            return StoredResponse(201, _usage_body(result))
-
-        return run_idempotent(
-            session,
+    request's own session (it may roll that session back: HTTP path only). On PostgreSQL, the
+    steps of `http_usage_steps` (what the API runs on its async connection), driven here on
+    the session; on SQLite, `run_idempotent` with a savepoint."""
+    if _is_postgresql(session):
+        steps = http_usage_steps(
             token_id=token_id,
             key=key,
             fingerprint=fingerprint,
-            action=action,
+            customer_id=customer_id,
+            credits=credits,
+            metadata=metadata,
+            settings=settings,
             error_response=error_response,
         )
-    outcome = spend_with_http_key(
+        return run_steps(session, steps)
+
+    def action() -> StoredResponse:
+        result = record_usage(session, customer_id, credits, metadata, settings=settings)
+        return StoredResponse(201, _usage_body(result))
+
+    return run_idempotent(
         session,
+        token_id=token_id,
+        key=key,
+        fingerprint=fingerprint,
+        action=action,
+        error_response=error_response,
+    )
+
+
+def http_usage_steps(
+    *,
+    token_id: int,
+    key: str | None,
+    fingerprint: str,
+    customer_id: str,
+    credits: int,
+    metadata: Metadata | None,
+    settings: Settings,
+    error_response: ErrorResponse,
+) -> Steps[StoredResponse]:
+    """PostgreSQL, POST /v1/usage as steps (`outbox.steps`). Without a key: the one-statement
+    spend (a refusal raises, as `record_usage` does). With a key: ONE statement and no
+    savepoint (`keyed_spend_steps`): the lookup of the key, the spend and the key's record
+    with its 201 response; a replay is that one statement too (it spends nothing). A refusal
+    (402, 404) spends nothing and is stored as the key's response by a second statement. When a
+    concurrent request with the same key commits first, this one's spend is rolled back and
+    the winner's response replayed."""
+    if key is None:
+        result = yield from usage_steps(customer_id, credits, metadata, settings=settings)
+        return StoredResponse(201, _usage_body(result))
+    outcome = yield from keyed_spend_steps(
         customer_id,
         credits,
         metadata,
@@ -154,12 +179,55 @@ def run_idempotent_usage(
         return _replay(outcome.first, key, fingerprint)
     if outcome.result is not None:
         # A concurrent request with this key committed its record while this one spent.
-        session.rollback()
-        return _stored(session, token_id, key, fingerprint)
-    response = error_response(refusal(session, customer_id, credits))
-    if _claim_key(session, token_id, key, fingerprint, response) is None:
-        return _stored(session, token_id, key, fingerprint)
+        yield ROLLBACK
+        return (yield from _stored_steps(token_id, key, fingerprint))
+    response = error_response((yield from refusal_steps(customer_id, credits)))
+    claimed = yield Query(
+        _CLAIM_WITH_RESPONSE,
+        {
+            "p_token_id": token_id,
+            "p_key": key,
+            "p_request_hash": fingerprint,
+            "p_status_code": response.status_code,
+            "p_response_body": response.body,
+            "p_created_at": utcnow(),
+        },
+    )
+    if claimed is None:
+        return (yield from _stored_steps(token_id, key, fingerprint))
     return response
+
+
+_records = Base.metadata.tables["idempotency_records"]
+# PostgreSQL: a refusal's record, with its response (http_usage_steps).
+_CLAIM_WITH_RESPONSE = (
+    postgresql.insert(_records)
+    .values(
+        {
+            name: bindparam(f"p_{name}", type_=_records.c[name].type)
+            for name in (
+                "token_id",
+                "key",
+                "request_hash",
+                "status_code",
+                "response_body",
+                "created_at",
+            )
+        }
+    )
+    .on_conflict_do_nothing(index_elements=["token_id", "key"])
+    .returning(_records.c.id)
+)
+_STORED = select(_records.c.request_hash, _records.c.status_code, _records.c.response_body).where(
+    _records.c.token_id == bindparam("p_token_id"), _records.c.key == bindparam("p_key")
+)
+
+
+def _stored_steps(token_id: int, key: str, fingerprint: str) -> Steps[StoredResponse]:
+    """The key's committed record, replayed (`_replay`)."""
+    row = yield Query(_STORED, {"p_token_id": token_id, "p_key": key})
+    assert row is not None, "the key's record was committed by another request"
+    return _replay((row.request_hash, row.status_code, row.response_body), key, fingerprint)
 
 
 def run_idempotent(
@@ -169,7 +237,7 @@ def run_idempotent(
     key: str | None,
     fingerprint: str,
     action: Callable[[], StoredResponse],
-    error_response: Callable[[OutboxError], StoredResponse],
+    error_response: ErrorResponse,
 ) -> StoredResponse:
     """Run `action` once per (token, key); repeats get the stored first response.
 

@@ -21,6 +21,7 @@ from outbox.errors import CustomerNotFound, IdempotencyConflict, InsufficientCre
 from outbox.models import Base, Customer, LedgerEntry, OutboxEvent, utcnow
 from outbox.settings import Settings, get_settings
 from outbox.states import EventStatus, LedgerKind
+from outbox.steps import Query, Steps, run_steps
 from outbox.validation import (
     MAX_GRANT_CREDITS,
     MAX_REASON_LENGTH,
@@ -224,7 +225,7 @@ _KEYED_SPEND = build_keyed_spend_statement()
 
 @dataclass(frozen=True)
 class KeyedSpend:
-    """What `spend_with_http_key` did: `result` if it spent; `claimed` if the key's record was
+    """What `keyed_spend_steps` did: `result` if it spent; `claimed` if the key's record was
     written with it (201 recorded); `first` (request hash, status, body) if the key was used
     before. Spent but not claimed: a concurrent request with the key committed first."""
 
@@ -233,8 +234,7 @@ class KeyedSpend:
     first: tuple[str, int, dict[str, Any]] | None
 
 
-def spend_with_http_key(
-    session: Session,
+def keyed_spend_steps(
     customer_id: str,
     credits: int,
     metadata: Metadata | None,
@@ -243,10 +243,10 @@ def spend_with_http_key(
     key: str,
     request_hash: str,
     settings: Settings,
-) -> KeyedSpend:
+) -> Steps[KeyedSpend]:
     """PostgreSQL only: the spend and its HTTP idempotency record in one statement
-    (`build_keyed_spend_statement`); the caller (`outbox.idempotency.run_idempotent_usage`)
-    decides what each outcome answers."""
+    (`build_keyed_spend_statement`), as steps (`outbox.steps`); the caller
+    (`outbox.idempotency.keyed_usage_steps`) decides what each outcome answers."""
     spend = _Spend(
         check_customer_id(customer_id),
         check_credits(credits),
@@ -256,7 +256,7 @@ def spend_with_http_key(
         settings,
     )
     external_id = new_external_id()
-    row = session.execute(
+    row = yield Query(
         _KEYED_SPEND,
         {
             "p_customer_id": spend.customer_id,
@@ -270,7 +270,8 @@ def spend_with_http_key(
             "p_key": key,
             "p_request_hash": request_hash,
         },
-    ).one()
+    )
+    assert row is not None  # the statement always returns its one row
     result = (
         None
         if row.event_id is None
@@ -297,11 +298,20 @@ def _deduct_if_covered(session: Session, customer_id: str, credits: int, now: da
     raise refusal(session, customer_id, credits)
 
 
+_CUSTOMER_EXISTS = select(exists().where(_customers.c.id == bindparam("p_customer_id")))
+
+
 def refusal(
     session: Session, customer_id: str, credits: int
 ) -> InsufficientCredits | CustomerNotFound:
     """Why a conditional deduction matched no row: the customer lacks credits, or is unknown."""
-    if session.scalar(select(exists().where(Customer.id == customer_id))):
+    return run_steps(session, refusal_steps(customer_id, credits))
+
+
+def refusal_steps(customer_id: str, credits: int) -> Steps[InsufficientCredits | CustomerNotFound]:
+    """`refusal`, as steps (`outbox.steps`)."""
+    row = yield Query(_CUSTOMER_EXISTS, {"p_customer_id": customer_id})
+    if row is not None and row[0]:
         return InsufficientCredits(customer_id=customer_id, credits=credits)
     return CustomerNotFound(customer_id=customer_id)
 
@@ -448,7 +458,7 @@ def record_usage(
 
     spend = _Spend(customer_id, credits, clean_metadata, idempotency_key, now, settings)
     if _is_postgresql(session):
-        return _spend_in_one_statement(session, spend)
+        return run_steps(session, _spend_steps(spend))
     return _spend_in_three_statements(session, spend)
 
 
@@ -464,10 +474,26 @@ class _Spend:
     settings: Settings
 
 
-def _spend_in_one_statement(session: Session, spend: _Spend) -> UsageResult:
+def usage_steps(
+    customer_id: str, credits: int, metadata: Metadata | None, *, settings: Settings
+) -> Steps[UsageResult]:
+    """PostgreSQL: `record_usage` without an idempotency key, as steps (`outbox.steps`): what
+    POST /v1/usage runs on the API's async connection. Raises what `record_usage` raises."""
+    spend = _Spend(
+        check_customer_id(customer_id),
+        check_credits(credits),
+        check_metadata(metadata, credits_field=settings.usage_credits_field),
+        None,
+        utcnow(),
+        settings,
+    )
+    return (yield from _spend_steps(spend))
+
+
+def _spend_steps(spend: _Spend) -> Steps[UsageResult]:
     """PostgreSQL: deduction, outbox row and ledger entry in one round trip (`_SPEND`)."""
     external_id = new_external_id()
-    row = session.execute(
+    row = yield Query(
         _SPEND,
         {
             "p_customer_id": spend.customer_id,
@@ -478,9 +504,9 @@ def _spend_in_one_statement(session: Session, spend: _Spend) -> UsageResult:
             "p_metadata": spend.metadata,
             "p_idempotency_key": spend.idempotency_key,
         },
-    ).one_or_none()
+    )
     if row is None:
-        raise refusal(session, spend.customer_id, spend.credits)
+        raise (yield from refusal_steps(spend.customer_id, spend.credits))
     balance, event_id = row
     return UsageResult(event_id=int(event_id), external_id=external_id, balance=int(balance))
 

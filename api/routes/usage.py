@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from api.deps import UsageToken, after_commit, in_transaction
+from api.asyncdb import AsyncDatabase
+from api.deps import UsageToken, after_commit, cached_token, in_transaction
 from api.errors import response_for
 from api.schemas import ERROR_RESPONSES, ErrorOut, UsageIn, UsageOut
-from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent_usage
+from outbox.idempotency import (
+    StoredResponse,
+    http_usage_steps,
+    request_fingerprint,
+    run_idempotent_usage,
+)
+from outbox.states import TokenScope
+from outbox.steps import Steps
 from outbox.validation import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     NO_CONTROL_PATTERN,
@@ -20,7 +33,54 @@ from outbox.validation import (
     check_metadata,
 )
 
-router = APIRouter(tags=["usage"])
+log = logging.getLogger("api")
+
+
+class UsageRoute(APIRoute):
+    """The hot route's parameters, resolved without FastAPI's dependency solver for the
+    ordinary request: a JSON body that `UsageIn` accepts, a cached token with the `usage`
+    scope, at most one Idempotency-Key. The endpoint then gets exactly what FastAPI would have
+    given it. Anything else (a bad body, an unknown token, a missing scope) goes FastAPI's way,
+    which answers it as for every other route (422, 401, 403). Measured in docs/benchmarks.md
+    (issue 13)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        general = super().get_route_handler()
+        endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            arguments = await _ordinary_arguments(request)
+            if arguments is None:
+                return await general(request)
+            response: Response = await endpoint(**arguments)
+            return response
+
+        return handler
+
+
+async def _ordinary_arguments(request: Request) -> dict[str, Any] | None:
+    headers = request.headers
+    if headers.get("content-type") != "application/json":
+        return None
+    token = cached_token(request, TokenScope.USAGE)
+    if token is None:
+        return None
+    keys = headers.getlist("idempotency-key")
+    if len(keys) > 1:
+        return None
+    try:
+        body = UsageIn.model_validate(json.loads(await request.body()))
+    except (ValueError, ValidationError, RecursionError):
+        return None
+    return {
+        "body": body,
+        "request": request,
+        "token": token,
+        "idempotency_key": keys[0] if keys else None,
+    }
+
+
+router = APIRouter(tags=["usage"], route_class=UsageRoute)
 
 IdempotencyKey = Annotated[
     str | None,
@@ -63,6 +123,26 @@ async def post_usage(
     fingerprint = ""
     if key is not None:
         fingerprint = request_fingerprint("POST", "/v1/usage", body.model_dump(mode="json"))
+    database: AsyncDatabase | None = request.app.state.async_database
+    if database is not None:
+        # PostgreSQL, in a served app: the same steps on an async connection, no thread.
+
+        def steps() -> Steps[StoredResponse]:
+            return http_usage_steps(
+                token_id=token.id,
+                key=key,
+                fingerprint=fingerprint,
+                customer_id=body.customer_id,
+                credits=body.credits,
+                metadata=metadata,
+                settings=settings,
+                error_response=response_for,
+            )
+
+        response = await database.run(steps)
+        if response.status_code == 201:
+            _nudge(request)
+        return JSONResponse(response.body, status_code=response.status_code)
 
     def work(session: Session) -> StoredResponse:
         response = run_idempotent_usage(
@@ -83,3 +163,11 @@ async def post_usage(
     # One transaction, committed before the response is built (201 means recorded).
     response = await in_transaction(request, work)
     return JSONResponse(response.body, status_code=response.status_code)
+
+
+def _nudge(request: Request) -> None:
+    """The after-commit nudge of the async path (best effort, as `api.deps.after_commit`)."""
+    try:
+        request.app.state.nudge()
+    except Exception:
+        log.exception("an after-commit hook failed (the request is recorded)")

@@ -1,0 +1,214 @@
+"""POST /v1/usage on PostgreSQL without a thread: the route's unit of work (the steps of
+`outbox.idempotency.http_usage_steps`) driven on psycopg's async connections (issue 13).
+
+The library keeps its sync Session (`record_usage` in the caller's transaction); the steps are
+the same generator, with the same statements (compiled once here by SQLAlchemy for psycopg)
+and the same decisions. What a request could wait for is bounded as on the sync engine
+(`outbox.db.make_request_engine`): the same `lock_timeout`, `statement_timeout` and
+`idle_in_transaction_session_timeout` per connection, and at most
+OUTBOX_API_POOL_TIMEOUT_SECONDS for a free connection. Errors leave as the sync engine's
+(SQLAlchemy's exception classes wrapping psycopg's), so `api.errors` answers them with the same
+503 codes.
+
+The pool is small and deliberate rather than psycopg_pool's: that one connects in background
+workers, so with PostgreSQL down a request waits its whole timeout and gets `PoolTimeout`,
+which cannot be told from "every connection is busy". Here, as in SQLAlchemy's QueuePool, the
+request that needs a new connection opens it itself: PostgreSQL down is an immediate
+`database_unavailable`, every connection busy is `overloaded` after the timeout. A connection
+found broken drops every idle one opened before it (a restart killed them all), and a
+transaction whose connection broke before its COMMIT was sent is run again once on a fresh
+connection: PostgreSQL rolled it back, so nothing was recorded. A COMMIT that fails is never
+retried (it may have committed): the request answers 503 and the client retries with its
+Idempotency-Key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import namedtuple_row
+from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from outbox.db import request_session_options
+from outbox.settings import Settings
+from outbox.steps import Query, Steps
+
+log = logging.getLogger("api")
+
+T = TypeVar("T")
+Connection = psycopg.AsyncConnection[Any]
+_DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A statement compiled once for psycopg: its SQL, the constants SQLAlchemy bound, and the
+    bind processors of its typed parameters (JSONB)."""
+
+    sql: str
+    constants: dict[str, Any]
+    processors: dict[str, Callable[[Any], Any]]
+    statement: Any  # kept alive: the cache is keyed by its id()
+
+    @classmethod
+    def of(cls, statement: Any) -> _Compiled:
+        compiled = statement.compile(dialect=_DIALECT)
+        processors = {}
+        for name, bind in compiled.binds.items():
+            processor = bind.type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
+            if processor is not None:
+                processors[name] = processor
+        constants = {k: v for k, v in compiled.params.items() if not k.startswith("p_")}
+        return cls(compiled.string, constants, processors, statement)
+
+    def params(self, given: Any) -> dict[str, Any]:
+        params = {**self.constants, **given}
+        for name, processor in self.processors.items():
+            if name in params:
+                params[name] = processor(params[name])
+        return params
+
+
+_compiled: dict[int, _Compiled] = {}
+
+
+def _compile(statement: Any) -> _Compiled:
+    compiled = _compiled.get(id(statement))
+    if compiled is None:
+        compiled = _compiled[id(statement)] = _Compiled.of(statement)
+    return compiled
+
+
+def libpq_conninfo(url: str) -> str:
+    """A libpq URL for a SQLAlchemy one (`postgresql+psycopg://` → `postgresql://`)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class AsyncDatabase:
+    """At most `size` psycopg async connections of one event loop (the API process's), each
+    bounded as the sync request engine's, and `run`, which drives steps in one transaction."""
+
+    def __init__(self, settings: Settings, *, size: int = 20) -> None:
+        self._conninfo = libpq_conninfo(settings.database_url)
+        self._options = request_session_options(settings)
+        self._timeout = settings.outbox_api_pool_timeout_seconds
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[tuple[Connection, int]] = []
+        self._generation = 0  # bumped when a connection is found broken
+        # Called with the connection just before COMMIT (fault-injection tests).
+        self.before_commit: list[Callable[[Connection], Awaitable[None]]] = []
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            await connection.close()
+
+    async def run(self, make_steps: Callable[[], Steps[T]]) -> T:
+        """`make_steps()` driven in one transaction, committed before this returns. Raises what
+        the steps raise (the transaction rolled back), or SQLAlchemy's database errors."""
+        for attempt in (1, 2):
+            connection, generation = await self._checkout()
+            committing = False
+            try:
+                result = await _drive(connection, make_steps())
+                for hook in self.before_commit:
+                    await hook(connection)
+                committing = True
+                await connection.commit()
+                return result
+            except psycopg.Error as exc:
+                if connection.broken:
+                    self._generation += 1  # the idle connections opened before it: dropped
+                    if attempt == 1 and not committing:
+                        log.warning("a database connection was lost mid-request; retrying once")
+                        continue
+                raise _translated(exc) from exc
+            finally:
+                await self._checkin(connection, generation)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _checkout(self) -> tuple[Connection, int]:
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise PoolTimeout("every database connection of this process is busy") from None
+        else:
+            await self._slots.acquire()
+        try:
+            while self._idle:
+                connection, generation = self._idle.pop()
+                if generation == self._generation and not connection.broken:
+                    return connection, generation
+                await connection.close()
+            generation = self._generation
+            return await self._connect(), generation
+        except BaseException as exc:
+            self._slots.release()
+            if isinstance(exc, psycopg.Error):
+                raise _translated(exc) from exc
+            raise
+
+    async def _connect(self) -> Connection:
+        return await psycopg.AsyncConnection.connect(
+            self._conninfo,
+            options=self._options,
+            connect_timeout=max(2, math.ceil(self._timeout)),
+            row_factory=namedtuple_row,
+        )
+
+    async def _checkin(self, connection: Connection, generation: int) -> None:
+        try:
+            keep = not connection.broken and generation == self._generation
+            if keep and connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                try:
+                    await connection.rollback()
+                except psycopg.Error:
+                    keep = False
+            if keep:
+                self._idle.append((connection, generation))
+            else:
+                await connection.close()
+        except BaseException:
+            # Cancelled mid-request (shutdown, a client gone): the connection's state is
+            # unknown; drop it without waiting on it.
+            connection.pgconn.finish()
+            raise
+        finally:
+            self._slots.release()
+
+
+async def _drive(connection: Connection, steps: Steps[T]) -> T:
+    """`outbox.steps.run_steps`, on an async connection."""
+    answer: Any = None
+    while True:
+        try:
+            step = steps.send(answer)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+        if isinstance(step, Query):
+            compiled = _compile(step.statement)
+            cursor = await connection.execute(compiled.sql, compiled.params(step.params))
+            answer = await cursor.fetchone()
+        else:
+            await connection.rollback()
+            answer = None
+
+
+def _translated(exc: psycopg.Error) -> Exception:
+    """psycopg's error as SQLAlchemy's sync engine raises it (api.errors maps those)."""
+    translated: Exception = DBAPIError.instance(
+        None, None, exc, psycopg.Error, dialect=_DIALECT
+    )
+    return translated
