@@ -208,7 +208,5 @@ async def _drive(connection: Connection, steps: Steps[T]) -> T:
 
 def _translated(exc: psycopg.Error) -> Exception:
     """psycopg's error as SQLAlchemy's sync engine raises it (api.errors maps those)."""
-    translated: Exception = DBAPIError.instance(
-        None, None, exc, psycopg.Error, dialect=_DIALECT
-    )
+    translated: Exception = DBAPIError.instance(None, None, exc, psycopg.Error, dialect=_DIALECT)
     return translated

@@ -1,6 +1,7 @@
 """A small lint for the invariants of the layout (STYLE.md): the domain imports neither FastAPI
 nor Celery, a transaction is committed in one place (`session_scope`, which the API's request
-dependency uses too), and the Celery task names are stable."""
+dependency uses too; plus the async path of POST /v1/usage), and the Celery task names are
+stable."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ LAZY_ADAPTER_IMPORTS = {
     ("outbox/devserver.py", "polar_emulator"),  # `outbox dev` runs the emulator...
     ("outbox/devserver.py", "api.app"),  # ...and the API in one process
 }
-# The one place that commits: the domain's session_scope(), used by the API's request
-# dependency, the worker and the CLI alike.
-COMMITTERS = {"outbox/db.py"}
+# The places that commit: the domain's session_scope(), used by the API's request dependency,
+# the worker and the CLI alike; and the async transaction of POST /v1/usage (api/asyncdb.py),
+# the one path that runs on a psycopg connection rather than a Session (issue 13).
+COMMITTERS = {"outbox/db.py", "api/asyncdb.py"}
 
 
 def python_files(*packages: str) -> Iterator[Path]:
@@ -103,6 +105,13 @@ def test_session_scope_is_where_the_domain_commits() -> None:
         if isinstance(node, ast.FunctionDef) and node.name == "session_scope"
     ]
     assert ".commit(" in ast.unparse(scope)
+    tree = ast.parse((ROOT / "api/asyncdb.py").read_text())
+    [run] = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AsyncFunctionDef) and node.name == "run"
+    ]
+    assert ".commit(" in ast.unparse(run)
 
 
 def test_celery_task_names_are_stable_and_dotted() -> None:
