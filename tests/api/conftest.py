@@ -130,13 +130,14 @@ class LiveServer:
 
 @pytest.fixture
 def live_server(app: FastAPI) -> Iterator[LiveServer]:
-    """The app under a real uvicorn in a background thread, on an ephemeral loopback port."""
+    """The app under a real uvicorn in a background thread, on an ephemeral loopback port, its
+    lifespan running as under `outbox serve` (POST /v1/usage on async connections)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     )
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="api-under-test", daemon=True
