@@ -34,6 +34,7 @@ checked: outbox rows == usage entries == 201s seen, balance == sum(delta), no ba
     python bench/enqueue.py                 # the full run (about 3 minutes)
     python bench/enqueue.py --quick         # a smoke run (about 40 s)
     python bench/enqueue.py --only b,c      # some scenarios (a key or a prefix: a, b, c, d)
+    python bench/enqueue.py --only =a,c     # "=a": (a) alone, not a-hot and a-py-*
     python bench/enqueue.py --trace         # the round trips of one usage, by protocol message
 """
 
@@ -643,7 +644,10 @@ class Bench:
     def _selected(self, key: str) -> bool:
         if not self.cfg.only:
             return True
-        return any(key == sel or key.startswith(sel + "-") for sel in self.cfg.only)
+        return any(
+            key == sel.removeprefix("=") or (sel[:1] != "=" and key.startswith(sel + "-"))
+            for sel in self.cfg.only
+        )
 
     def _pgbench(self, scenario: Scenario) -> ScenarioResult:
         return run_pgbench(self.cfg, scenario.key, scenario.label, scenario.customers)
@@ -1005,7 +1009,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated scenario keys or prefixes, e.g. 'a,b-4x4,c' (default: all)",
+        help="comma-separated scenario keys or prefixes, e.g. 'a,b-4x4,c'; '=a' is the key alone"
+        " (default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s windows, fewer rows")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database")

@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -97,6 +97,19 @@ def _usage_body(result: UsageResult) -> dict[str, Any]:
 
 
 ErrorResponse = Callable[[OutboxError], StoredResponse]
+
+
+class UsageRequest(TypedDict):
+    """The arguments of `run_idempotent_usage` and `http_usage_steps` past the session."""
+
+    token_id: int
+    key: str | None
+    fingerprint: str
+    customer_id: str
+    credits: int
+    metadata: Metadata | None
+    settings: Settings
+    error_response: ErrorResponse
 
 
 def run_idempotent_usage(

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.asyncdb import AsyncDatabase
 from api.deps import UsageToken, after_commit, cached_token, in_transaction
@@ -19,12 +20,12 @@ from api.errors import response_for
 from api.schemas import ERROR_RESPONSES, ErrorOut, UsageIn, UsageOut
 from outbox.idempotency import (
     StoredResponse,
+    UsageRequest,
     http_usage_steps,
     request_fingerprint,
     run_idempotent_usage,
 )
 from outbox.states import TokenScope
-from outbox.steps import Steps
 from outbox.validation import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     NO_CONTROL_PATTERN,
@@ -69,7 +70,13 @@ async def _ordinary_arguments(request: Request) -> dict[str, Any] | None:
     if len(keys) > 1:
         return None
     try:
-        body = UsageIn.model_validate(json.loads(await request.body()))
+        raw = await request.body()
+    except StarletteHTTPException:
+        raise  # the body limit's 413, raised as FastAPI raises it
+    except Exception:
+        return None  # a client gone mid-body: FastAPI's handler answers it (400)
+    try:
+        body = UsageIn.model_validate(json.loads(raw))
     except (ValueError, ValidationError, RecursionError):
         return None
     return {
@@ -123,39 +130,26 @@ async def post_usage(
     fingerprint = ""
     if key is not None:
         fingerprint = request_fingerprint("POST", "/v1/usage", body.model_dump(mode="json"))
+    usage: UsageRequest = dict(
+        token_id=token.id,
+        key=key,
+        fingerprint=fingerprint,
+        customer_id=body.customer_id,
+        credits=body.credits,
+        metadata=metadata,
+        settings=settings,
+        error_response=response_for,
+    )
     database: AsyncDatabase | None = request.app.state.async_database
     if database is not None:
-        # PostgreSQL, in a served app: the same steps on an async connection, no thread.
-
-        def steps() -> Steps[StoredResponse]:
-            return http_usage_steps(
-                token_id=token.id,
-                key=key,
-                fingerprint=fingerprint,
-                customer_id=body.customer_id,
-                credits=body.credits,
-                metadata=metadata,
-                settings=settings,
-                error_response=response_for,
-            )
-
-        response = await database.run(steps)
+        # PostgreSQL, in a served app: the steps on an async connection, no thread.
+        response = await database.run(lambda: http_usage_steps(**usage))
         if response.status_code == 201:
             _nudge(request)
         return JSONResponse(response.body, status_code=response.status_code)
 
     def work(session: Session) -> StoredResponse:
-        response = run_idempotent_usage(
-            session,
-            token_id=token.id,
-            key=key,
-            fingerprint=fingerprint,
-            customer_id=body.customer_id,
-            credits=body.credits,
-            metadata=metadata,
-            settings=settings,
-            error_response=response_for,
-        )
+        response = run_idempotent_usage(session, **usage)
         if response.status_code == 201:
             after_commit(session, request.app.state.nudge)
         return response

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select, text
 
 from api import routes
-from api.app import create_app
+from api.app import MAX_BODY_BYTES, create_app
 from api.asyncdb import AsyncDatabase
 from outbox.db import make_engine, session_scope
 from outbox.models import OutboxEvent
@@ -310,3 +310,20 @@ def test_the_fast_resolution_answers_what_fastapi_answers(
     assert statuses["no token"] == statuses["bad token"] == 401
     # The fast path did answer the ordinary requests (the token was cached).
     assert sum(resolved) >= 8, resolved
+
+
+def test_a_body_past_the_limit_without_content_length_is_413_on_the_fast_path_too(
+    served: tuple[FastAPI, TestClient], usage_token: str, fund: Fund, snapshot: Take
+) -> None:
+    """The fast path reads the body itself: the body limit's 413 still leaves as FastAPI's."""
+    _, client = served
+    fund("user_1", 10)
+    assert _post(client, usage_token).status_code == 201  # the token is cached from here on
+    before = snapshot()
+    padding = b" " * (MAX_BODY_BYTES + 1)
+    chunks = iter([b'{"customer_id": "user_1"', padding, b"}"])  # sent chunked
+    headers = {"Content-Type": "application/json", **bearer(usage_token)}
+    response = client.post("/v1/usage", content=chunks, headers=headers)
+    assert response.status_code == 413, response.text
+    assert response.json()["code"] == "request_too_large"
+    assert snapshot() == before
