@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from sqlalchemy.engine import make_url
@@ -104,10 +105,13 @@ class AsyncDatabase:
         self._slots = asyncio.Semaphore(size)
         self._idle: list[tuple[Connection, int]] = []
         self._generation = 0  # bumped when a connection is found broken
+        self._closed = False
         # Called with the connection just before COMMIT (fault-injection tests).
         self.before_commit: list[Callable[[Connection], Awaitable[None]]] = []
 
     async def close(self) -> None:
+        """Close the idle connections; those in use are closed when their request ends."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for connection, _ in idle:
             await connection.close()
@@ -169,8 +173,14 @@ class AsyncDatabase:
 
     async def _checkin(self, connection: Connection, generation: int) -> None:
         try:
-            keep = not connection.broken and generation == self._generation
-            if keep and connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            status = connection.info.transaction_status
+            keep = (
+                not connection.broken
+                and not self._closed
+                and generation == self._generation
+                and status != TransactionStatus.ACTIVE  # a query in flight: cancelled mid-way
+            )
+            if keep and status != TransactionStatus.IDLE:
                 try:
                     await connection.rollback()
                 except psycopg.Error:

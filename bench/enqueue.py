@@ -716,6 +716,11 @@ class Bench:
                         self.servers[scenario.server] = server
                         server.start()
                     runs[scenario.key].append(self._run_once(scenario))
+                # Servers keep their pooled connections: stop them, so that the next round's
+                # pgbench finds PostgreSQL's max_connections free (they restart in seconds).
+                for server in self.servers.values():
+                    server.stop()
+                self.servers.clear()
         finally:
             for server in self.servers.values():
                 server.stop()
