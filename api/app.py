@@ -123,9 +123,6 @@ def create_app(
         # No redirect from `/path/` to `/path`: Starlette builds it from the Host header.
         redirect_slashes=False,
         lifespan=lifespan,
-        # Metrics are Prometheus's (/metrics); FastAPI's native OpenTelemetry, on by default,
-        # asked the global providers on every request (docs/benchmarks.md, issue 13).
-        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.engine = engine
