@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -116,18 +117,29 @@ class AsyncDatabase:
         for connection, _ in idle:
             await connection.close()
 
-    async def run(self, make_steps: Callable[[], Steps[T]]) -> T:
+    async def run(self, make_steps: Callable[[], Steps[T]], *, autocommit: bool = False) -> T:
         """`make_steps()` driven in one transaction, committed before this returns. Raises what
-        the steps raise (the transaction rolled back), or SQLAlchemy's database errors."""
+        the steps raise (the transaction rolled back), or SQLAlchemy's database errors.
+
+        `autocommit`: each statement is its own transaction, one round trip with no BEGIN and
+        no COMMIT. Only for steps whose one write is their first statement, the rest reads, and
+        no ROLLBACK (a usage without a key). That statement then is the commit: PostgreSQL
+        commits it before it answers, and a connection lost during it is never retried."""
         for attempt in (1, 2):
             connection, generation = await self._checkout()
-            committing = False
+            committing = autocommit
             try:
+                if connection.autocommit != autocommit:
+                    await connection.set_autocommit(autocommit)
+                if autocommit:
+                    for hook in self.before_commit:
+                        await hook(connection)
                 result = await _drive(connection, make_steps())
-                for hook in self.before_commit:
-                    await hook(connection)
-                committing = True
-                await connection.commit()
+                if not autocommit:
+                    for hook in self.before_commit:
+                        await hook(connection)
+                    committing = True
+                    await connection.commit()
                 return result
             except psycopg.Error as exc:
                 if connection.broken:
@@ -152,7 +164,7 @@ class AsyncDatabase:
         try:
             while self._idle:
                 connection, generation = self._idle.pop()
-                if generation == self._generation and not connection.broken:
+                if generation == self._generation and _alive(connection):
                     return connection, generation
                 await connection.close()
             generation = self._generation
@@ -198,6 +210,17 @@ class AsyncDatabase:
             self._slots.release()
 
 
+def _alive(connection: Connection) -> bool:
+    """Whether an idle connection is still usable, without a round trip. An idle connection
+    (it LISTENs to nothing) has nothing to read unless its backend is gone: a restart or
+    `pg_terminate_backend` sends a FATAL and closes the socket, which makes it readable."""
+    if connection.broken:
+        return False
+    poller = select.poll()
+    poller.register(connection.pgconn.socket, select.POLLIN)
+    return not poller.poll(0)
+
+
 async def _drive(connection: Connection, steps: Steps[T]) -> T:
     """`outbox.steps.run_steps`, on an async connection."""
     answer: Any = None
@@ -212,6 +235,7 @@ async def _drive(connection: Connection, steps: Steps[T]) -> T:
             cursor = await connection.execute(compiled.sql, compiled.params(step.params))
             answer = await cursor.fetchone()
         else:
+            assert not connection.autocommit, "ROLLBACK needs a transaction"
             await connection.rollback()
             answer = None
 

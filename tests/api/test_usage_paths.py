@@ -98,15 +98,18 @@ def test_without_its_lifespan_the_app_runs_the_same_steps_in_a_thread(
     assert _events(clean_tables) == 2
 
 
+@pytest.mark.parametrize("key", [None, "k-commit"])
 def test_a_commit_that_fails_on_the_async_path_is_never_answered_201(
     served: tuple[FastAPI, TestClient],
     usage_token: str,
     fund: Fund,
     snapshot: Take,
     clean_tables: Engine,
+    key: str | None,
 ) -> None:
     """What tests/api/test_request_path.py checks on the sync path: the session is terminated
-    just before its COMMIT reaches PostgreSQL. Not retried (a COMMIT may have happened)."""
+    just before its committing round trip (the COMMIT with a key; without one, the statement
+    itself, run in autocommit). Not retried: a commit may have happened."""
     app, client = served
     fund("user_1", 10)
     before = snapshot()
@@ -119,12 +122,13 @@ def test_a_commit_that_fails_on_the_async_path_is_never_answered_201(
                 other.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": killed[0]})
 
     _database(app).before_commit.append(kill)
-    response = _post(client, usage_token)
+    headers = {"Idempotency-Key": key} if key else {}
+    response = _post(client, usage_token, **headers)
     assert killed, "the commit was not reached"
     assert response.status_code == 503, response.text
     assert response.json()["code"] == "database_unavailable"
     assert snapshot() == before
-    response = _post(client, usage_token)
+    response = _post(client, usage_token, **headers)
     assert response.status_code == 201, response.text
     assert _events(clean_tables) == 1
 
