@@ -14,12 +14,14 @@ The pool is small and deliberate rather than psycopg_pool's: that one connects i
 workers, so with PostgreSQL down a request waits its whole timeout and gets `PoolTimeout`,
 which cannot be told from "every connection is busy". Here, as in SQLAlchemy's QueuePool, the
 request that needs a new connection opens it itself: PostgreSQL down is an immediate
-`database_unavailable`, every connection busy is `overloaded` after the timeout. A connection
-found broken drops every idle one opened before it (a restart killed them all), and a
-transaction whose connection broke before its COMMIT was sent is run again once on a fresh
-connection: PostgreSQL rolled it back, so nothing was recorded. A COMMIT that fails is never
-retried (it may have committed): the request answers 503 and the client retries with its
-Idempotency-Key.
+`database_unavailable`, every connection busy is `overloaded` after the timeout. An idle
+connection whose socket has something to read has lost its backend (`_alive`, no round trip)
+and is dropped; a connection found broken drops every idle one opened before it (a restart
+killed them all), and a transaction whose connection broke before its COMMIT was sent is run
+again once on a fresh connection: PostgreSQL rolled it back, so nothing was recorded. A COMMIT
+that fails is never retried (it may have committed): the request answers 503 and the client
+retries with its Idempotency-Key. A usage without a key runs in autocommit, one round trip
+(`run(..., autocommit=True)`): its statement is its commit, and is not retried either.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import math
 import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -42,7 +45,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from outbox.db import request_session_options
 from outbox.settings import Settings
-from outbox.steps import Query, Steps
+from outbox.steps import Query, Step, Steps
 
 log = logging.getLogger("api")
 
@@ -223,21 +226,28 @@ def _alive(connection: Connection) -> bool:
 
 async def _drive(connection: Connection, steps: Steps[T]) -> T:
     """`outbox.steps.run_steps`, on an async connection."""
-    answer: Any = None
+    reply: Callable[[], Step] = partial(steps.send, None)
     while True:
         try:
-            step = steps.send(answer)
+            step = reply()
         except StopIteration as done:
             result: T = done.value
             return result
         if isinstance(step, Query):
             compiled = _compile(step.statement)
-            cursor = await connection.execute(compiled.sql, compiled.params(step.params))
-            answer = await cursor.fetchone()
+            try:
+                cursor = await connection.execute(compiled.sql, compiled.params(step.params))
+                answer = await cursor.fetchone()
+            except psycopg.Error as exc:
+                if connection.broken:
+                    raise  # not the steps' to handle: `run` decides
+                reply = partial(steps.throw, exc)
+                continue
+            reply = partial(steps.send, answer)
         else:
-            assert not connection.autocommit, "ROLLBACK needs a transaction"
-            await connection.rollback()
-            answer = None
+            if not connection.autocommit:  # in autocommit, the failed statement was undone
+                await connection.rollback()
+            reply = partial(steps.send, None)
 
 
 def _translated(exc: psycopg.Error) -> Exception:

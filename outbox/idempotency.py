@@ -20,10 +20,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from outbox.errors import IdempotencyConflict, OutboxError
-from outbox.ledger import UsageResult, keyed_spend_steps, record_usage, refusal_steps, usage_steps
+from outbox.ledger import (
+    KEY_TAKEN,
+    UsageResult,
+    keyed_spend_steps,
+    record_usage,
+    refusal_steps,
+    usage_steps,
+)
 from outbox.models import Base, IdempotencyRecord, utcnow
 from outbox.settings import Settings
-from outbox.steps import ROLLBACK, Query, Steps, run_steps
+from outbox.steps import ROLLBACK, Query, Steps, run_steps, sqlstate
 from outbox.validation import Metadata
 
 
@@ -171,29 +178,36 @@ def http_usage_steps(
     savepoint (`keyed_spend_steps`): the lookup of the key, the spend and the key's record
     with its 201 response; a replay is that one statement too (it spends nothing). A refusal
     (402, 404) spends nothing and is stored as the key's response by a second statement. When a
-    concurrent request with the same key commits first, this one's spend is rolled back and
-    the winner's response replayed."""
+    concurrent request with the same key commits first, the statement raises (`KEY_TAKEN`),
+    which undoes its spend, and the winner's response is replayed. Every statement is atomic
+    on its own and a ROLLBACK only follows a failed statement: these steps may run in
+    autocommit (`api.asyncdb.AsyncDatabase.run`)."""
     if key is None:
         result = yield from usage_steps(customer_id, credits, metadata, settings=settings)
         return StoredResponse(201, _usage_body(result))
-    outcome = yield from keyed_spend_steps(
-        customer_id,
-        credits,
-        metadata,
-        token_id=token_id,
-        key=key,
-        request_hash=fingerprint,
-        settings=settings,
-    )
+    try:
+        outcome = yield from keyed_spend_steps(
+            customer_id,
+            credits,
+            metadata,
+            token_id=token_id,
+            key=key,
+            request_hash=fingerprint,
+            settings=settings,
+        )
+    except Exception as exc:
+        if sqlstate(exc) != KEY_TAKEN:
+            raise
+        # A concurrent request with this key committed its record while this one spent: the
+        # statement was undone (it raised), the transaction is aborted.
+        yield ROLLBACK
+        return (yield from _stored_steps(token_id, key, fingerprint))
     if outcome.claimed:
         assert outcome.result is not None
         return StoredResponse(201, _usage_body(outcome.result))
     if outcome.first is not None:
         return _replay(outcome.first, key, fingerprint)
-    if outcome.result is not None:
-        # A concurrent request with this key committed its record while this one spent.
-        yield ROLLBACK
-        return (yield from _stored_steps(token_id, key, fingerprint))
+    assert outcome.result is None, "a spend without its key's record raises KEY_TAKEN"
     response = error_response((yield from refusal_steps(customer_id, credits)))
     claimed = yield Query(
         _CLAIM_WITH_RESPONSE,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, exists, func, insert, literal, select, true, update
+from sqlalchemy import and_, bindparam, case, exists, func, insert, literal, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -165,8 +165,9 @@ def build_keyed_spend_statement() -> Any:
     if the key was used (committed), nothing is deducted and the statement returns the first
     response. Otherwise the spend runs and the record is INSERTed with its 201 response,
     `ON CONFLICT DO NOTHING`: a concurrent request with the same key makes this insert wait
-    for it, and if it commits first `claim` is empty (the caller then rolls back its spend and
-    replays the winner's record: `outbox.idempotency.run_idempotent_usage`). Parameters: as
+    for it, and if it commits first `claim` is empty and the statement raises `KEY_TAKEN`, so
+    its spend is undone with it, even in autocommit (the caller then replays the winner's
+    record: `outbox.idempotency.http_usage_steps`). Parameters: as
     `_SPEND`, plus p_token_id, p_key and p_request_hash. One row, every column nullable:
     balance and event_id (spent), claim_id (recorded), request_hash, status_code and
     response_body (the key's earlier record)."""
@@ -210,6 +211,11 @@ def build_keyed_spend_statement() -> Any:
         .cte("claim")
     )
     one = select(literal(1).label("one")).subquery("one")
+    # Spent but not recorded: a concurrent request with this key committed first. The whole
+    # statement must be undone: the function raises KEY_TAKEN (migration 8b2f4d6a1c3e).
+    taken = case(
+        (and_(spent.c.id.is_not(None), claim.c.id.is_(None)), func.outbox_idempotency_key_taken())
+    )
     return select(
         spent.c.balance,
         spent.c.id.label("event_id"),
@@ -217,7 +223,11 @@ def build_keyed_spend_statement() -> Any:
         existing.c.request_hash,
         existing.c.status_code,
         existing.c.response_body,
+        taken.label("key_taken"),
     ).select_from(one.outerjoin(spent, true()).outerjoin(claim, true()).outerjoin(existing, true()))
+
+
+KEY_TAKEN = "OB001"  # SQLSTATE of outbox_idempotency_key_taken()
 
 
 _KEYED_SPEND = build_keyed_spend_statement()

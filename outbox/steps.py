@@ -3,8 +3,9 @@ async connection (issue 13).
 
 A *steps* function is a generator that yields what it needs from the database and receives the
 answer: `row = yield Query(statement, params)` gets the statement's first row (or None), and
-`yield ROLLBACK` rolls the transaction back (the next query starts a new one). It decides
-everything else itself and returns (or raises) the outcome. `run_steps` drives one on a
+`yield ROLLBACK` rolls the transaction back (the next query starts a new one). A statement
+that fails raises its error at the `yield`, where the steps may catch it. They decide
+everything else themselves and return (or raise) the outcome. `run_steps` drives one on a
 SQLAlchemy Session, in the caller's transaction, as every library call does; the API's hot
 route drives the same generator on psycopg's async connection (`api.fastpath`), so the SQL and
 the decisions are the same code on both paths.
@@ -15,11 +16,13 @@ each statement once and keeps it by identity.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import Row
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 T = TypeVar("T")
@@ -45,17 +48,29 @@ Step = Query | _Rollback
 Steps = Generator[Step, Any, T]
 
 
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, raised by psycopg or wrapped by SQLAlchemy."""
+    code = getattr(getattr(exc, "orig", exc), "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
 def run_steps(session: Session, steps: Steps[T]) -> T:
-    """Drive `steps` on `session` (no commit: the caller's transaction)."""
-    answer: Row[Any] | None = None
+    """Drive `steps` on `session` (no commit: the caller's transaction). A statement's
+    database error is raised inside the steps, at their `yield`: they may handle it."""
+    reply: Callable[[], Step] = partial(steps.send, None)
     while True:
         try:
-            step = steps.send(answer)
+            step = reply()
         except StopIteration as done:
             result: T = done.value
             return result
         if isinstance(step, Query):
-            answer = session.execute(step.statement, dict(step.params)).first()
+            try:
+                row: Row[Any] | None = session.execute(step.statement, dict(step.params)).first()
+            except DBAPIError as exc:
+                reply = partial(steps.throw, exc)
+            else:
+                reply = partial(steps.send, row)
         else:
             session.rollback()
-            answer = None
+            reply = partial(steps.send, None)

@@ -143,8 +143,8 @@ async def post_usage(
     database: AsyncDatabase | None = request.app.state.async_database
     if database is not None:
         # PostgreSQL, in a served app: the steps on an async connection, no thread.
-        # Without a key, one statement (the spend; a refusal's reason is a read): autocommit.
-        response = await database.run(lambda: http_usage_steps(**usage), autocommit=key is None)
+        # Every statement of these steps is atomic alone: autocommit, one round trip each.
+        response = await database.run(lambda: http_usage_steps(**usage), autocommit=True)
         if response.status_code == 201:
             _nudge(request)
         return JSONResponse(response.body, status_code=response.status_code)
