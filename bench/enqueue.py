@@ -716,11 +716,12 @@ class Bench:
                         self.servers[scenario.server] = server
                         server.start()
                     runs[scenario.key].append(self._run_once(scenario))
-                # Servers keep their pooled connections: stop them, so that the next round's
-                # pgbench finds PostgreSQL's max_connections free (they restart in seconds).
-                for server in self.servers.values():
-                    server.stop()
-                self.servers.clear()
+                    # A server keeps its pooled connections (each scenario's new token fills
+                    # the sync pool once): stop it, so that the next row finds PostgreSQL's
+                    # max_connections free. It restarts in seconds, before the warm-up.
+                    for server in self.servers.values():
+                        server.stop()
+                    self.servers.clear()
         finally:
             for server in self.servers.values():
                 server.stop()

@@ -331,3 +331,58 @@ def test_a_body_past_the_limit_without_content_length_is_413_on_the_fast_path_to
     assert response.status_code == 413, response.text
     assert response.json()["code"] == "request_too_large"
     assert snapshot() == before
+
+
+def test_the_sync_driver_undoes_a_spend_whose_key_was_taken_and_replays_the_first(
+    clean_tables: Engine, usage_token: str, fund: Fund, pg_url: str
+) -> None:
+    """The forced race of tests/api/test_usage_keyed_spend.py, both requests on Sessions
+    (`run_steps`): the second one's statement raises KEY_TAKEN inside the steps, which roll
+    back and replay the first answer."""
+    import threading
+
+    from sqlalchemy.orm import Session
+
+    from api.errors import response_for
+    from outbox.idempotency import request_fingerprint, run_idempotent_usage
+    from outbox.tokens import authenticate
+    from tests.api.test_usage_keyed_spend import _wait_for_a_lock_wait
+
+    fund("user_1", 100)
+    settings = load_settings(database_url=pg_url)
+    with Session(clean_tables) as session:
+        token = authenticate(session, usage_token)
+    assert token is not None
+    fingerprint = request_fingerprint("POST", "/v1/usage", {"customer_id": "user_1"})
+
+    def usage(session: Session) -> Any:
+        return run_idempotent_usage(
+            session,
+            token_id=token.id,
+            key="sync-race",
+            fingerprint=fingerprint,
+            customer_id="user_1",
+            credits=4,
+            metadata=None,
+            settings=settings,
+            error_response=response_for,
+        )
+
+    answers: list[Any] = []
+
+    def second() -> None:
+        with session_scope(clean_tables) as session:
+            answers.append(usage(session))
+
+    with Session(clean_tables) as first:
+        response = usage(first)
+        thread = threading.Thread(target=second)
+        thread.start()
+        _wait_for_a_lock_wait(clean_tables)
+        first.commit()
+    thread.join(timeout=30)
+    [answer] = answers
+    assert (answer.status_code, answer.body) == (response.status_code, response.body)
+    with session_scope(clean_tables) as session:
+        balance = session.execute(text("SELECT balance FROM customers")).scalar_one()
+    assert balance == 96 and _events(clean_tables) == 1
