@@ -125,9 +125,11 @@ class AsyncDatabase:
         the steps raise (the transaction rolled back), or SQLAlchemy's database errors.
 
         `autocommit`: each statement is its own transaction, one round trip with no BEGIN and
-        no COMMIT. Only for steps whose one write is their first statement, the rest reads, and
-        no ROLLBACK (a usage without a key). That statement then is the commit: PostgreSQL
-        commits it before it answers, and a connection lost during it is never retried."""
+        no COMMIT. Only for steps whose every statement is atomic on its own (nothing one
+        writes needs undoing by a later one) and whose ROLLBACK only follows a failed statement:
+        POST /v1/usage's (`outbox.idempotency.http_usage_steps`). Each statement then is its
+        commit: PostgreSQL commits it before it answers, and a connection lost during one is
+        never retried."""
         for attempt in (1, 2):
             connection, generation = await self._checkout()
             committing = autocommit
