@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, TypedDict, Unpack
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -119,46 +119,31 @@ class UsageRequest(TypedDict):
     error_response: ErrorResponse
 
 
-def run_idempotent_usage(
-    session: Session,
-    *,
-    token_id: int,
-    key: str | None,
-    fingerprint: str,
-    customer_id: str,
-    credits: int,
-    metadata: Metadata | None,
-    settings: Settings,
-    error_response: ErrorResponse,
-) -> StoredResponse:
+def run_idempotent_usage(session: Session, **request: Unpack[UsageRequest]) -> StoredResponse:
     """POST /v1/usage: `record_usage` once per (token, key), as `run_idempotent` does, in the
     request's own session (it may roll that session back: HTTP path only). On PostgreSQL, the
     steps of `http_usage_steps` (what the API runs on its async connection), driven here on
     the session; on SQLite, `run_idempotent` with a savepoint."""
     if _is_postgresql(session):
-        steps = http_usage_steps(
-            token_id=token_id,
-            key=key,
-            fingerprint=fingerprint,
-            customer_id=customer_id,
-            credits=credits,
-            metadata=metadata,
-            settings=settings,
-            error_response=error_response,
-        )
-        return run_steps(session, steps)
+        return run_steps(session, http_usage_steps(**request))
 
     def action() -> StoredResponse:
-        result = record_usage(session, customer_id, credits, metadata, settings=settings)
+        result = record_usage(
+            session,
+            request["customer_id"],
+            request["credits"],
+            request["metadata"],
+            settings=request["settings"],
+        )
         return StoredResponse(201, _usage_body(result))
 
     return run_idempotent(
         session,
-        token_id=token_id,
-        key=key,
-        fingerprint=fingerprint,
+        token_id=request["token_id"],
+        key=request["key"],
+        fingerprint=request["fingerprint"],
         action=action,
-        error_response=error_response,
+        error_response=request["error_response"],
     )
 
 

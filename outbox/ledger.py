@@ -256,15 +256,8 @@ def keyed_spend_steps(
 ) -> Steps[KeyedSpend]:
     """PostgreSQL only: the spend and its HTTP idempotency record in one statement
     (`build_keyed_spend_statement`), as steps (`outbox.steps`); the caller
-    (`outbox.idempotency.keyed_usage_steps`) decides what each outcome answers."""
-    spend = _Spend(
-        check_customer_id(customer_id),
-        check_credits(credits),
-        check_metadata(metadata, credits_field=settings.usage_credits_field),
-        None,
-        utcnow(),
-        settings,
-    )
+    (`outbox.idempotency.http_usage_steps`) decides what each outcome answers."""
+    spend = _Spend.validated(customer_id, credits, metadata, settings)
     external_id = new_external_id()
     row = yield Query(
         _KEYED_SPEND,
@@ -451,22 +444,19 @@ def record_usage(
     used for this customer with the same arguments, returns the first result (`replayed=True`)
     and deducts nothing.
     """
-    settings = settings or get_settings()
-    customer_id = check_customer_id(customer_id)
-    credits = check_credits(credits)
-    clean_metadata = check_metadata(metadata, credits_field=settings.usage_credits_field)
-    idempotency_key = check_idempotency_key(idempotency_key, field="idempotency_key")
-    now = utcnow()
-
-    if idempotency_key is not None:
+    spend = _Spend.validated(
+        customer_id, credits, metadata, settings or get_settings(), idempotency_key
+    )
+    if spend.idempotency_key is not None:
         # Lock the customer first so two calls with the same key serialize here.
-        if get_customer_for_update(session, customer_id) is None:
-            raise CustomerNotFound(customer_id=customer_id)
-        existing = _existing_usage(session, customer_id, credits, clean_metadata, idempotency_key)
+        if get_customer_for_update(session, spend.customer_id) is None:
+            raise CustomerNotFound(customer_id=spend.customer_id)
+        existing = _existing_usage(
+            session, spend.customer_id, spend.credits, spend.metadata, spend.idempotency_key
+        )
         if existing is not None:
             return existing
 
-    spend = _Spend(customer_id, credits, clean_metadata, idempotency_key, now, settings)
     if _is_postgresql(session):
         return run_steps(session, _spend_steps(spend))
     return _spend_in_three_statements(session, spend)
@@ -483,20 +473,32 @@ class _Spend:
     now: datetime
     settings: Settings
 
+    @classmethod
+    def validated(
+        cls,
+        customer_id: object,
+        credits: object,
+        metadata: object,
+        settings: Settings,
+        idempotency_key: object = None,
+    ) -> _Spend:
+        """The arguments checked (`InvalidRequest` naming the field), stamped `now`."""
+        return cls(
+            check_customer_id(customer_id),
+            check_credits(credits),
+            check_metadata(metadata, credits_field=settings.usage_credits_field),
+            check_idempotency_key(idempotency_key, field="idempotency_key"),
+            utcnow(),
+            settings,
+        )
+
 
 def usage_steps(
     customer_id: str, credits: int, metadata: Metadata | None, *, settings: Settings
 ) -> Steps[UsageResult]:
     """PostgreSQL: `record_usage` without an idempotency key, as steps (`outbox.steps`): what
     POST /v1/usage runs on the API's async connection. Raises what `record_usage` raises."""
-    spend = _Spend(
-        check_customer_id(customer_id),
-        check_credits(credits),
-        check_metadata(metadata, credits_field=settings.usage_credits_field),
-        None,
-        utcnow(),
-        settings,
-    )
+    spend = _Spend.validated(customer_id, credits, metadata, settings)
     return (yield from _spend_steps(spend))
 
 

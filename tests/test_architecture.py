@@ -98,20 +98,14 @@ def test_commit_is_called_only_by_session_scope() -> None:
 
 def test_session_scope_is_where_the_domain_commits() -> None:
     """Keeps the lint honest: if `session_scope` moved, the allow-list above must move too."""
-    tree = ast.parse((ROOT / "outbox/db.py").read_text())
-    [scope] = [
-        node
-        for node in ast.walk(tree)
-        if isinstance(node, ast.FunctionDef) and node.name == "session_scope"
-    ]
-    assert ".commit(" in ast.unparse(scope)
-    tree = ast.parse((ROOT / "api/asyncdb.py").read_text())
-    [run] = [
-        node
-        for node in ast.walk(tree)
-        if isinstance(node, ast.AsyncFunctionDef) and node.name == "run"
-    ]
-    assert ".commit(" in ast.unparse(run)
+    for path, name in (("outbox/db.py", "session_scope"), ("api/asyncdb.py", "run")):
+        tree = ast.parse((ROOT / path).read_text())
+        [function] = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name
+        ]
+        assert ".commit(" in ast.unparse(function), (path, name)
 
 
 def test_celery_task_names_are_stable_and_dotted() -> None:
