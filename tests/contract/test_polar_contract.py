@@ -397,7 +397,11 @@ def test_meter_quantities_sum_per_hour_and_per_customer(target: Target) -> None:
         end,
         external_customer_id=[f"{target.run}-alice", f"{target.run}-bob"],
     )
-    assert everyone["total"] == 21  # 1 + ... + 6, all of it in the window
+    # 1 + ... + 6, all of it in the window. Counted over this run's two customers: another
+    # run's random window may overlap this one (the emulator is shared by the module, Polar
+    # keeps every run's events), and `everyone` then counts its events too.
+    assert both is not None and both["total"] == 21
+    assert everyone["total"] >= 21
     pin("meter_quantities", {"everyone": everyone, "alice": alice, "both": both}, target)
 
 
