@@ -15,13 +15,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.asyncdb import AsyncDatabase
 from api.deps import TokenCache
-from api.errors import error_body, install_error_handlers
+from api.errors import install_error_handlers
 from api.middleware import HeaderLimit
 from api.openapi import install_openapi
 from api.routes import admin, customers, health, holds, usage, webhooks
-from outbox.collector import OutboxCollector
+from api.schemas import error_body
 from outbox.db import make_request_engine, session_factory
 from outbox.migrate import SchemaCache
+from outbox.ops.collector import OutboxCollector
 from outbox.settings import Settings, get_settings
 from outbox.tokens import RevocationWatcher
 

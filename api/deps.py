@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import error_body
+from api.schemas import error_body
 from outbox.db import session_scope
 from outbox.states import TokenScope
 from outbox.tokens import RevocationWatcher, TokenInfo, authenticate, hash_token

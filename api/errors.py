@@ -13,6 +13,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.deps import bearer_token, forbidden_body, required_scope
+from api.schemas import error_body
 from outbox import errors
 from outbox.idempotency import StoredResponse
 
@@ -42,10 +44,6 @@ CODE_BY_STATUS = {
     429: "too_many_requests",
     503: "unavailable",
 }
-
-
-def error_body(code: str, detail: str, **extra: Any) -> dict[str, Any]:
-    return {"code": code, "detail": detail, **extra}
 
 
 def response_for(exc: errors.OutboxError) -> StoredResponse:
@@ -90,8 +88,6 @@ def _auth_refusal(request: Request) -> JSONResponse | None:
     """401 for a request to a token-protected route without a valid token, 403 for a token
     without the route's scope, else None: what the auth dependency would have answered."""
     from sqlalchemy.orm import Session
-
-    from api.deps import bearer_token, forbidden_body, required_scope
 
     scope = required_scope(request.scope.get("route"))
     if scope is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import error_body
+from api.schemas import error_body
 
 # 16 KiB of headers, as h11 and nginx allow by default: a bearer token, an Idempotency-Key
 # (<= 255), Polar's webhook signature headers and a proxy's X-Forwarded-* fit many times over.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
 from pydantic import (
@@ -17,7 +17,8 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from outbox.queries import CURSOR_PATTERN, MAX_LEGACY_CURSOR_LENGTH, MAX_PAGE_SIZE
+from outbox.ops.replay import MAX_REPLAY_IDS
+from outbox.pagination import CURSOR_PATTERN, MAX_LEGACY_CURSOR_LENGTH, MAX_PAGE_SIZE
 from outbox.validation import (
     CUSTOMER_ID_PATTERN,
     MAX_CREDITS,
@@ -167,6 +168,12 @@ class UsagePage(BaseModel):
     next_cursor: str | None
 
 
+def error_body(code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """Every error's JSON body (`ErrorOut`): a machine-readable `code`, a sentence, and
+    extras such as the `field` at fault."""
+    return {"code": code, "detail": detail, **extra}
+
+
 class ErrorOut(BaseModel):
     code: str
     detail: str
@@ -181,3 +188,116 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         422: "invalid_request: a field is invalid (`field` names it)",
     }.items()
 }
+
+
+# Holds (api/routes/holds.py)
+
+
+class HoldIn(Strict):
+    customer_id: StrictStr = Field(
+        min_length=1,
+        max_length=MAX_CUSTOMER_ID_LENGTH,
+        examples=["user_123"],
+        json_schema_extra=CUSTOMER_ID_SCHEMA,
+    )
+    credits: StrictInt = Field(ge=1, le=MAX_CREDITS)
+
+
+class HoldOut(BaseModel):
+    hold_id: int
+    balance: int
+    expires_at: datetime
+
+
+class CaptureIn(Strict):
+    credits: StrictInt | None = Field(None, ge=1, le=MAX_CREDITS)
+    metadata: Metadata | None = None
+
+
+class ReleaseOut(BaseModel):
+    hold_id: int
+    balance: int
+    status: str
+
+
+# Admin (api/routes/admin.py)
+
+
+class StatsOut(BaseModel):
+    counts: dict[str, int]
+    oldest_pending_seconds: float
+    delivered_last_minute: int
+    credits_undelivered: int
+
+
+class EventOut(BaseModel):
+    event_id: int
+    external_id: str
+    customer_id: str
+    credits: int
+    metadata: dict[str, object]
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    last_error: str | None
+    last_replay_id: int | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next_cursor: str | None
+
+
+class ReplayIn(Strict):
+    """Either `event_ids`, or `status: "failed"` (optionally with `customer_id`); not both."""
+
+    # The schema states the choice the API makes: ids, or every failed event (of one customer).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["event_ids"],
+                    "properties": {
+                        "event_ids": {"type": "array"},
+                        "status": {"type": "null"},
+                        "customer_id": {"type": "null"},
+                    },
+                },
+                {
+                    "required": ["status"],
+                    "properties": {"status": {"const": "failed"}, "event_ids": {"type": "null"}},
+                },
+            ]
+        }
+    )
+
+    event_ids: list[RowId] | None = Field(
+        None, min_length=1, max_length=MAX_REPLAY_IDS, description="These failed events."
+    )
+    status: Literal["failed"] | None = Field(None, description="Every failed event.")
+    customer_id: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CUSTOMER_ID_LENGTH,
+        description='With `status: "failed"`: only this customer\'s.',
+        json_schema_extra=CUSTOMER_ID_SCHEMA,
+    )
+    dry_run: StrictBool = Field(False, description="Move nothing; answer what would move.")
+    reason: StrictStr | None = Field(
+        None, max_length=500, description="Kept with the replay.", json_schema_extra=NO_NUL_SCHEMA
+    )
+
+
+class ReplayOut(BaseModel):
+    """The same object as `outbox replay --json`."""
+
+    replayed: int = Field(description="Events moved failed → pending (0 in a dry run).")
+    would_replay: int | None = Field(description="In a dry run: events that would move.")
+    event_ids: list[int] = Field(description="The events moved (or that would move).")
+    credits: int = Field(description="Their credits.")
+    dry_run: bool
+    replay_id: int | None = Field(description="The recorded replay (null in a dry run).")

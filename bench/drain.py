@@ -384,7 +384,7 @@ class Emulator:
 
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "outbox.cli", "polar-emulator", "--port", str(self.port)],
+                [sys.executable, "-m", "cli.main", "polar-emulator", "--port", str(self.port)],
                 cwd=REPO,
                 env=clean_env(),
                 stdout=log,
@@ -692,8 +692,8 @@ def _inproc_drainer(
         for name in [n for n in os.environ if n.startswith(OUR_PREFIXES)]:
             del os.environ[name]
         from outbox.db import make_engine, session_factory
-        from outbox.delivery import Deliverer, DrainReport, drain
-        from outbox.polar import PolarGateway
+        from outbox.delivery.deliverer import Deliverer, DrainReport, drain
+        from outbox.polar.gateway import PolarGateway
         from outbox.settings import load_settings
 
         settings = load_settings(

@@ -23,7 +23,7 @@ from sqlalchemy import Engine, select, update
 
 from outbox.db import make_engine, session_scope
 from outbox.models import OutboxEvent, utcnow
-from outbox.polar import build_event
+from outbox.polar.gateway import build_event
 from outbox.states import EventStatus
 
 TASK_NAME = "bench.naive_send"

@@ -45,9 +45,9 @@ from bench.common import (
     recreate_database,
 )
 from outbox.db import make_engine, session_scope
-from outbox.polar import PolarGateway
-from outbox.ratelimit import LocalRateBudget
-from outbox.reconcile import reconcile
+from outbox.ops.reconcile import reconcile
+from outbox.polar.gateway import PolarGateway
+from outbox.polar.ratelimit import LocalRateBudget
 from outbox.settings import load_settings
 
 URL = DEFAULT_URL.rsplit("/", 1)[0] + "/outbox_bench_reconcile"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, exists, func, insert, literal, select, true, update
+from sqlalchemy import bindparam, exists, func, insert, literal, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -156,138 +156,6 @@ def build_spend_statement(deduct: Any) -> Any:
 
 
 _SPEND = build_spend_statement(_DEDUCT)
-_idempotency_records = Base.metadata.tables["idempotency_records"]
-
-
-def build_keyed_spend_statement() -> Any:
-    """PostgreSQL, POST /v1/usage with an `Idempotency-Key`: the spend of `_SPEND` and the
-    key's record in ONE statement, no savepoint. The record is looked up first (`existing`):
-    if the key was used (committed), nothing is deducted and the statement returns the first
-    response. Otherwise the spend runs and the record is INSERTed with its 201 response,
-    `ON CONFLICT DO NOTHING`: a concurrent request with the same key makes this insert wait
-    for it, and if it commits first `claim` is empty and the statement raises `KEY_TAKEN`, so
-    its spend is undone with it, even in autocommit (the caller then replays the winner's
-    record: `outbox.idempotency.http_usage_steps`). Parameters: as
-    `_SPEND`, plus p_token_id, p_key and p_request_hash. One row, every column nullable:
-    balance and event_id (spent), claim_id (recorded), request_hash, status_code and
-    response_body (the key's earlier record)."""
-    r = _idempotency_records.c
-
-    def param(name: str, column: Any) -> Any:
-        return bindparam(name, type_=column.type)
-
-    existing = (
-        select(r.request_hash, r.status_code, r.response_body)
-        .where(r.token_id == param("p_token_id", r.token_id), r.key == param("p_key", r.key))
-        .cte("existing")
-    )
-    deduct = build_deduct_statement().where(~exists(select(literal(1)).select_from(existing)))
-    spend = build_spend_statement(deduct)
-    # The CTEs of the spend, reused: deducted, event (and entry, joined in `spend`).
-    spent = spend.subquery("spent")
-    response = func.jsonb_build_object(
-        "event_id",
-        spent.c.id,
-        "external_id",
-        param("p_external_id", _outbox_events.c.external_id),
-        "balance",
-        spent.c.balance,
-    )
-    claim = (
-        postgresql.insert(_idempotency_records)
-        .from_select(
-            ["token_id", "key", "request_hash", "status_code", "response_body", "created_at"],
-            select(
-                param("p_token_id", r.token_id),
-                param("p_key", r.key),
-                param("p_request_hash", r.request_hash),
-                literal(201, r.status_code.type),
-                response,
-                param("p_now", r.created_at),
-            ).select_from(spent),
-        )
-        .on_conflict_do_nothing(index_elements=["token_id", "key"])
-        .returning(r.id)
-        .cte("claim")
-    )
-    one = select(literal(1).label("one")).subquery("one")
-    # Spent but not recorded: a concurrent request with this key committed first. The whole
-    # statement must be undone: the function raises KEY_TAKEN (migration 8b2f4d6a1c3e).
-    taken = case(
-        (and_(spent.c.id.is_not(None), claim.c.id.is_(None)), func.outbox_idempotency_key_taken())
-    )
-    return select(
-        spent.c.balance,
-        spent.c.id.label("event_id"),
-        claim.c.id.label("claim_id"),
-        existing.c.request_hash,
-        existing.c.status_code,
-        existing.c.response_body,
-        taken.label("key_taken"),
-    ).select_from(one.outerjoin(spent, true()).outerjoin(claim, true()).outerjoin(existing, true()))
-
-
-KEY_TAKEN = "OB001"  # SQLSTATE of outbox_idempotency_key_taken()
-
-
-_KEYED_SPEND = build_keyed_spend_statement()
-
-
-@dataclass(frozen=True)
-class KeyedSpend:
-    """What `keyed_spend_steps` did: `result` if it spent; `claimed` if the key's record was
-    written with it (201 recorded); `first` (request hash, status, body) if the key was used
-    before. Spent but not claimed: a concurrent request with the key committed first."""
-
-    result: UsageResult | None
-    claimed: bool
-    first: tuple[str, int, dict[str, Any]] | None
-
-
-def keyed_spend_steps(
-    customer_id: str,
-    credits: int,
-    metadata: Metadata | None,
-    *,
-    token_id: int,
-    key: str,
-    request_hash: str,
-    settings: Settings,
-) -> Steps[KeyedSpend]:
-    """PostgreSQL only: the spend and its HTTP idempotency record in one statement
-    (`build_keyed_spend_statement`), as steps (`outbox.steps`); the caller
-    (`outbox.idempotency.http_usage_steps`) decides what each outcome answers."""
-    spend = _Spend.validated(customer_id, credits, metadata, settings)
-    external_id = new_external_id()
-    row = yield Query(
-        _KEYED_SPEND,
-        {
-            "p_customer_id": spend.customer_id,
-            "p_credits": spend.credits,
-            "p_now": spend.now,
-            "p_external_id": external_id,
-            "p_name": settings.usage_event_name,
-            "p_metadata": spend.metadata,
-            "p_idempotency_key": None,
-            "p_token_id": token_id,
-            "p_key": key,
-            "p_request_hash": request_hash,
-        },
-    )
-    assert row is not None  # the statement always returns its one row
-    result = (
-        None
-        if row.event_id is None
-        else UsageResult(
-            event_id=int(row.event_id), external_id=external_id, balance=int(row.balance)
-        )
-    )
-    first = (
-        None
-        if row.request_hash is None
-        else (row.request_hash, int(row.status_code), dict(row.response_body))
-    )
-    return KeyedSpend(result=result, claimed=row.claim_id is not None, first=first)
 
 
 def _deduct_if_covered(session: Session, customer_id: str, credits: int, now: datetime) -> int:
@@ -444,7 +312,7 @@ def record_usage(
     used for this customer with the same arguments, returns the first result (`replayed=True`)
     and deducts nothing.
     """
-    spend = _Spend.validated(
+    spend = Spend.validated(
         customer_id, credits, metadata, settings or get_settings(), idempotency_key
     )
     if spend.idempotency_key is not None:
@@ -463,7 +331,7 @@ def record_usage(
 
 
 @dataclass(frozen=True)
-class _Spend:
+class Spend:
     """A validated usage, ready to write (both spend paths take one)."""
 
     customer_id: str
@@ -481,7 +349,7 @@ class _Spend:
         metadata: object,
         settings: Settings,
         idempotency_key: object = None,
-    ) -> _Spend:
+    ) -> Spend:
         """The arguments checked (`InvalidRequest` naming the field), stamped `now`."""
         return cls(
             check_customer_id(customer_id),
@@ -498,11 +366,11 @@ def usage_steps(
 ) -> Steps[UsageResult]:
     """PostgreSQL: `record_usage` without an idempotency key, as steps (`outbox.steps`): what
     POST /v1/usage runs on the API's async connection. Raises what `record_usage` raises."""
-    spend = _Spend.validated(customer_id, credits, metadata, settings)
+    spend = Spend.validated(customer_id, credits, metadata, settings)
     return (yield from _spend_steps(spend))
 
 
-def _spend_steps(spend: _Spend) -> Steps[UsageResult]:
+def _spend_steps(spend: Spend) -> Steps[UsageResult]:
     """PostgreSQL: deduction, outbox row and ledger entry in one round trip (`_SPEND`)."""
     external_id = new_external_id()
     row = yield Query(
@@ -523,7 +391,7 @@ def _spend_steps(spend: _Spend) -> Steps[UsageResult]:
     return UsageResult(event_id=int(event_id), external_id=external_id, balance=int(balance))
 
 
-def _spend_in_three_statements(session: Session, spend: _Spend) -> UsageResult:
+def _spend_in_three_statements(session: Session, spend: Spend) -> UsageResult:
     """SQLite (no data-modifying CTEs): the same three writes as `_SPEND`, one by one."""
     balance = _deduct_if_covered(session, spend.customer_id, spend.credits, spend.now)
     event_id, external_id = enqueue_usage_event(

@@ -6,8 +6,10 @@ Shared by the HTTP API and the library calls, so both refuse the same inputs the
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from outbox.errors import InvalidRequest
@@ -172,3 +174,24 @@ def check_metadata(metadata: object, *, credits_field: str = "credits_used") -> 
 def as_metadata(value: Any) -> Metadata:
     """Metadata read back from the database (already validated when written)."""
     return dict(value or {})
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str, field: str = "older_than") -> timedelta:
+    """'30d', '12h', '90m', '45s', '2w' → timedelta; `InvalidRequest` otherwise."""
+    match = _DURATION.match(text or "")
+    if not match:
+        raise InvalidRequest(
+            f"{field} must be a number and a unit (s, m, h, d, w), e.g. 30d; got {text!r}",
+            field=field,
+        )
+    value, unit = int(match.group(1)), match.group(2)
+    if value <= 0:
+        raise InvalidRequest(f"{field} must be positive", field=field)
+    try:
+        return timedelta(**{_UNITS[unit]: value})
+    except OverflowError:
+        raise InvalidRequest(f"{field} is too large", field=field) from None

@@ -92,7 +92,7 @@ def _command_help(command: Any, path: str, out: list[str]) -> None:
 
 
 def cli() -> str:
-    from outbox.cli import app
+    from cli.main import app
 
     command = typer.main.get_command(app)
     out = [

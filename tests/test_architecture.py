@@ -1,7 +1,7 @@
-"""A small lint for the invariants of the layout (STYLE.md): the domain imports neither FastAPI
-nor Celery, a transaction is committed in one place (`session_scope`, which the API's request
-dependency uses too; plus the async path of POST /v1/usage), and the Celery task names are
-stable."""
+"""A small lint for the invariants of the layout (docs/explanation/layout.md): the domain imports
+no adapter (`api`, `worker`, `cli`, the emulator) and no framework (FastAPI, Celery, Typer); a
+transaction is committed in one place (`session_scope`, which the API's request dependency uses
+too; plus the async path of POST /v1/usage); the Celery task names are stable."""
 
 from __future__ import annotations
 
@@ -12,17 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTER_FRAMEWORKS = ("fastapi", "starlette", "celery", "kombu")
-# The only places the domain may reach into an adapter, lazily (inside a function), because
-# they are the CLI commands that start the adapters.
-LAZY_ADAPTER_IMPORTS = {
-    ("outbox/cli.py", "polar_emulator"),  # `outbox polar-emulator`
-    ("outbox/devserver.py", "polar_emulator"),  # `outbox dev` runs the emulator...
-    ("outbox/devserver.py", "api.app"),  # ...and the API in one process
-}
+ADAPTER_FRAMEWORKS = ("fastapi", "starlette", "celery", "kombu", "typer", "uvicorn")
+# The adapters and the emulator: the domain imports none of them, not even lazily. The CLI
+# (`cli/`) starts the API, the worker and the emulator; nothing imports the CLI.
+ADAPTERS = ("api", "worker", "cli", "polar_emulator")
 # The places that commit: the domain's session_scope(), used by the API's request dependency,
 # the worker and the CLI alike; and the async transaction of POST /v1/usage (api/asyncdb.py),
-# the one path that runs on a psycopg connection rather than a Session (issue 13).
+# the one path that runs on a psycopg connection rather than a Session
+# (docs/explanation/request-path.md).
 COMMITTERS = {"outbox/db.py", "api/asyncdb.py"}
 
 
@@ -55,13 +52,35 @@ def test_the_domain_never_imports_a_web_or_task_framework() -> None:
     assert offenders == []
 
 
-def test_the_domain_reaches_into_adapters_only_lazily_from_the_cli() -> None:
+def test_the_domain_never_imports_an_adapter() -> None:
     offenders = []
     for path in python_files("outbox"):
-        for node, module, top_level in imports(ast.parse(path.read_text(), str(path))):
-            if module.split(".")[0] not in ("api", "worker", "polar_emulator"):
-                continue
-            if top_level or (rel(path), module) not in LAZY_ADAPTER_IMPORTS:
+        for node, module, _ in imports(ast.parse(path.read_text(), str(path))):
+            if module.split(".")[0] in ADAPTERS:
+                offenders.append(f"{rel(path)}:{node.lineno} imports {module}")
+    assert offenders == []
+
+
+def test_nothing_imports_the_cli() -> None:
+    """The CLI is the outermost adapter: the API, the worker, the emulator and the domain
+    never depend on it (so `cli/` can start them all without a cycle)."""
+    offenders = []
+    for path in python_files("outbox", "api", "worker", "polar_emulator"):
+        for node, module, _ in imports(ast.parse(path.read_text(), str(path))):
+            if module.split(".")[0] == "cli":
+                offenders.append(f"{rel(path)}:{node.lineno} imports {module}")
+    assert offenders == []
+
+
+def test_the_operator_tools_are_used_only_from_above() -> None:
+    """`outbox.ops` (replay, reconcile, doctor, the metrics collector) sits on top of the
+    domain: the ledger, delivery and Polar rooms never import it."""
+    offenders = []
+    for path in python_files("outbox"):
+        if "ops" in path.relative_to(ROOT / "outbox").parts:
+            continue
+        for node, module, _ in imports(ast.parse(path.read_text(), str(path))):
+            if module.startswith("outbox.ops"):
                 offenders.append(f"{rel(path)}:{node.lineno} imports {module}")
     assert offenders == []
 

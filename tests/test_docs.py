@@ -59,7 +59,7 @@ def fresh_clone(tmp_path: Path) -> Path:
     )
     outbox = clone / ".venv" / "bin" / "outbox"
     outbox.write_text(
-        f"#!{clone / '.venv' / 'bin' / 'python'}\nfrom outbox.cli import main\nmain()\n"
+        f"#!{clone / '.venv' / 'bin' / 'python'}\nfrom cli.main import main\nmain()\n"
     )
     outbox.chmod(0o755)
     digest = hashlib.sha256((clone / "pyproject.toml").read_bytes()).hexdigest()

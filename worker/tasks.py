@@ -8,8 +8,8 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
-from outbox import runtime
 from outbox.db import dispose_engines, redact
+from outbox.delivery import runner
 from outbox.errors import OutboxError
 from outbox.settings import get_settings
 from worker.celery_app import app
@@ -24,7 +24,7 @@ def _refuse_to_start_unable_to_deliver(**_: Any) -> None:
     """Fail at start, one line and exit 2, rather than log "ready" and fail every drain: no
     Polar token, a database that does not answer, a schema not at head."""
     try:
-        runtime.check_can_deliver(get_settings())
+        runner.check_can_deliver(get_settings())
     except OutboxError as exc:
         settings = get_settings()
         detail = redact(exc.detail, settings.database_url, settings.redis_url)
@@ -54,12 +54,12 @@ def _serve_metrics(**_: Any) -> None:
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     # Engines, the Polar client and Redis clients are made on first use in each child.
-    runtime.reset_after_fork()
+    runner.reset_after_fork()
 
 
 @worker_process_shutdown.connect
 def _on_shutdown(pid: int | None = None, **_: Any) -> None:
-    runtime.close()
+    runner.close()
     if get_settings().outbox_metrics_port and pid is not None:
         from prometheus_client import multiprocess
 
@@ -69,7 +69,7 @@ def _on_shutdown(pid: int | None = None, **_: Any) -> None:
 @app.task(name="outbox.drain", ignore_result=True)
 def drain() -> dict[str, Any]:
     """Deliver due outbox rows for up to ~50 s; ask a sibling to help while there's a backlog."""
-    report = runtime.drain_once(max_seconds=DRAIN_SECONDS, on_backlog=_ask_for_help)
+    report = runner.drain_once(max_seconds=DRAIN_SECONDS, on_backlog=_ask_for_help)
     return {"delivered": report.delivered, "failed": report.failed, "batches": report.batches}
 
 
@@ -80,16 +80,16 @@ def _ask_for_help() -> None:
 @app.task(name="outbox.rescue", ignore_result=True)
 def rescue() -> int:
     """Make rows of lost workers (expired leases) claimable again."""
-    return runtime.rescue_once()
+    return runner.rescue_once()
 
 
 @app.task(name="outbox.expire_holds", ignore_result=True)
 def expire_holds() -> int:
     """Release holds not captured within HOLD_TTL_SECONDS."""
-    return runtime.expire_holds_once()
+    return runner.expire_holds_once()
 
 
 @app.task(name="outbox.prune", ignore_result=True)
 def prune() -> int:
     """Delete delivered rows older than OUTBOX_RETENTION_DAYS (the ledger is kept)."""
-    return runtime.prune_once()
+    return runner.prune_once()

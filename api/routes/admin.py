@@ -2,111 +2,31 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from api.deps import AdminToken, SessionDep, respond
 from api.schemas import (
     CUSTOMER_ID_SCHEMA,
     ERROR_RESPONSES,
-    NO_NUL_SCHEMA,
     Cursor,
     ErrorOut,
+    EventOut,
+    EventPage,
     Limit,
-    RowId,
-    Strict,
+    ReplayIn,
+    ReplayOut,
+    StatsOut,
 )
 from outbox.errors import InvalidRequest
-from outbox.operations import MAX_REPLAY_IDS, outbox_stats, replay
-from outbox.queries import list_events
+from outbox.events import list_events, outbox_stats
+from outbox.ops.replay import replay
 from outbox.states import EventStatus
 from outbox.validation import MAX_CUSTOMER_ID_LENGTH, check_customer_id
 
 router = APIRouter(prefix="/v1/admin/outbox", tags=["admin"])
-
-
-class StatsOut(BaseModel):
-    counts: dict[str, int]
-    oldest_pending_seconds: float
-    delivered_last_minute: int
-    credits_undelivered: int
-
-
-class EventOut(BaseModel):
-    event_id: int
-    external_id: str
-    customer_id: str
-    credits: int
-    metadata: dict[str, object]
-    status: str
-    attempts: int
-    next_attempt_at: datetime
-    lease_owner: str | None
-    lease_expires_at: datetime | None
-    last_error: str | None
-    last_replay_id: int | None
-    created_at: datetime
-    delivered_at: datetime | None
-
-
-class EventPage(BaseModel):
-    items: list[EventOut]
-    next_cursor: str | None
-
-
-class ReplayIn(Strict):
-    """Either `event_ids`, or `status: "failed"` (optionally with `customer_id`); not both."""
-
-    # The schema states the choice the API makes: ids, or every failed event (of one customer).
-    model_config = ConfigDict(
-        json_schema_extra={
-            "oneOf": [
-                {
-                    "required": ["event_ids"],
-                    "properties": {
-                        "event_ids": {"type": "array"},
-                        "status": {"type": "null"},
-                        "customer_id": {"type": "null"},
-                    },
-                },
-                {
-                    "required": ["status"],
-                    "properties": {"status": {"const": "failed"}, "event_ids": {"type": "null"}},
-                },
-            ]
-        }
-    )
-
-    event_ids: list[RowId] | None = Field(
-        None, min_length=1, max_length=MAX_REPLAY_IDS, description="These failed events."
-    )
-    status: Literal["failed"] | None = Field(None, description="Every failed event.")
-    customer_id: StrictStr | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_CUSTOMER_ID_LENGTH,
-        description='With `status: "failed"`: only this customer\'s.',
-        json_schema_extra=CUSTOMER_ID_SCHEMA,
-    )
-    dry_run: StrictBool = Field(False, description="Move nothing; answer what would move.")
-    reason: StrictStr | None = Field(
-        None, max_length=500, description="Kept with the replay.", json_schema_extra=NO_NUL_SCHEMA
-    )
-
-
-class ReplayOut(BaseModel):
-    """The same object as `outbox replay --json`."""
-
-    replayed: int = Field(description="Events moved failed → pending (0 in a dry run).")
-    would_replay: int | None = Field(description="In a dry run: events that would move.")
-    event_ids: list[int] = Field(description="The events moved (or that would move).")
-    credits: int = Field(description="Their credits.")
-    dry_run: bool
-    replay_id: int | None = Field(description="The recorded replay (null in a dry run).")
 
 
 def _check_replay_target(body: ReplayIn) -> None:

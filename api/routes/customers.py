@@ -23,10 +23,10 @@ from api.schemas import (
     UsageEventOut,
     UsagePage,
 )
+from outbox.events import list_events
 from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
 from outbox.ledger import get_credits, grant_credits
 from outbox.models import OutboxEvent
-from outbox.queries import list_events
 from outbox.validation import check_customer_id, check_idempotency_key
 
 router = APIRouter(prefix="/v1/customers", tags=["customers"])

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from api.deps import SessionDep, UsageToken, after_commit, respond
 from api.errors import response_for
-from api.schemas import CUSTOMER_ID_SCHEMA, ERROR_RESPONSES, ErrorOut, Metadata, Strict, UsageOut
+from api.schemas import (
+    ERROR_RESPONSES,
+    CaptureIn,
+    ErrorOut,
+    HoldIn,
+    HoldOut,
+    ReleaseOut,
+    UsageOut,
+)
 from outbox.errors import HoldClosed
 from outbox.holds import capture_hold, place_hold, release_hold
-from outbox.validation import MAX_CREDITS, MAX_CUSTOMER_ID_LENGTH, MAX_ID, check_customer_id
+from outbox.validation import MAX_ID, check_customer_id
 
 router = APIRouter(prefix="/v1/holds", tags=["holds"])
 
@@ -23,33 +29,6 @@ HOLD_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "hold_not_found"},
     409: {"model": ErrorOut, "description": "hold_closed"},
 }
-
-
-class HoldIn(Strict):
-    customer_id: StrictStr = Field(
-        min_length=1,
-        max_length=MAX_CUSTOMER_ID_LENGTH,
-        examples=["user_123"],
-        json_schema_extra=CUSTOMER_ID_SCHEMA,
-    )
-    credits: StrictInt = Field(ge=1, le=MAX_CREDITS)
-
-
-class HoldOut(BaseModel):
-    hold_id: int
-    balance: int
-    expires_at: datetime
-
-
-class CaptureIn(Strict):
-    credits: StrictInt | None = Field(None, ge=1, le=MAX_CREDITS)
-    metadata: Metadata | None = None
-
-
-class ReleaseOut(BaseModel):
-    hold_id: int
-    balance: int
-    status: str
 
 
 @router.post(

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import SessionDep
-from api.errors import error_body
+from api.schemas import error_body
 from outbox.webhooks import receive_webhook, verify_signature
 
 router = APIRouter(tags=["webhooks"])

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import polar_emulator
 from api.app import create_app
-from outbox.cli import app as cli
+from cli.main import app as cli
 from outbox.db import session_scope
 from outbox.ledger import record_usage
 from outbox.logs import JsonFormatter
@@ -128,7 +128,7 @@ def doctor_env(
     }.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
-    from outbox.polar import close_gateway
+    from outbox.polar.gateway import close_gateway
 
     close_gateway()
     yield running

@@ -47,7 +47,7 @@ def start_dev(
         [
             sys.executable,
             "-m",
-            "outbox.cli",
+            "cli.main",
             "dev",
             "--port",
             str(port),
@@ -164,7 +164,7 @@ def outbox(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POLAR_"))}
     env.pop("DATABASE_URL", None)
     return subprocess.run(
-        [sys.executable, "-m", "outbox.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -210,7 +210,7 @@ def test_outbox_dev_names_a_busy_port_and_the_flag(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "outbox.cli", "dev", "--port", str(port)],
+            [sys.executable, "-m", "cli.main", "dev", "--port", str(port)],
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -345,7 +345,7 @@ def test_dev_never_prints_a_database_password(tmp_path: Path) -> None:
 
 
 def test_banner_hides_the_password_of_a_database_url() -> None:
-    from outbox.devserver import DevOptions, banner
+    from cli.dev import DevOptions, banner
     from outbox.settings import load_settings
 
     settings = load_settings(
@@ -376,7 +376,7 @@ def test_dev_never_sends_to_polar_production_nor_without_a_token(tmp_path: Path)
 
 def run_cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "outbox.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

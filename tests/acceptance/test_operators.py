@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 
 import polar_emulator
 from api.app import create_app
-from outbox.cli import app as cli
+from cli.main import app as cli
 from outbox.db import session_scope
-from outbox.delivery import Deliverer, drain
+from outbox.delivery.deliverer import Deliverer, drain
 from outbox.ledger import record_usage
-from outbox.polar import PolarGateway, close_gateway
-from outbox.ratelimit import LocalRateBudget
+from outbox.polar.gateway import PolarGateway, close_gateway
+from outbox.polar.ratelimit import LocalRateBudget
 from outbox.settings import Settings, get_settings
 from tests.factories import make_customer
 

@@ -72,7 +72,7 @@ def test_the_api_nudges_a_worker_after_commit(
     # No beat anywhere, and a beat interval too long to matter: only the nudge can deliver. A
     # real clock margin: the row is not due when the nudge is sent, so the nudge must wait for it.
     quiet = {"OUTBOX_DRAIN_INTERVAL_SECONDS": "3600", "OUTBOX_CLOCK_MARGIN_SECONDS": "1"}
-    start(sys.executable, "-m", "outbox.cli", "serve", "--port", str(port), **quiet)
+    start(sys.executable, "-m", "cli.main", "serve", "--port", str(port), **quiet)
     start(
         sys.executable,
         "-m",
@@ -124,6 +124,6 @@ def test_a_separate_beat_process_drives_outbox_worker(
         "beat",
         f"--schedule={tmp_path / 'beat-schedule'}",
     )
-    start(sys.executable, "-m", "outbox.cli", "worker", "--no-beat", "--concurrency", "1")
+    start(sys.executable, "-m", "cli.main", "worker", "--no-beat", "--concurrency", "1")
     wait_until(all_delivered(clean_tables, 3), 60, "beat-driven delivery", logs(tmp_path))
     assert emulator.state.totals() == {customer: 6}

@@ -22,14 +22,14 @@ from sqlalchemy.orm import sessionmaker
 from typer.testing import CliRunner
 
 import polar_emulator
-from outbox.cli import app as cli
+from cli.main import app as cli
 from outbox.db import make_engine, session_scope
-from outbox.delivery import Deliverer, drain
+from outbox.delivery.deliverer import Deliverer, drain
 from outbox.ledger import record_usage
 from outbox.migrate import upgrade
 from outbox.models import OutboxEvent
-from outbox.polar import PolarGateway, close_gateway
-from outbox.ratelimit import LocalRateBudget
+from outbox.polar.gateway import PolarGateway, close_gateway
+from outbox.polar.ratelimit import LocalRateBudget
 from outbox.settings import get_settings, load_settings
 from tests.conftest import truncate_all
 from tests.factories import make_customer

@@ -65,7 +65,7 @@ def serve(
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POLAR_"))}
         environ.update(DATABASE_URL=pg_url, REDIS_URL=clean_redis, PYTHONUNBUFFERED="1", **env)
         process = subprocess.Popen(
-            [sys.executable, "-m", "outbox.cli", "serve", "--port", str(port), *args],
+            [sys.executable, "-m", "cli.main", "serve", "--port", str(port), *args],
             cwd=ROOT,
             env=environ,
             stdout=log.open("wb"),
@@ -266,7 +266,7 @@ def test_outbox_token_revoke_is_obeyed_by_every_serve_process_within_a_second(
         assert [status(served) for _ in range(3)] == [200] * 3  # warm: served from the cache
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POLAR_"))}
     result = subprocess.run(
-        [sys.executable, "-m", "outbox.cli", "token", "revoke", str(info.id)],
+        [sys.executable, "-m", "cli.main", "token", "revoke", str(info.id)],
         cwd=ROOT,
         env={**environ, "DATABASE_URL": pg_url},
         capture_output=True,

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, update
 from typer.testing import CliRunner
 
-from outbox.cli import app as cli
+from cli.main import app as cli
 from outbox.db import session_scope
 from outbox.ledger import record_usage
 from outbox.models import OutboxEvent

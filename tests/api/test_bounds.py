@@ -20,7 +20,7 @@ from api.middleware import MAX_HEADER_BYTES, MAX_HEADER_COUNT
 from api.server import BoundedHttpToolsProtocol
 from outbox.db import session_scope
 from outbox.ledger import get_credits
-from outbox.queries import legacy_cursor
+from outbox.pagination import legacy_cursor
 
 if TYPE_CHECKING:
     from tests.api.conftest import LiveServer, Snapshot

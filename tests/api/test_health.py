@@ -23,7 +23,7 @@ from outbox.service_state import (
     set_state,
 )
 from outbox.settings import load_settings
-from tests.test_cli_errors import FIRST_REVISION
+from tests.cli.test_errors import FIRST_REVISION
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

@@ -20,7 +20,7 @@ from api.app import create_app
 from api.schemas import METADATA_SCHEMA
 from outbox.db import make_engine
 from outbox.errors import InvalidRequest
-from outbox.queries import CURSOR_PATTERN, MAX_LEGACY_CURSOR_LENGTH, decode_cursor, legacy_cursor
+from outbox.pagination import CURSOR_PATTERN, MAX_LEGACY_CURSOR_LENGTH, decode_cursor, legacy_cursor
 from outbox.settings import load_settings
 from outbox.validation import (
     CUSTOMER_ID_PATTERN,

@@ -32,12 +32,12 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import sessionmaker
 
 from outbox.db import session_scope
-from outbox.delivery import Deliverer, drain
+from outbox.delivery.deliverer import Deliverer, drain
 from outbox.ledger import record_usage
 from outbox.models import OutboxEvent, utcnow
-from outbox.polar import Outcome, PolarGateway
+from outbox.polar.gateway import Outcome, PolarGateway
+from outbox.polar.ratelimit import LocalRateBudget
 from outbox.policy import parse_batch_rejections
-from outbox.ratelimit import LocalRateBudget
 from outbox.settings import load_settings
 from polar_emulator.state import is_sum_number
 from tests.contract.conftest import Target

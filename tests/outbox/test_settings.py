@@ -80,7 +80,7 @@ def test_real_looking_secrets_are_accepted(values: dict[str, str]) -> None:
 def test_a_placeholder_in_dotenv_stops_the_worker_command_with_one_line(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("POLAR_ACCESS_TOKEN=polar_oat_xxx\n")
     result = subprocess.run(
-        [sys.executable, "-m", "outbox.cli", "status"],
+        [sys.executable, "-m", "cli.main", "status"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -96,7 +96,7 @@ def test_a_placeholder_in_dotenv_stops_the_worker_command_with_one_line(tmp_path
 @pytest.mark.parametrize(
     "command",
     [
-        ["-m", "outbox.cli", "serve", "--port", "1"],
+        ["-m", "cli.main", "serve", "--port", "1"],
         ["-m", "celery", "-A", "worker", "worker", "--pool=solo"],
         ["-m", "celery", "-A", "worker", "beat"],
     ],

@@ -9,7 +9,7 @@ import pytest
 
 from outbox.errors import InvalidRequest
 from outbox.models import utcnow
-from outbox.polar import build_event
+from outbox.polar.gateway import build_event
 from outbox.validation import (
     check_credits,
     check_customer_id,

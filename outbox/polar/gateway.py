@@ -41,8 +41,8 @@ from tenacity import (
 from outbox import metrics
 from outbox.errors import ConfigError
 from outbox.logs import redact
+from outbox.polar.ratelimit import RateBudget, make_budget
 from outbox.policy import BatchRejections, parse_batch_rejections
-from outbox.ratelimit import RateBudget, make_budget
 from outbox.settings import Settings, get_settings
 
 log = logging.getLogger("outbox.polar")

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from outbox.operations import outbox_stats
+from outbox.events import outbox_stats
 from outbox.service_state import (
     CREDENTIALS_REJECTED,
     INGEST_UNATTRIBUTED_422,

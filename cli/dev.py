@@ -245,7 +245,7 @@ def serve(
     import uvicorn
 
     from api.app import create_app  # the CLI's dev command is the one place both rooms meet
-    from outbox.runtime import BackgroundDrainer, close
+    from outbox.delivery.runner import BackgroundDrainer, close
 
     get_settings.cache_clear()
     settings = get_settings()

@@ -10,15 +10,11 @@ from sqlalchemy.orm import Session
 
 from outbox.db import session_scope
 from outbox.errors import EventNotFound, InvalidRequest, NotReplayable
+from outbox.events import list_failed, outbox_stats, prune_delivered
 from outbox.ledger import record_usage
 from outbox.models import LedgerEntry, OutboxEvent, Replay, utcnow
-from outbox.operations import (
-    list_failed,
-    outbox_stats,
-    parse_duration,
-    prune_delivered,
-    replay,
-)
+from outbox.ops.replay import replay
+from outbox.validation import parse_duration
 from tests.factories import make_customer
 
 

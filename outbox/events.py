@@ -1,4 +1,8 @@
-"""Claiming and settling outbox rows: every query names its guard.
+"""The outbox table's home: every statement that reads or writes `outbox_events`, named by what
+it guards. (One exception, on purpose: the ledger's spend writes the customer, its ledger entry and
+the outbox row in one statement, docs/explanation/request-path.md.)
+
+Delivery's side: claiming and settling.
 
 A claim takes due `pending` rows with `FOR UPDATE SKIP LOCKED` (PostgreSQL; SQLite has one writer
 at a time, BEGIN IMMEDIATE) and leases them to a claim token. Only the holder of that token may
@@ -11,17 +15,20 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, case, select, update
+from sqlalchemy import Engine, Table, and_, bindparam, case, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from outbox.models import OutboxEvent
+from outbox.db import session_scope
+from outbox.models import OutboxEvent, utcnow
+from outbox.pagination import check_limit, decode_cursor, encode_cursor
 from outbox.policy import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, next_attempt_at
 from outbox.states import EventStatus
+from outbox.validation import check_customer_id
 
 MAX_ERROR_LENGTH = 2000
 EVENTS = cast(Table, OutboxEvent.__table__)
@@ -310,3 +317,225 @@ def release_if_claimed(
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+# The operator's side: status, listings, replay, reconcile's re-queue, pruning.
+
+UNDELIVERED = (EventStatus.PENDING, EventStatus.INFLIGHT, EventStatus.FAILED)
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """The stats object of DESIGN.md (`outbox status`, GET /v1/admin/outbox/stats)."""
+
+    counts: dict[str, int]
+    oldest_pending_seconds: float
+    delivered_last_minute: int
+    credits_undelivered: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "counts": self.counts,
+            "oldest_pending_seconds": self.oldest_pending_seconds,
+            "delivered_last_minute": self.delivered_last_minute,
+            "credits_undelivered": self.credits_undelivered,
+        }
+
+
+def outbox_stats(session: Session, *, now: datetime | None = None) -> OutboxStats:
+    """Counts by status, the age of the oldest undelivered (pending or inflight) event, the
+    deliveries of the last minute, and the credits committed but not yet accepted by Polar
+    (pending + inflight + failed: the money at risk)."""
+    now = now or utcnow()
+    counts = {status.value: 0 for status in EventStatus}
+    for status, count in session.execute(
+        select(OutboxEvent.status, func.count()).group_by(OutboxEvent.status)
+    ):
+        counts[status] = int(count)
+    oldest = session.scalar(
+        select(func.min(OutboxEvent.created_at)).where(
+            OutboxEvent.status.in_([EventStatus.PENDING, EventStatus.INFLIGHT])
+        )
+    )
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=now.tzinfo)
+    delivered_last_minute = session.scalar(
+        select(func.count()).where(
+            OutboxEvent.status == EventStatus.DELIVERED,
+            OutboxEvent.delivered_at >= now - timedelta(minutes=1),
+        )
+    )
+    undelivered = session.scalar(
+        select(func.coalesce(func.sum(OutboxEvent.credits), 0)).where(
+            OutboxEvent.status.in_(UNDELIVERED)
+        )
+    )
+    return OutboxStats(
+        counts=counts,
+        oldest_pending_seconds=round(max(0.0, (now - oldest).total_seconds()), 3)
+        if oldest
+        else 0.0,
+        delivered_last_minute=int(delivered_last_minute or 0),
+        credits_undelivered=int(undelivered or 0),
+    )
+
+
+def list_failed(
+    session: Session, *, customer_id: str | None = None, limit: int = 1000
+) -> list[OutboxEvent]:
+    """Failed events, oldest first (what to look at and replay)."""
+    query = select(OutboxEvent).where(OutboxEvent.status == EventStatus.FAILED)
+    if customer_id is not None:
+        query = query.where(OutboxEvent.customer_id == check_customer_id(customer_id))
+    return list(session.scalars(query.order_by(OutboxEvent.id).limit(limit)))
+
+
+def list_events(
+    session: Session,
+    *,
+    customer_id: str | None = None,
+    status: str | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> tuple[Sequence[OutboxEvent], str | None]:
+    """Outbox events, newest first, filtered; returns the page and the next cursor (or None)."""
+    limit = check_limit(limit)
+    after = decode_cursor(cursor)
+    query = select(OutboxEvent).order_by(OutboxEvent.id.desc()).limit(limit + 1)
+    if customer_id is not None:
+        query = query.where(OutboxEvent.customer_id == customer_id)
+    if status is not None:
+        query = query.where(OutboxEvent.status == status)
+    if after is not None:
+        query = query.where(OutboxEvent.id < after)
+    rows = list(session.scalars(query))
+    next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def get_events_for_update(session: Session, ids: Sequence[int]) -> list[OutboxEvent]:
+    """The rows with these ids, locked until the transaction ends, by id."""
+    query = select(OutboxEvent).with_for_update().where(OutboxEvent.id.in_(ids))
+    return list(session.scalars(query.order_by(OutboxEvent.id)))
+
+
+def get_failed_for_update(session: Session, *, customer_id: str | None = None) -> list[OutboxEvent]:
+    """Every failed row (of one customer if given), locked until the transaction ends, by id."""
+    query = select(OutboxEvent).with_for_update().where(OutboxEvent.status == EventStatus.FAILED)
+    if customer_id is not None:
+        query = query.where(OutboxEvent.customer_id == customer_id)
+    return list(session.scalars(query.order_by(OutboxEvent.id)))
+
+
+def requeue_if_failed(
+    session: Session, ids: Sequence[int], *, replay_id: int, now: datetime
+) -> None:
+    """failed → pending (a replay): attempts start again, the external_id stays."""
+    session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_(ids), OutboxEvent.status == EventStatus.FAILED)
+        .values(
+            status=EventStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            last_replay_id=replay_id,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def requeue_if_delivered(session: Session, ids: Sequence[int], *, now: datetime, note: str) -> None:
+    """delivered → pending (reconcile found Polar does not list them): same external_id."""
+    session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_(ids), OutboxEvent.status == EventStatus.DELIVERED)
+        .values(
+            status=EventStatus.PENDING,
+            delivered_at=None,
+            next_attempt_at=now,
+            attempts=0,
+            last_error=note,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def recreate_pending(
+    session: Session,
+    *,
+    event_id: int,
+    external_id: str,
+    customer_id: str,
+    name: str,
+    credits: int,
+    occurred_at: datetime,
+    now: datetime,
+    note: str,
+) -> None:
+    """A pruned row written again, pending, from its ledger entry (same id, same external_id;
+    the caller's metadata went with the row)."""
+    session.add(
+        OutboxEvent(
+            id=event_id,
+            external_id=external_id,
+            customer_id=customer_id,
+            name=name,
+            credits=credits,
+            event_metadata={},
+            occurred_at=occurred_at,
+            status=EventStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            last_error=note,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+
+
+@dataclass
+class PruneResult:
+    deleted: int
+    cutoff: datetime
+    batches: int
+
+
+def prune_delivered(
+    engine: Engine,
+    *,
+    older_than: timedelta,
+    batch_size: int = 1000,
+    now: datetime | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PruneResult:
+    """Delete delivered rows delivered before (now - `older_than`), in small transactions. Never
+    a pending, inflight or failed row; never a ledger entry (the ledger is append-only)."""
+    now = now or utcnow()
+    cutoff = now - older_than
+    deleted = batches = 0
+    while True:
+        with session_scope(engine) as session:
+            ids = (
+                select(OutboxEvent.id)
+                .where(
+                    OutboxEvent.status == EventStatus.DELIVERED, OutboxEvent.delivered_at < cutoff
+                )
+                .limit(batch_size)
+            )
+            count = session.execute(
+                delete(OutboxEvent)
+                .where(
+                    OutboxEvent.id.in_(ids.scalar_subquery()),
+                    OutboxEvent.status == EventStatus.DELIVERED,
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]
+        if not count:
+            break
+        deleted += int(count)
+        batches += 1
+        if progress is not None:
+            progress(int(count))
+    return PruneResult(deleted=deleted, cutoff=cutoff, batches=batches)

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import redis
 
-from outbox.ratelimit import FallbackRateBudget, LocalRateBudget, RedisRateBudget, make_budget
+from outbox.polar.ratelimit import FallbackRateBudget, LocalRateBudget, RedisRateBudget, make_budget
 from outbox.settings import load_settings
 
 LIMIT = 30  # allowance 28 (margin 2)

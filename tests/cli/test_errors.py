@@ -15,11 +15,11 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
-from outbox.cli import app
+from cli.main import app
 from outbox.migrate import upgrade
 from outbox.settings import get_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIRST_REVISION = "ae5a70274df4"
 SECRET = "s3cret-pw"
 runner = CliRunner()
@@ -80,7 +80,7 @@ def run_process(args: list[str], cwd: Path = ROOT, **env: str) -> subprocess.Com
     environment = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     environment.update(env, PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "outbox.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=cwd,
         env=environment,
         capture_output=True,
@@ -329,10 +329,10 @@ def test_an_unexpected_error_is_one_line_unless_debug(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/outbox.db"
     upgrade(url)
     bug = (
-        "import outbox.cli, outbox.operations\n"
+        "import cli.main, outbox.events\n"
         "def broken(session): raise KeyError('counts')\n"
-        "outbox.operations.outbox_stats = broken\n"
-        "outbox.cli.main()\n"
+        "outbox.events.outbox_stats = broken\n"
+        "cli.main.main()\n"
     )
     environment = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
     for debug in (False, True):

@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import Engine, select, update
 
 from outbox.db import session_scope
-from outbox.leases import (
+from outbox.events import (
     claim_batch,
     fail_if_claimed,
     mark_delivered_if_claimed,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from outbox.doctor import _sums_our_field, find_meter
+from outbox.polar.meters import find_meter, sums_our_field
 from outbox.settings import load_settings
 
 # GET /v1/meters/ of Polar's own server (snapshot 2026-08-22), one item, as it answered here.
@@ -66,7 +66,7 @@ SETTINGS = load_settings(database_url="sqlite://")
     ],
 )
 def test_a_meter_summing_our_field_over_our_events_is_found(candidate: dict[str, Any]) -> None:
-    assert _sums_our_field(candidate, SETTINGS)
+    assert sums_our_field(candidate, SETTINGS)
     assert find_meter([candidate], SETTINGS) == candidate
 
 
@@ -95,7 +95,7 @@ def test_a_meter_summing_our_field_over_our_events_is_found(candidate: dict[str,
     ],
 )
 def test_a_meter_that_would_count_something_else_is_refused(candidate: dict[str, Any]) -> None:
-    assert not _sums_our_field(candidate, SETTINGS)
+    assert not sums_our_field(candidate, SETTINGS)
     assert find_meter([candidate], SETTINGS) is None
 
 

@@ -324,7 +324,7 @@ def worker(
 
     Refuses to start (exit 2) without POLAR_ACCESS_TOKEN, or on a database that does not
     answer or is not migrated."""
-    from outbox.runtime import check_can_deliver
+    from outbox.delivery.runner import check_can_deliver
 
     settings = settings_or_exit()
     with domain_errors():
@@ -363,7 +363,7 @@ def _event_row(event: Any) -> dict[str, Any]:
 @app.command()
 def status(json_out: JsonFlag = False) -> None:
     """What is pending, inflight, delivered and failed; the lag; the money at risk."""
-    from outbox.operations import outbox_stats
+    from outbox.events import outbox_stats
 
     stats = with_session(outbox_stats)
     if json_out:
@@ -392,7 +392,7 @@ def failed(
     json_out: JsonFlag = False,
 ) -> None:
     """Failed events: id, customer, credits, attempts, last error, when."""
-    from outbox.operations import list_failed
+    from outbox.events import list_failed
 
     events = with_session(lambda s: list_failed(s, customer_id=customer, limit=limit))
     if json_out:
@@ -430,7 +430,7 @@ def replay_cmd(
     json_out: JsonFlag = False,
 ) -> None:
     """failed → pending with the same external_id: Polar dedups, so nothing is billed twice."""
-    from outbox.operations import replay
+    from outbox.ops.replay import replay
 
     if bool(event_id) == all_failed:
         fail("give --event-id ID (repeatable) or --all-failed, not both")
@@ -478,7 +478,8 @@ def prune(
     """Delete delivered rows past the retention, in small batches; ledger entries are kept."""
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from outbox.operations import parse_duration, prune_delivered
+    from outbox.events import prune_delivered
+    from outbox.validation import parse_duration
 
     with domain_errors():
         retention = parse_duration(older_than)
@@ -536,7 +537,7 @@ def dev(
 ) -> None:
     """The embedded default: SQLite, the API, an in-process drainer and the Polar emulator;
     prints the `export` lines for a second terminal."""
-    from outbox.devserver import DevOptions, run_dev
+    from cli.dev import DevOptions, run_dev
     from outbox.logs import configure_logging
 
     if polar not in ("emulator", "sandbox"):
@@ -595,8 +596,8 @@ def reconcile(
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     if start and end and start >= end:
         fail("--since must be before --until")
-    from outbox.polar import PolarGateway
-    from outbox.reconcile import reconcile as run
+    from outbox.ops.reconcile import reconcile as run
+    from outbox.polar.gateway import PolarGateway
 
     with domain_errors():
         gateway = PolarGateway(settings, budget_share=settings.reconcile_budget_share)
@@ -671,8 +672,8 @@ def reconcile(
 @app.command()
 def doctor(json_out: JsonFlag = False) -> None:
     """Check the setup before going live; exit 1 if any check fails."""
-    from outbox.doctor import run_checks
-    from outbox.polar import get_gateway
+    from outbox.ops.doctor import run_checks
+    from outbox.polar.gateway import get_gateway
 
     settings = settings_or_exit()
     with domain_errors():

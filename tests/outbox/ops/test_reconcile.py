@@ -9,7 +9,7 @@ from typing import cast
 import pytest
 from sqlalchemy.orm import Session
 
-from outbox.reconcile import (
+from outbox.ops.reconcile import (
     MAX_CUSTOMER_QUERY_CHARS,
     PolarSide,
     _Reconciler,

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, update
 from typer.testing import CliRunner
 
-from outbox.cli import app
+from cli.main import app
 from outbox.db import session_scope
 from outbox.ledger import record_usage
 from outbox.models import OutboxEvent
@@ -152,7 +152,7 @@ def test_db_upgrade_as_the_migration_container_runs_it(tmp_path: Path) -> None:
     """The exact command of docker-compose's `migrate` service, as a real process."""
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/fresh.db"}
     result = subprocess.run(
-        [sys.executable, "-m", "outbox.cli", "db", "upgrade"],
+        [sys.executable, "-m", "cli.main", "db", "upgrade"],
         env=env,
         capture_output=True,
         text=True,

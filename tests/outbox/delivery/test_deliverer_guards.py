@@ -19,8 +19,8 @@ from sqlalchemy.orm import sessionmaker
 
 import polar_emulator
 from outbox.db import session_scope
-from outbox.delivery import Deliverer, drain
-from outbox.leases import (
+from outbox.delivery.deliverer import Deliverer, drain
+from outbox.events import (
     claim_batch,
     fail_if_claimed,
     mark_delivered_if_claimed,
@@ -29,12 +29,12 @@ from outbox.leases import (
 )
 from outbox.ledger import record_usage
 from outbox.models import OutboxEvent, utcnow
-from outbox.polar import PolarGateway
-from outbox.ratelimit import LocalRateBudget, RedisRateBudget
+from outbox.polar.gateway import PolarGateway
+from outbox.polar.ratelimit import LocalRateBudget, RedisRateBudget
 from outbox.settings import Settings
 from outbox.states import EventStatus
 from tests.factories import make_customer
-from tests.outbox.test_delivery import make_settings
+from tests.outbox.delivery.test_deliverer import make_settings
 
 
 @pytest.fixture

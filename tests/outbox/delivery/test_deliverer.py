@@ -16,13 +16,13 @@ from sqlalchemy.orm import sessionmaker
 
 import polar_emulator
 from api.app import create_app
-from outbox import delivery
 from outbox.db import session_scope
-from outbox.delivery import Deliverer, drain
+from outbox.delivery import deliverer as deliverer_module
+from outbox.delivery.deliverer import Deliverer, drain
 from outbox.ledger import record_usage
 from outbox.models import OutboxEvent
-from outbox.polar import PolarGateway
-from outbox.ratelimit import LocalRateBudget
+from outbox.polar.gateway import PolarGateway
+from outbox.polar.ratelimit import LocalRateBudget
 from outbox.service_state import POLAR_CREDENTIALS, get_state
 from outbox.settings import Settings, load_settings
 from tests.factories import ledger_usage, make_customer
@@ -222,7 +222,7 @@ def test_isolation_is_bounded(
 ) -> None:
     """A Polar that keeps naming new events is given a bounded number of resends; the rest of
     the batch goes back to pending with backoff (an attempt), nothing more is failed."""
-    monkeypatch.setattr(delivery, "MAX_REJECTION_ROUNDS", 2)
+    monkeypatch.setattr(deliverer_module, "MAX_REJECTION_ROUNDS", 2)
     _poison_in_both_stages(clean_tables, emulator)
     deliverer = make_deliverer(clean_tables, make_settings(pg_url, emulator))
 
@@ -327,7 +327,7 @@ def test_delivery_works_on_sqlite_too(
     settings = make_settings(url, emulator, outbox_batch_size=7)
     deliverer = make_deliverer(sqlite_engine, settings)
     with session_scope(sqlite_engine) as session:  # a lost worker's rows, on SQLite
-        from outbox.leases import claim_batch
+        from outbox.events import claim_batch
         from outbox.models import utcnow
 
         now = utcnow()

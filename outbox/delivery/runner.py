@@ -12,9 +12,9 @@ from collections.abc import Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox.db import dispose_engines, get_engine, open_database, session_factory
-from outbox.delivery import Deliverer, DrainReport, drain
+from outbox.delivery.deliverer import Deliverer, DrainReport, drain
 from outbox.errors import ConfigError
-from outbox.polar import close_gateway, get_gateway
+from outbox.polar.gateway import close_gateway, get_gateway
 from outbox.settings import Settings, get_settings
 
 log = logging.getLogger("outbox.runtime")
@@ -121,7 +121,7 @@ def prune_once() -> int:
     """Delete delivered rows past the retention now."""
     from datetime import timedelta
 
-    from outbox.operations import prune_delivered
+    from outbox.events import prune_delivered
 
     settings = get_settings()
     result = prune_delivered(

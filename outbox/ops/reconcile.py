@@ -36,13 +36,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outbox.doctor import find_meter
+from outbox import events
 from outbox.errors import PolarUnavailable
 from outbox.models import Customer, LedgerEntry, OutboxEvent, utcnow
-from outbox.polar import USAGE_KEY_FIELD, Outcome, build_event, describe_failure
+from outbox.polar.gateway import USAGE_KEY_FIELD, Outcome, build_event, describe_failure
+from outbox.polar.meters import find_meter
 from outbox.settings import Settings
 from outbox.states import EventStatus, LedgerKind
 from outbox.validation import check_customer_id
@@ -719,38 +720,22 @@ def _requeue(
     """Delivered-but-missing → pending (same external_id); pruned ones are re-created."""
     existing = [u.event_id for u in missing if u.status is not None]
     if existing:
-        session.execute(
-            update(OutboxEvent)
-            .where(OutboxEvent.id.in_(existing), OutboxEvent.status == EventStatus.DELIVERED)
-            .values(
-                status=EventStatus.PENDING,
-                delivered_at=None,
-                next_attempt_at=now,
-                attempts=0,
-                last_error="re-queued by reconcile: Polar did not list it",
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
+        events.requeue_if_delivered(
+            session, existing, now=now, note="re-queued by reconcile: Polar did not list it"
         )
     recreated = []
     for usage in missing:
         if usage.status is None and usage.external_id:
-            session.add(
-                OutboxEvent(
-                    id=usage.event_id,
-                    external_id=usage.external_id,
-                    customer_id=usage.customer_id,
-                    name=settings.usage_event_name,
-                    credits=usage.credits,
-                    event_metadata={},
-                    occurred_at=usage.occurred_at,
-                    status=EventStatus.PENDING,
-                    attempts=0,
-                    next_attempt_at=now,
-                    last_error=RECREATED_NOTE,
-                    created_at=now,
-                    updated_at=now,
-                )
+            events.recreate_pending(
+                session,
+                event_id=usage.event_id,
+                external_id=usage.external_id,
+                customer_id=usage.customer_id,
+                name=settings.usage_event_name,
+                credits=usage.credits,
+                occurred_at=usage.occurred_at,
+                now=now,
+                note=RECREATED_NOTE,
             )
             recreated.append(usage.event_id)
     session.flush()

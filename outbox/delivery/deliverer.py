@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import metrics
 from outbox.db import session_scope
-from outbox.leases import (
+from outbox.events import (
     ClaimedEvent,
     claim_batch,
     fail_if_claimed,
@@ -48,7 +48,7 @@ from outbox.leases import (
     retry_later_if_claimed,
 )
 from outbox.models import utcnow
-from outbox.polar import IngestResult, Outcome, PolarGateway, build_event
+from outbox.polar.gateway import IngestResult, Outcome, PolarGateway, build_event
 from outbox.service_state import (
     CREDENTIALS_OK,
     CREDENTIALS_REJECTED,
