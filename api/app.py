@@ -102,7 +102,7 @@ def create_app(
             app.state.async_database = AsyncDatabase(settings)
         # Everything built so far (modules, the app, its models) lives as long as the process:
         # keep it out of the cyclic collector's full passes, which otherwise walk it again and
-        # again under load (docs/benchmarks.md, issue 13).
+        # again under load (docs/benchmarks.md).
         gc.freeze()
         try:
             yield

@@ -1,5 +1,6 @@
 """POST /v1/usage on PostgreSQL without a thread: the route's unit of work (the steps of
-`outbox.idempotency.http_usage_steps`) driven on psycopg's async connections (issue 13).
+`outbox.idempotency.http_usage_steps`) driven on psycopg's async connections
+(docs/explanation/request-path.md).
 
 The library keeps its sync Session (`record_usage` in the caller's transaction); the steps are
 the same generator, with the same statements (compiled once here by SQLAlchemy for psycopg)

@@ -326,7 +326,7 @@ UNDELIVERED = (EventStatus.PENDING, EventStatus.INFLIGHT, EventStatus.FAILED)
 
 @dataclass(frozen=True)
 class OutboxStats:
-    """The stats object of DESIGN.md (`outbox status`, GET /v1/admin/outbox/stats)."""
+    """What `outbox status` and GET /v1/admin/outbox/stats show (docs/operations.md)."""
 
     counts: dict[str, int]
     oldest_pending_seconds: float

@@ -61,8 +61,8 @@ def hold_back_cutoff(now: datetime, margin_seconds: float) -> datetime:
 
 # The union variant of Polar's `EventCreate` that our events are (they carry
 # `external_customer_id`). Polar checks each event against every variant, with no
-# discriminator, and lists the errors of each (POLAR.md "Schema errors come once per union
-# variant"): only this variant's say anything about our event.
+# discriminator, and lists the errors of each (docs/explanation/polar.md, "Schema errors come
+# once per union variant"): only this variant's say anything about our event.
 SENT_VARIANT = "EventCreateExternalCustomer"
 # The members of Polar's metadata value union (str | int | float | bool): one bad value is
 # listed once per member, its `loc` ending in the member's tag.
@@ -117,7 +117,8 @@ def _is_future_timestamp(error: dict[str, object], loc: object) -> bool:
 def parse_batch_rejections(
     detail: object, batch_len: int, *, variant: str = SENT_VARIANT
 ) -> BatchRejections:
-    """Map a 422's `detail` to batch indexes (POLAR.md: `loc` is `["body", "events", i, ...]`).
+    """Map a 422's `detail` to batch indexes (`loc` is `["body", "events", i, ...]`:
+    docs/explanation/polar-422s.md).
 
     - An event is judged only by the errors of the union `variant` we send and by service
       errors (no variant in `loc`); the other variants' errors (e.g. the spurious

@@ -23,7 +23,7 @@ DEFAULT_REQUESTS_PER_MINUTE = {"sandbox": 100, "production": 500}
 
 
 class Settings(BaseSettings):
-    """Every variable of DESIGN.md's configuration table, plus a few documented extras."""
+    """Every variable the service reads (docs/reference/configuration.md)."""
 
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     hold_ttl_seconds: int = Field(
         900, ge=1, le=7 * 86_400, description="An uncaptured hold is released after this."
     )
-    # Extras beyond DESIGN.md's table.
+    # Extras beyond the core table of docs/reference/configuration.md.
     outbox_clock_margin_seconds: float = Field(
         0.5,
         ge=0,

@@ -1,5 +1,5 @@
 """A unit of work written once, run by either driver: the caller's sync Session or the API's
-async connection (issue 13).
+async connection (docs/explanation/request-path.md).
 
 A *steps* function is a generator that yields what it needs from the database and receives the
 answer: `row = yield Query(statement, params)` gets the statement's first row (or None), and
@@ -7,7 +7,7 @@ answer: `row = yield Query(statement, params)` gets the statement's first row (o
 that fails raises its error at the `yield`, where the steps may catch it. They decide
 everything else themselves and return (or raise) the outcome. `run_steps` drives one on a
 SQLAlchemy Session, in the caller's transaction, as every library call does; the API's hot
-route drives the same generator on psycopg's async connection (`api.fastpath`), so the SQL and
+route drives the same generator on psycopg's async connection (`api.asyncdb`), so the SQL and
 the decisions are the same code on both paths.
 
 Only statements built once at import (module constants) are yielded: the async driver compiles

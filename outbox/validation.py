@@ -1,4 +1,5 @@
-"""Validation at the edge: what Polar would refuse never reaches the outbox (POLAR.md).
+"""Validation at the edge: what Polar would refuse never reaches the outbox
+(docs/explanation/polar.md).
 
 Shared by the HTTP API and the library calls, so both refuse the same inputs the same way.
 """

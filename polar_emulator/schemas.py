@@ -4,7 +4,7 @@ Polar refuses and says it the way Polar says it.
 Taken from Polar's server (polarsource/polar `server/polar/event/schemas.py`,
 `server/polar/kit/metadata.py`, `server/polar/kit/schemas.py`, snapshot of 2026-08-22) and pinned
 against its live answers by tests/contract/ (fixtures recorded from that server). What follows
-from building it the same way, and what the project depends on (POLAR.md):
+from building it the same way, and what the project depends on (docs/explanation/polar.md):
 
 - `EventCreate` is a union of two models without a discriminator: every schema error of an
   event is listed once per variant (`["body", "events", i, "EventCreateCustomer", ...]` and

@@ -1,10 +1,9 @@
 """The emulator's in-memory Polar: configuration (faults, clock, limits), stored events, stats.
 
-Behaviour copied from Polar's server (POLAR.md): dedup on (organization, external_id) with
-ON CONFLICT DO NOTHING semantics; one invalid event rejects the whole batch with 422 and stores
-nothing; timestamps must not be in Polar's future; a fixed 60-second rate window per
-organization over every /v1 endpoint, 429 with `Retry-After`.
-"""
+Behaviour copied from Polar's server (docs/explanation/polar.md): dedup on (organization,
+external_id) with ON CONFLICT DO NOTHING semantics; one invalid event rejects the whole batch with
+422 and stores nothing; timestamps must not be in Polar's future; a fixed 60-second rate window per
+organization over every /v1 endpoint, 429 with `Retry-After`."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ class UsageRoute(APIRoute):
     scope, at most one Idempotency-Key. The endpoint then gets exactly what FastAPI would have
     given it. Anything else (a bad body, an unknown token, a missing scope) goes FastAPI's way,
     which answers it as for every other route (422, 401, 403). Measured in docs/benchmarks.md
-    (issue 13)."""
+    (docs/explanation/request-path.md)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         general = super().get_route_handler()

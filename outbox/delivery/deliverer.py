@@ -1,6 +1,6 @@
 """Delivery: claim a batch, send it to Polar in ONE request, settle every row by its outcome.
 
-The rules (DESIGN.md "Delivery rules", POLAR.md):
+The rules (docs/state_machine.md; what Polar does: docs/explanation/polar.md):
 - OK → delivered (inserted or duplicate: Polar dedups on `external_id`, so a resend is free).
 - Network error, timeout, 5xx, an unattributable 4xx → pending with backoff; counts an attempt.
 - A slot of the shared, paced rate budget first, then the claim (docs/explanation/pacing.md):
@@ -86,7 +86,8 @@ class BatchReport:
 
 
 def to_polar_event(event: ClaimedEvent, settings: Settings) -> dict[str, object]:
-    """The Polar event for a claimed row (DESIGN.md: name, external ids, timestamp, metadata)."""
+    """The Polar event for a claimed row: name, external ids, timestamp, metadata
+    (docs/glossary.md, "usage event")."""
     return build_event(
         name=event.name,
         customer_id=event.customer_id,

@@ -1,15 +1,14 @@
 """One Polar request budget for the whole organization, shared by every worker, paced.
 
-Polar counts requests per organization in a fixed 60-second window over all endpoints and
-answers 429 (Retry-After: 60) past the limit (POLAR.md); where its window starts is not
-documented. So every process takes a slot from one Redis budget before each request, and the
-budget hands slots out at a steady pace (GCRA, `outbox.policy.take_slot`): at most the
-allowance (the limit minus a safety margin) in ANY interval of one window, however Polar's
-window is aligned, instead of the whole allowance in the first second of a wall-clock minute.
-A 429 seen by any worker pauses all of them until its Retry-After has passed. Time comes from
-Redis's clock (TIME inside the script), so workers with skewed clocks still agree. Without
-Redis a worker falls back to a local, paced share of the budget and says so in its log.
-"""
+Polar counts requests per organization in a fixed 60-second window over all endpoints and answers
+429 (Retry-After: 60) past the limit (docs/explanation/polar.md); where its window starts is not
+documented. So every process takes a slot from one Redis budget before each request, and the budget
+hands slots out at a steady pace (GCRA, `outbox.policy.take_slot`): at most the allowance (the limit
+minus a safety margin) in ANY interval of one window, however Polar's window is aligned, instead of
+the whole allowance in the first second of a wall-clock minute. A 429 seen by any worker pauses all
+of them until its Retry-After has passed. Time comes from Redis's clock (TIME inside the script), so
+workers with skewed clocks still agree. Without Redis a worker falls back to a local, paced share of
+the budget and says so in its log."""
 
 from __future__ import annotations
 

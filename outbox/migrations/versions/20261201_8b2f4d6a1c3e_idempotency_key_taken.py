@@ -5,7 +5,7 @@ Revises: 5d0e7c1f9a42
 Create Date: 2026-12-01 15:30:00
 
 PostgreSQL only. POST /v1/usage with an Idempotency-Key is one statement, run in autocommit
-(issue 13): the lookup of the key, the spend and the key's record. When a concurrent request
+(docs/explanation/request-path.md): the lookup of the key, the spend and the key's record. When a concurrent request
 with the same key committed its record first, that statement has spent but could not record
 the key; it calls `outbox_idempotency_key_taken()`, which raises SQLSTATE OB001, so PostgreSQL
 undoes the whole statement and the request replays the first one's answer
