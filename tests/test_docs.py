@@ -62,7 +62,9 @@ def fresh_clone(tmp_path: Path) -> Path:
         f"#!{clone / '.venv' / 'bin' / 'python'}\nfrom outbox.cli import main\nmain()\n"
     )
     outbox.chmod(0o755)
-    digest = hashlib.sha256((clone / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256(
+        (clone / "pyproject.toml").read_bytes() + (clone / "requirements-lock.txt").read_bytes()
+    ).hexdigest()
     (clone / ".venv" / ".installed").write_text(digest + "\n")
     return clone
 
