@@ -205,7 +205,6 @@ Ctrl-C stops cleanly; undelivered rows are kept and sent on the next start.
 
 def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
     """Run everything until interrupted."""
-    check_port_free(options.host, options.port, "--port")
     emulator: Any = None
     settings = get_settings()
     ignored = ignored_settings(settings, options)
@@ -219,7 +218,8 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
             raise ConfigError(
                 "--polar sandbox: POLAR_ENVIRONMENT is production; outbox dev never bills it"
             )
-    else:
+    check_port_free(options.host, options.port, "--port")
+    if options.polar == "emulator":
         check_port_free("127.0.0.1", options.emulator_port, "--emulator-port")
         import polar_emulator
 

@@ -7,5 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-. scripts/venv.sh ""
+. scripts/venv.sh
 exec outbox dev "$@"

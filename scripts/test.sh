@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-. scripts/venv.sh "[dev]"
+. scripts/venv.sh
 
 bash scripts/services.sh
 

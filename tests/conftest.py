@@ -46,6 +46,29 @@ def service_missing(what: str, exc: BaseException) -> NoReturn:
     skip_locally_fail_in_ci(f"{what} is not reachable: {exc}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_postgresql_untouched() -> Iterator[None]:
+    """The machine's PostgreSQL (TEST_DATABASE_URL's server, which other people and the
+    developer's own `outbox serve` use) is the same postmaster, started at the same time, at
+    the end of the run as at its start: a test that stops or restarts a server does it to one
+    of its own (tests/services.py). Fails the run (an error at the last teardown) otherwise."""
+    from tests.services import cluster_identity
+
+    server = make_url(TEST_DATABASE_URL).set(database="postgres").render_as_string(False)
+    before = cluster_identity(server)
+    yield
+    if before is None:
+        return  # not reachable at the start: the tests that needed it skipped or failed
+    after = cluster_identity(server)
+    if after != before:
+        pytest.fail(
+            f"the machine's PostgreSQL at {make_url(server).host}:{make_url(server).port} was "
+            f"stopped or restarted during the run (postmaster pid, start time: {before} -> "
+            f"{after}); a test must use a cluster of its own (tests/services.py)",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, migrated to head, dropped after."""

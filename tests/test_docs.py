@@ -62,23 +62,25 @@ def fresh_clone(tmp_path: Path) -> Path:
         f"#!{clone / '.venv' / 'bin' / 'python'}\nfrom cli.main import main\nmain()\n"
     )
     outbox.chmod(0o755)
-    digest = hashlib.sha256((clone / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256(
+        (clone / "pyproject.toml").read_bytes() + (clone / "requirements-lock.txt").read_bytes()
+    ).hexdigest()
     (clone / ".venv" / ".installed").write_text(digest + "\n")
     return clone
 
 
 def isolated_network() -> list[str]:
     """The documents use 127.0.0.1:8000 and :8765 as written: run them in a network namespace
-    of their own (root, CI), else directly if both ports are free here."""
-    probe = (
-        subprocess.run(
-            ["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, timeout=30
-        )
-        if shutil.which("unshare") and shutil.which("ip")
-        else None
-    )
-    if probe is not None and probe.returncode == 0:
-        return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "-"]
+    of their own (as root; else in a user namespace, which most Linux machines allow to
+    anyone), so they never need those ports free here nor take them from a running
+    `outbox dev`; directly only where neither works and both ports are free."""
+    if shutil.which("unshare") and shutil.which("ip"):
+        for unshare in (["unshare", "-n"], ["unshare", "-r", "-n"]):
+            probe = subprocess.run(
+                [*unshare, "sh", "-c", "ip link set lo up"], capture_output=True, timeout=30
+            )
+            if probe.returncode == 0:
+                return [*unshare, "sh", "-c", 'ip link set lo up && exec "$@"', "-"]
     for port in (8000, 8765):
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:

@@ -359,16 +359,18 @@ def test_banner_hides_the_password_of_a_database_url() -> None:
 
 
 def test_dev_never_sends_to_polar_production_nor_without_a_token(tmp_path: Path) -> None:
+    ports = ("--port", str(free_port()), "--emulator-port", str(free_port()))
     production = run_cli(
         tmp_path,
         clean_env(POLAR_ACCESS_TOKEN="polar_oat_AbCdEf0123456789", POLAR_ENVIRONMENT="production"),
         "dev",
         "--polar",
         "sandbox",
+        *ports,
     )
     assert production.returncode == 2
     assert "never bills it" in production.stderr and "Traceback" not in production.stderr
-    tokenless = run_cli(tmp_path, clean_env(), "dev", "--polar", "sandbox")
+    tokenless = run_cli(tmp_path, clean_env(), "dev", "--polar", "sandbox", *ports)
     assert tokenless.returncode == 2
     assert "POLAR_ACCESS_TOKEN" in tokenless.stderr
     assert not (tmp_path / "outbox.db").exists()

@@ -1,32 +1,61 @@
 """Redis down: the API keeps accepting usage and delivery catches up when Redis is back.
-PostgreSQL restarted for real (and, portably, its connections killed): the API answers 503
-while it is down, and the API and the workers recover by themselves."""
+PostgreSQL restarted for real (and its connections killed): the API answers 503 while it is
+down, and the API and the workers recover by themselves.
+
+Every server stopped here is the module's own (tests/services.py): a private PostgreSQL
+cluster in a temporary directory and a private redis-server, each on a free port; the
+machine's PostgreSQL and Redis are never touched."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import os
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
+import pytest
 from celery import Celery
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
-from sqlalchemy.engine import make_url
 
 import polar_emulator
 from api.app import create_app
 from api.nudge import Nudger
-from outbox.db import session_scope
+from outbox.db import dispose_engines, make_engine, session_scope
 from outbox.ledger import record_usage
-from outbox.settings import load_settings
+from outbox.migrate import upgrade
+from outbox.settings import get_settings, load_settings
 from outbox.tokens import create_token
 from tests.acceptance.conftest import Worker, all_delivered, status_counts, wait_until
-from tests.chaos.conftest import PrivateRedis
-from tests.conftest import skip_locally_fail_in_ci
+from tests.chaos.conftest import PrivatePostgres, PrivateRedis
 from tests.factories import make_customer
+from tests.services import cluster_identity
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pg_url(private_postgres: PrivatePostgres) -> Iterator[str]:
+    """This module's database, migrated, on its private cluster (not the session's)."""
+    url = private_postgres.create_database("outbox_chaos")
+    upgrade(url)
+    previous = os.environ.get("DATABASE_URL")
+    os.environ["DATABASE_URL"] = url
+    get_settings.cache_clear()
+    yield url
+    dispose_engines()
+    if previous is None:
+        os.environ.pop("DATABASE_URL", None)
+    else:
+        os.environ["DATABASE_URL"] = previous
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    engine = make_engine(pg_url, pool_size=40, max_overflow=20)
+    yield engine
+    engine.dispose()
 
 
 def test_redis_down_usage_is_still_accepted_and_delivered_after_it_returns(
@@ -121,24 +150,13 @@ def test_workers_recover_when_postgresql_drops_every_connection(
     assert emulator.state.totals() == {customer: 3000}
 
 
-def _local_cluster(pg_url: str) -> list[str]:
-    """`pg_ctlcluster VERSION main`, for the Debian cluster serving the tests on this machine
-    (the way .ci/run starts it); skipped locally, a failure in CI, when there is none."""
-    url = make_url(pg_url)
-    etc = Path("/etc/postgresql")
-    clusters = sorted(p.name for p in etc.iterdir()) if etc.is_dir() else []
-    if shutil.which("pg_ctlcluster") and clusters and (url.host, url.port) == ("127.0.0.1", 5432):
-        return ["pg_ctlcluster", "--skip-systemctl-redirect", clusters[-1], "main"]
-    skip_locally_fail_in_ci("no local Debian PostgreSQL cluster to restart (pg_ctlcluster)")
-
-
 def test_the_api_and_workers_recover_from_a_real_postgresql_restart(
     clean_tables: Engine,
     pg_url: str,
     emulator: polar_emulator.RunningEmulator,
     start_worker: Callable[..., Worker],
+    private_postgres: PrivatePostgres,
 ) -> None:
-    cluster = _local_cluster(pg_url)
     app = create_app(load_settings(database_url=pg_url), engine=clean_tables)
     client = TestClient(app)
     with session_scope(clean_tables) as session:
@@ -157,12 +175,27 @@ def test_the_api_and_workers_recover_from_a_real_postgresql_restart(
 
     assert spend()[0] == 201  # the token is now cached, as in a running API
     worker = _worker_mid_delivery(clean_tables, emulator, start_worker)
-    subprocess.run([*cluster, "stop", "-m", "fast"], check=True, timeout=60)
+    private_postgres.stop("fast")
     try:
         time.sleep(3)  # the worker's drains fail meanwhile; beat keeps scheduling them
         assert spend() == (503, "database_unavailable")
     finally:
-        subprocess.run([*cluster, "start"], check=True, timeout=60)
+        private_postgres.start()
     wait_until(lambda: spend()[0] == 201, 30, "the API after the restart")
     wait_until(all_delivered(clean_tables, 2002), 180, "delivery after the restart", worker.output)
     assert emulator.state.totals() == {customer: 2002}
+
+
+def test_the_suites_guard_sees_a_postgresql_restart(private_postgres: PrivatePostgres) -> None:
+    """tests/conftest.py's check of the machine's PostgreSQL compares these pairs: a restart
+    changes them (here, of this module's own cluster)."""
+    before = cluster_identity(private_postgres.url())
+    assert before is not None and before[0] != "?"
+    assert cluster_identity(private_postgres.url()) == before
+    private_postgres.stop("fast")
+    try:
+        assert cluster_identity(private_postgres.url()) is None
+    finally:
+        private_postgres.start()
+    after = cluster_identity(private_postgres.url())
+    assert after is not None and after != before
