@@ -76,7 +76,14 @@ def post_hold(body: HoldIn, request: Request, session: SessionDep, _: UsageToken
     "/{hold_id}/capture",
     status_code=201,
     response_model=UsageOut,
-    responses={**ERROR_RESPONSES, **HOLD_ERRORS},
+    responses={
+        **ERROR_RESPONSES,
+        **HOLD_ERRORS,
+        402: {
+            "model": ErrorOut,
+            "description": "insufficient_credits: a revoke of Polar credits took part of the hold",
+        },
+    },
 )
 def post_capture(
     hold_id: HoldId,
@@ -86,7 +93,8 @@ def post_capture(
     body: CaptureIn | None = None,
 ) -> JSONResponse:
     """Bill what the generation used (default: all held); the rest returns to the balance.
-    Capturing twice returns the first result."""
+    Capturing twice returns the first result. A revoke of the customer's Polar credits may
+    have taken part of the hold (402 for more than is left) or all of it (409)."""
     body = body or CaptureIn()
     try:
         result = capture_hold(
