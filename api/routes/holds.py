@@ -11,10 +11,18 @@ from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from api.deps import SessionDep, UsageToken, after_commit, respond
 from api.errors import response_for
+from api.routes.usage import IdempotencyKey
 from api.schemas import CUSTOMER_ID_SCHEMA, ERROR_RESPONSES, ErrorOut, Metadata, Strict, UsageOut
 from outbox.errors import HoldClosed
 from outbox.holds import capture_hold, place_hold, release_hold
-from outbox.validation import MAX_CREDITS, MAX_CUSTOMER_ID_LENGTH, MAX_ID, check_customer_id
+from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
+from outbox.validation import (
+    MAX_CREDITS,
+    MAX_CUSTOMER_ID_LENGTH,
+    MAX_ID,
+    check_customer_id,
+    check_idempotency_key,
+)
 
 router = APIRouter(prefix="/v1/holds", tags=["holds"])
 
@@ -60,16 +68,37 @@ class ReleaseOut(BaseModel):
         **ERROR_RESPONSES,
         402: {"model": ErrorOut, "description": "insufficient_credits"},
         404: {"model": ErrorOut, "description": "customer_not_found"},
+        409: {"model": ErrorOut, "description": "idempotency_key_reused"},
     },
 )
-def post_hold(body: HoldIn, request: Request, session: SessionDep, _: UsageToken) -> JSONResponse:
-    """Reserve credits; they are released by themselves after HOLD_TTL_SECONDS."""
+def post_hold(
+    body: HoldIn,
+    request: Request,
+    session: SessionDep,
+    token: UsageToken,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Reserve credits; they are released by themselves after HOLD_TTL_SECONDS. A repeat with
+    the same Idempotency-Key and body returns the first hold (nothing more is held)."""
     check_customer_id(body.customer_id)
-    result = place_hold(
-        session, body.customer_id, body.credits, settings=request.app.state.settings
+    key = check_idempotency_key(idempotency_key)
+
+    def action() -> StoredResponse:
+        result = place_hold(
+            session, body.customer_id, body.credits, settings=request.app.state.settings
+        )
+        out = HoldOut(hold_id=result.hold_id, balance=result.balance, expires_at=result.expires_at)
+        return StoredResponse(201, out.model_dump(mode="json"))
+
+    response = run_idempotent(
+        session,
+        token_id=token.id,
+        key=key,
+        fingerprint=request_fingerprint("POST", "/v1/holds", body.model_dump(mode="json")),
+        action=action,
+        error_response=response_for,
     )
-    out = HoldOut(hold_id=result.hold_id, balance=result.balance, expires_at=result.expires_at)
-    return respond(out, 201)
+    return JSONResponse(response.body, status_code=response.status_code)
 
 
 @router.post(
