@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from api.deps import SessionDep, UsageToken, after_commit, respond
 from api.errors import response_for
 from api.routes.usage import IdempotencyKey
-from api.schemas import CUSTOMER_ID_SCHEMA, ERROR_RESPONSES, ErrorOut, Metadata, Strict, UsageOut
+from api.schemas import (
+    CUSTOMER_ID_SCHEMA,
+    ERROR_RESPONSES,
+    ErrorOut,
+    Metadata,
+    PathId,
+    Strict,
+    UsageOut,
+)
 from outbox.errors import HoldClosed
 from outbox.holds import capture_hold, place_hold, release_hold
 from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
 from outbox.validation import (
     MAX_CREDITS,
     MAX_CUSTOMER_ID_LENGTH,
-    MAX_ID,
     check_customer_id,
     check_idempotency_key,
 )
 
 router = APIRouter(prefix="/v1/holds", tags=["holds"])
 
-HoldId = Annotated[int, Path(ge=1, le=MAX_ID)]
+HoldId = PathId
 HOLD_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "hold_not_found"},
     409: {"model": ErrorOut, "description": "hold_closed"},
