@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -86,6 +88,33 @@ Metadata = Annotated[dict[StrictStr, MetadataValue], WithJsonSchema(METADATA_SCH
 
 # Row ids in a path or a body: PostgreSQL bigints.
 RowId = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
+
+# An integer in a path or a query string is its canonical decimal digits, nothing else: pydantic
+# alone reads `1_0`, `+10`, `10.0`, `010` and ` 10` as 10, so one hold had many addresses.
+DIGITS_PATTERN = r"^[1-9][0-9]*$"
+DIGITS_RULE = (
+    "Decimal digits only, as the API writes them: no sign, leading zero, `_`, `.`, exponent or "
+    "space (`10`, never `+10`, `010`, `1_0` or `10.0`)."
+)
+_DIGITS = re.compile(r"[1-9][0-9]{0,18}")
+
+
+def _canonical_digits(value: object) -> object:
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise ValueError("must be decimal digits without a sign, leading zero or separator")
+    return value
+
+
+def _digits(description: str) -> dict[str, Any]:
+    return {
+        "description": f"{description} {DIGITS_RULE}",
+        "json_schema_extra": {"pattern": DIGITS_PATTERN},
+    }
+
+
+PathId = Annotated[
+    int, Path(ge=1, le=MAX_ID, **_digits("A row id.")), BeforeValidator(_canonical_digits)
+]
 Cursor = Annotated[
     str | None,
     Query(
@@ -99,7 +128,11 @@ Cursor = Annotated[
         json_schema_extra={"pattern": CURSOR_PATTERN},
     ),
 ]
-Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+Limit = Annotated[
+    int,
+    Query(ge=1, le=MAX_PAGE_SIZE, **_digits("Rows per page.")),
+    BeforeValidator(_canonical_digits),
+]
 CustomerIdPath = Annotated[
     str,
     Path(

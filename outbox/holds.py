@@ -4,6 +4,9 @@ A hold moves credits from `balance` to `held` (ledger `hold`, negative). Capture
 held credits (ledger `capture`, positive) and records the usage actually consumed (ledger
 `usage` + its outbox row) in the same transaction; release returns them (ledger `release`).
 Holds not captured within HOLD_TTL_SECONDS are released by the sweeper (`expire_holds`).
+A revoke of Polar credits that the balance cannot cover shrinks open holds
+(`take_from_open_holds`): what a hold holds is then less than what was placed, and a hold left
+with nothing is closed `revoked` (docs/explanation/webhooks.md).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from sqlalchemy.orm import Session
 from outbox.errors import (
     HoldClosed,
     HoldNotFound,
+    InsufficientCredits,
     InvalidRequest,
 )
 from outbox.ledger import (
@@ -124,7 +128,8 @@ def capture_hold(
     settings: Settings | None = None,
 ) -> UsageResult:
     """Bill `credits` (default: all held, at most the held amount) of an open hold and return
-    the rest; capturing twice returns the first result."""
+    the rest; capturing twice returns the first result. What a revoke took from the hold
+    cannot be billed from it (`InsufficientCredits`; `HoldClosed` once it took everything)."""
     settings = settings or get_settings()
     clean_metadata = check_metadata(metadata, credits_field=settings.usage_credits_field)
     hold = get_hold_for_update(session, hold_id)
@@ -133,12 +138,25 @@ def capture_hold(
     now = utcnow()
     if hold.status == HoldStatus.OPEN and hold.expires_at <= now:
         _close(session, hold, HoldStatus.EXPIRED, now)
+    if hold.status == HoldStatus.REVOKED:
+        raise HoldClosed(
+            f"hold {hold_id} was emptied by a revoke of the customer's Polar credits: nothing "
+            "is left to capture",
+            hold_id=hold_id,
+            status=hold.status,
+        )
     if hold.status != HoldStatus.OPEN:
         raise HoldClosed(hold_id=hold_id, status=hold.status)
     amount = hold.credits if credits is None else check_credits(credits)
+    placed = hold.credits + hold.revoked_credits
+    if amount > placed:
+        raise InvalidRequest(f"credits must be at most the held amount ({placed})", field="credits")
     if amount > hold.credits:
-        raise InvalidRequest(
-            f"credits must be at most the held amount ({hold.credits})", field="credits"
+        raise InsufficientCredits(
+            f"a revoke of the customer's Polar credits took {hold.revoked_credits} of hold "
+            f"{hold_id}'s {placed} credits: it holds {hold.credits}; capture at most that",
+            customer_id=hold.customer_id,
+            credits=amount,
         )
     _return_held(session, hold, LedgerKind.CAPTURE, now)
     balance = _deduct_if_covered(session, hold.customer_id, amount, now)
@@ -175,6 +193,65 @@ def capture_hold(
     return result
 
 
+class OpenHolds:
+    """A customer's open holds, locked (`take_from_open_holds`), to take a revoke's rest from."""
+
+    def __init__(self, session: Session, holds: list[Hold], now: datetime) -> None:
+        self.session = session
+        self.holds = holds
+        self.now = now
+
+    def take(self, credits: int, reason: str) -> dict[int, int]:
+        """Take up to `credits` from the holds, newest first, back into the balance (a `release`
+        entry each, for the revoke that follows to take); returns hold id -> credits taken.
+        The caller holds the customer's row lock."""
+        taken: dict[int, int] = {}
+        for hold in sorted(self.holds, key=lambda h: h.id, reverse=True):
+            if credits <= 0:
+                break
+            part = min(credits, hold.credits)
+            credits -= part
+            taken[hold.id] = part
+            hold.credits -= part
+            hold.revoked_credits += part
+            if hold.credits == 0:
+                hold.status, hold.closed_at = HoldStatus.REVOKED, self.now
+            self.session.flush()
+            balance = self.session.execute(
+                update(Customer)
+                .where(Customer.id == hold.customer_id)
+                .values(
+                    balance=Customer.balance + part,
+                    held=Customer.held - part,
+                    updated_at=self.now,
+                )
+                .returning(Customer.balance)
+            ).scalar_one()
+            append_ledger_entry(
+                self.session,
+                customer_id=hold.customer_id,
+                kind=LedgerKind.RELEASE,
+                delta=part,
+                balance_after=int(balance),
+                now=self.now,
+                hold_id=hold.id,
+                reason=f"taken from the hold by a revoke: {reason}",
+            )
+        return taken
+
+
+def take_from_open_holds(session: Session, customer_id: str, now: datetime) -> OpenHolds:
+    """The customer's open holds, locked in id order (before the customer's row: the order
+    capture, release and the sweeper lock in), for a revoke to shrink."""
+    holds = session.scalars(
+        select(Hold)
+        .where(Hold.customer_id == customer_id, Hold.status == HoldStatus.OPEN)
+        .order_by(Hold.id)
+        .with_for_update()
+    ).all()
+    return OpenHolds(session, list(holds), now)
+
+
 def _close(session: Session, hold: Hold, status: HoldStatus, now: datetime) -> int:
     kind = LedgerKind.RELEASE
     balance = _return_held(session, hold, kind, now)
@@ -185,13 +262,14 @@ def _close(session: Session, hold: Hold, status: HoldStatus, now: datetime) -> i
 
 
 def release_hold(session: Session, hold_id: int) -> ReleaseResult:
-    """Return the held credits; nothing is billed. Releasing twice is harmless."""
+    """Return the held credits (what a revoke left of them); nothing is billed. Releasing
+    twice, or a hold a revoke emptied, is harmless."""
     hold = get_hold_for_update(session, hold_id)
     now = utcnow()
     if hold.status == HoldStatus.OPEN:
         balance = _close(session, hold, HoldStatus.RELEASED, now)
         return ReleaseResult(hold_id=hold.id, balance=balance, status=HoldStatus.RELEASED)
-    if hold.status in (HoldStatus.RELEASED, HoldStatus.EXPIRED):
+    if hold.status in (HoldStatus.RELEASED, HoldStatus.EXPIRED, HoldStatus.REVOKED):
         customer = session.get(Customer, hold.customer_id)
         assert customer is not None
         return ReleaseResult(hold_id=hold.id, balance=customer.balance, status=hold.status)

@@ -522,26 +522,56 @@ def ledger_balance(session: Session, customer_id: str) -> int:
     return int(total or 0)
 
 
+@dataclass(frozen=True)
+class RevokeResult:
+    """A revoke: its ledger entry, the balance after it, and exactly what it took: from the
+    balance, from each open hold (hold id -> credits), and what it could not take (spent)."""
+
+    entry_id: int
+    balance: int
+    taken: int
+    from_balance: int
+    from_holds: dict[int, int]
+    shortfall: int
+
+
 def revoke_credits(
     session: Session,
     customer_id: str,
     credits: int,
     reason: str | None = None,
     idempotency_key: str | None = None,
-) -> GrantResult:
-    """Take back up to `credits`, never below zero; the shortfall is written in the entry's
-    reason. Returns the revoke entry id (as `grant_id`) and the balance after it."""
+) -> RevokeResult:
+    """Take back up to `credits`: from the balance first, then from the customer's open holds,
+    newest first (each shrinks; one left with nothing is closed `revoked`), so no release or
+    capture can bring them back. What was already spent cannot be taken: that shortfall is
+    written in the entry's reason. In the caller's transaction (docs/explanation/webhooks.md).
+
+    Each hold's part goes back to the balance first (a `release` entry of that hold), then one
+    `revoke` entry takes the whole: the ledger stays equal to the balance, and open holds'
+    credits to `held`."""
+    from outbox.holds import take_from_open_holds  # holds builds on the ledger
+
     customer_id = check_customer_id(customer_id)
     credits = check_credits(credits, maximum=MAX_GRANT_CREDITS)
     now = utcnow()
+    note = reason or "revoked"
+    # Holds before the customer: the order every hold operation locks in (no deadlock).
+    holds = take_from_open_holds(session, customer_id, now)
     customer = get_customer_for_update(session, customer_id)
     if customer is None:
         raise CustomerNotFound(customer_id=customer_id)
-    taken = min(credits, customer.balance)
+    from_balance = min(credits, customer.balance)
+    from_holds = holds.take(credits - from_balance, note)
+    held = sum(from_holds.values())
+    taken = from_balance + held
     shortfall = credits - taken
-    note = reason or "revoked"
+    if held:
+        note += f" (took {from_balance} from the balance and {held} from holds " + (
+            ", ".join(f"#{hold_id}: {n}" for hold_id, n in from_holds.items()) + ")"
+        )
     if shortfall:
-        note += f" (shortfall: {shortfall} of {credits} credits were already spent or held)"
+        note += f" (shortfall: {shortfall} of {credits} credits were already spent)"
     balance = session.execute(
         update(Customer)
         .where(Customer.id == customer_id)
@@ -564,4 +594,11 @@ def revoke_credits(
         reason=note,
         idempotency_key=idempotency_key,
     )
-    return GrantResult(grant_id=entry_id, balance=int(balance))
+    return RevokeResult(
+        entry_id=entry_id,
+        balance=int(balance),
+        taken=taken,
+        from_balance=from_balance,
+        from_holds=from_holds,
+        shortfall=shortfall,
+    )

@@ -244,12 +244,18 @@ class ApiToken(Base):
 
 
 class Hold(Base):
-    """Credits reserved before a long generation; captured (billed) or released (returned)."""
+    """Credits reserved before a long generation; captured (billed) or released (returned).
+    `credits` is what the hold holds now: a revoke of Polar credits shrinks it and counts what
+    it took in `revoked_credits`; a hold left with nothing is `revoked` (outbox/holds.py)."""
 
     __tablename__ = "holds"
     __table_args__ = (
         CheckConstraint(_in("status", HoldStatus), name="status_known"),
-        CheckConstraint("credits >= 1", name="credits_positive"),
+        CheckConstraint("credits >= 0", name="credits_non_negative"),
+        CheckConstraint(
+            "revoked_credits >= 0 AND credits + revoked_credits >= 1", name="revoked_within_hold"
+        ),
+        CheckConstraint("(status = 'revoked') = (credits = 0)", name="revoked_iff_emptied"),
         CheckConstraint(
             "captured_credits IS NULL OR (captured_credits >= 0 AND captured_credits <= credits)",
             name="captured_within_hold",
@@ -267,6 +273,9 @@ class Hold(Base):
         String(128), ForeignKey("customers.id"), nullable=False
     )
     credits: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    revoked_credits: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, default=0, server_default=text("0")
+    )
     status: Mapped[str] = mapped_column(String(16), nullable=False, default=HoldStatus.OPEN)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     captured_credits: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

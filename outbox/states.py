@@ -24,6 +24,7 @@ class HoldStatus(StrEnum):
     CAPTURED = "captured"
     RELEASED = "released"
     EXPIRED = "expired"
+    REVOKED = "revoked"  # a revoke of Polar credits took all it held (outbox/ledger.py)
 
 
 class TokenScope(StrEnum):

@@ -6,8 +6,9 @@ Meter Credits benefit as a per-grant state machine (docs/explanation/webhooks.md
 2. `receive_webhook` stores every verified body once per `webhook-id` (its SHA-256, so ids of
    any length), whatever it contains, and only then parses it, defensively.
 3. `benefit_grant.created` / `cycled` of a `meter_credit` benefit credit
-   `data.properties.last_credited_units`; `benefit_grant.revoked` takes them back, never below
-   zero (the shortfall is recorded). With POLAR_METER_ID set, only that meter's grants count.
+   `data.properties.last_credited_units`; `benefit_grant.revoked` takes them back from the
+   balance, then from open holds (they shrink), never below zero (the shortfall is
+   recorded). With POLAR_METER_ID set, only that meter's grants count.
    Each credit is identified by Polar's grant id (`data.id`) and its cycle: the
    `last_credited_at` Polar writes each time it credits the meter (a revoke names the credit it
    takes back in `data.previous_properties.last_credited_at`). So redeliveries under new
@@ -32,7 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from outbox.errors import InvalidRequest, InvalidSignature, OutboxError
-from outbox.ledger import grant_credits, revoke_credits
+from outbox.ledger import RevokeResult, grant_credits, revoke_credits
 from outbox.models import PolarGrantCycle, WebhookEvent, utcnow
 from outbox.settings import Settings
 from outbox.states import GrantCycleState
@@ -367,4 +368,19 @@ def revoke_cycle(session: Session, move: GrantCredit) -> str:
     result = revoke_credits(
         session, row.customer_id, row.units, _reason(move), idempotency_key=_key(move, "revoke")
     )
-    return f"revoked up to {row.units} credits of {row.customer_id}: balance {result.balance}"
+    return revoke_outcome(result, row.units, row.customer_id)
+
+
+def revoke_outcome(result: RevokeResult, units: int, customer_id: str) -> str:
+    """What a revoke took, exactly: from the balance, from which holds, and what it could not."""
+    parts = [f"{result.from_balance} from the balance"]
+    if result.from_holds:
+        taken = result.from_holds.items()
+        parts.append(", ".join(f"{credits} from hold {hold}" for hold, credits in taken))
+    outcome = (
+        f"revoked {result.taken} of {units} credits of {customer_id} "
+        f"({'; '.join(parts)}): balance {result.balance}"
+    )
+    if result.shortfall:
+        outcome += f"; {result.shortfall} were already spent and could not be taken back"
+    return outcome

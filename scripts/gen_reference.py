@@ -147,7 +147,7 @@ def _limits() -> list[str]:
     """The input bounds, from the constants the checks use (the schema states them too)."""
     from api.app import MAX_BODY_BYTES, MAX_WEBHOOK_BODY_BYTES, WEBHOOK_PATH
     from api.middleware import MAX_HEADER_BYTES, MAX_HEADER_COUNT
-    from api.schemas import CUSTOMER_ID_RULE, RESERVED_KEYS
+    from api.schemas import CUSTOMER_ID_RULE, DIGITS_RULE, RESERVED_KEYS
     from outbox import validation as v
 
     return [
@@ -170,6 +170,7 @@ def _limits() -> list[str]:
         "characters | 422 |",
         f"| ids and cursors (`hold_id`, `event_ids`, `cursor`) | 1 to 2^63-1 ({v.MAX_ID}); a "
         "cursor is `next_cursor` as returned | 422 |",
+        f"| integers in a path or query (`hold_id`, `limit`) | {DIGITS_RULE} | 422 |",
         f"| body | at most {MAX_BODY_BYTES // 1024} KiB; `{WEBHOOK_PATH}`: "
         f"{MAX_WEBHOOK_BODY_BYTES // 1024 // 1024} MiB (Polar documents no size for its "
         "webhooks and disables an endpoint that keeps refusing them) | 413 `request_too_large` |",

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import SessionDep, UsageToken, after_commit, respond
 from api.errors import response_for
+from api.routes.usage import IdempotencyKey
 from api.schemas import (
     ERROR_RESPONSES,
     CaptureIn,
     ErrorOut,
     HoldIn,
     HoldOut,
+    PathId,
     ReleaseOut,
     UsageOut,
 )
 from outbox.errors import HoldClosed
 from outbox.holds import capture_hold, place_hold, release_hold
-from outbox.validation import MAX_ID, check_customer_id
+from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
+from outbox.validation import check_customer_id, check_idempotency_key
 
 router = APIRouter(prefix="/v1/holds", tags=["holds"])
 
-HoldId = Annotated[int, Path(ge=1, le=MAX_ID)]
+HoldId = PathId
 HOLD_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "hold_not_found"},
     409: {"model": ErrorOut, "description": "hold_closed"},
@@ -39,23 +42,51 @@ HOLD_ERRORS: dict[int | str, dict[str, Any]] = {
         **ERROR_RESPONSES,
         402: {"model": ErrorOut, "description": "insufficient_credits"},
         404: {"model": ErrorOut, "description": "customer_not_found"},
+        409: {"model": ErrorOut, "description": "idempotency_key_reused"},
     },
 )
-def post_hold(body: HoldIn, request: Request, session: SessionDep, _: UsageToken) -> JSONResponse:
-    """Reserve credits; they are released by themselves after HOLD_TTL_SECONDS."""
+def post_hold(
+    body: HoldIn,
+    request: Request,
+    session: SessionDep,
+    token: UsageToken,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Reserve credits; they are released by themselves after HOLD_TTL_SECONDS. A repeat with
+    the same Idempotency-Key and body returns the first hold (nothing more is held)."""
     check_customer_id(body.customer_id)
-    result = place_hold(
-        session, body.customer_id, body.credits, settings=request.app.state.settings
+    key = check_idempotency_key(idempotency_key)
+
+    def action() -> StoredResponse:
+        result = place_hold(
+            session, body.customer_id, body.credits, settings=request.app.state.settings
+        )
+        out = HoldOut(hold_id=result.hold_id, balance=result.balance, expires_at=result.expires_at)
+        return StoredResponse(201, out.model_dump(mode="json"))
+
+    response = run_idempotent(
+        session,
+        token_id=token.id,
+        key=key,
+        fingerprint=request_fingerprint("POST", "/v1/holds", body.model_dump(mode="json")),
+        action=action,
+        error_response=response_for,
     )
-    out = HoldOut(hold_id=result.hold_id, balance=result.balance, expires_at=result.expires_at)
-    return respond(out, 201)
+    return JSONResponse(response.body, status_code=response.status_code)
 
 
 @router.post(
     "/{hold_id}/capture",
     status_code=201,
     response_model=UsageOut,
-    responses={**ERROR_RESPONSES, **HOLD_ERRORS},
+    responses={
+        **ERROR_RESPONSES,
+        **HOLD_ERRORS,
+        402: {
+            "model": ErrorOut,
+            "description": "insufficient_credits: a revoke of Polar credits took part of the hold",
+        },
+    },
 )
 def post_capture(
     hold_id: HoldId,
@@ -65,7 +96,8 @@ def post_capture(
     body: CaptureIn | None = None,
 ) -> JSONResponse:
     """Bill what the generation used (default: all held); the rest returns to the balance.
-    Capturing twice returns the first result."""
+    Capturing twice returns the first result. A revoke of the customer's Polar credits may
+    have taken part of the hold (402 for more than is left) or all of it (409)."""
     body = body or CaptureIn()
     try:
         result = capture_hold(

@@ -124,6 +124,59 @@ def test_a_hold_id_past_64_bits_is_422(
         assert_error(response, 422, "invalid_request", "hold_id")
 
 
+NOT_CANONICAL = [
+    "1_0",
+    "+10",
+    "10.0",
+    "010",
+    "0000010",
+    "%2010",
+    "10%20",
+    "1e1",
+    "10%00",
+    "%D9%A1%D9%A0",
+]  # the last: Arabic-Indic 10
+
+
+@pytest.mark.parametrize("hold_id", NOT_CANONICAL)
+def test_a_hold_is_addressed_only_by_its_canonical_digits(
+    client: TestClient,
+    usage_headers: dict[str, str],
+    fund: Fund,
+    snapshot: Take,
+    clean_tables: Engine,
+    hold_id: str,
+) -> None:
+    """`1_0`, `+10`, `10.0`, `010`, ` 10` all read as 10 by a lax int(): the review released
+    hold 10 with `/v1/holds/1_0/release`. Each is a 422 naming `hold_id`, and hold 10 stays."""
+    fund("user_1", 10)
+    holds = [
+        client.post(
+            "/v1/holds", json={"customer_id": "user_1", "credits": 1}, headers=usage_headers
+        )
+        for _ in range(10)
+    ]
+    assert holds[-1].json()["hold_id"] == 10
+    before = snapshot()
+    for action in ("capture", "release"):
+        response = client.post(f"/v1/holds/{hold_id}/{action}", headers=usage_headers)
+        assert_error(response, 422, "invalid_request", "hold_id")
+    assert snapshot() == before
+    with session_scope(clean_tables) as session:
+        assert get_credits(session, "user_1").held == 10
+    released = client.post("/v1/holds/10/release", headers=usage_headers)
+    assert released.json()["status"] == "released"
+
+
+@pytest.mark.parametrize("limit", ["1_0", "+10", "10.0", "010", "%2010"])
+def test_a_page_size_is_canonical_digits_too(
+    client: TestClient, admin_headers: dict[str, str], limit: str
+) -> None:
+    response = client.get(f"/v1/admin/outbox/events?limit={limit}", headers=admin_headers)
+    assert_error(response, 422, "invalid_request", "limit")
+    assert client.get("/v1/admin/outbox/events?limit=10", headers=admin_headers).status_code == 200
+
+
 # --- the token's scope comes before the body -------------------------------------------------
 
 UNPARSEABLE = [

@@ -4,7 +4,9 @@ these catch a route that passes the wrong thing to them, or none)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from fastapi.testclient import TestClient
@@ -16,7 +18,7 @@ from outbox.ledger import ledger_balance
 from outbox.models import Hold, OutboxEvent, utcnow
 
 if TYPE_CHECKING:
-    from tests.api.conftest import Snapshot
+    from tests.api.conftest import LiveServer, Snapshot
 
 Fund = Callable[[str, int], None]
 Take = Callable[[], "Snapshot"]
@@ -123,3 +125,77 @@ def test_a_hold_past_its_expiry_cannot_be_captured_even_before_the_sweeper_ran(
     response = client.post(f"/v1/holds/{hold}/capture", json={"credits": 3}, headers=usage_headers)
     assert response.status_code == 409
     assert _events(clean_tables) == []
+
+
+# --- Idempotency-Key: a retried hold is the first hold ------------------------------------------
+
+
+def _holds(engine: Engine) -> list[int]:
+    with session_scope(engine) as session:
+        return list(session.scalars(select(Hold.id).order_by(Hold.id)))
+
+
+def test_a_retried_hold_with_the_same_key_returns_the_first_hold_and_holds_once(
+    client: TestClient,
+    usage_headers: dict[str, str],
+    fund: Fund,
+    clean_tables: Engine,
+    new_token: Callable[[str], str],
+) -> None:
+    fund("user_1", 10)
+    keyed = usage_headers | {"Idempotency-Key": "generation-7"}
+    body = {"customer_id": "user_1", "credits": 6}
+    first = client.post("/v1/holds", json=body, headers=keyed)
+    again = client.post("/v1/holds", json=body, headers=keyed)
+    assert first.status_code == again.status_code == 201, again.text
+    assert again.json() == first.json()
+    assert _holds(clean_tables) == [first.json()["hold_id"]]
+    assert _credits(client, usage_headers) == {"balance": 4, "held": 6, "used": 0}
+
+    # The same key for another body is refused and holds nothing; another token's key is its own.
+    other = client.post("/v1/holds", json=body | {"credits": 1}, headers=keyed)
+    assert (other.status_code, other.json()["code"]) == (409, "idempotency_key_reused")
+    second_token = {
+        "Authorization": f"Bearer {new_token('usage')}",
+        "Idempotency-Key": "generation-7",
+    }
+    assert (
+        client.post("/v1/holds", json=body | {"credits": 1}, headers=second_token).status_code
+        == 201
+    )
+    assert _credits(client, usage_headers) == {"balance": 3, "held": 7, "used": 0}
+    assert _ledger_matches(clean_tables, 3)
+
+
+def test_a_refused_hold_is_replayed_as_refused(
+    client: TestClient, usage_headers: dict[str, str], fund: Fund, clean_tables: Engine
+) -> None:
+    fund("user_1", 2)
+    keyed = usage_headers | {"Idempotency-Key": "too-big"}
+    body = {"customer_id": "user_1", "credits": 5}
+    assert client.post("/v1/holds", json=body, headers=keyed).status_code == 402
+    fund("user_1", 10)  # the customer can now afford it, but this key's answer was given
+    assert client.post("/v1/holds", json=body, headers=keyed).status_code == 402
+    assert _holds(clean_tables) == []
+
+
+def test_the_same_keyed_hold_sent_at_once_from_many_threads_holds_once(
+    live_server: LiveServer, usage_headers: dict[str, str], fund: Fund, clean_tables: Engine
+) -> None:
+    fund("user_1", 100)
+    keyed = usage_headers | {"Idempotency-Key": "burst"}
+    body = {"customer_id": "user_1", "credits": 10}
+    barrier = threading.Barrier(8)
+    with live_server.http() as http:
+
+        def send(_: int) -> tuple[int, int]:
+            barrier.wait()
+            response = http.post("/v1/holds", json=body, headers=keyed)
+            return response.status_code, response.json()["hold_id"]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = set(pool.map(send, range(8)))
+    assert len(answers) == 1 and next(iter(answers))[0] == 201
+    assert len(_holds(clean_tables)) == 1
+    with session_scope(clean_tables) as session:
+        assert ledger_balance(session, "user_1") == 90

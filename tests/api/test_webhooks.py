@@ -18,7 +18,7 @@ from sqlalchemy import Engine, func, select
 from api.app import MAX_BODY_BYTES, MAX_WEBHOOK_BODY_BYTES, create_app
 from outbox.db import session_scope
 from outbox.ledger import get_credits, grant_credits, ledger_balance, record_usage
-from outbox.models import Customer, LedgerEntry, PolarGrantCycle, WebhookEvent
+from outbox.models import Customer, Hold, LedgerEntry, OutboxEvent, PolarGrantCycle, WebhookEvent
 from outbox.settings import load_settings
 from tests.api.conftest import LiveServer
 from tests.polar_webhooks import (
@@ -380,7 +380,7 @@ def test_a_revoke_takes_back_never_below_zero_and_records_the_shortfall(
     post(client, credited(units=20), "wh_1")
     with session_scope(clean_tables) as session:
         record_usage(session, "user_1", 15)
-    assert "revoked up to 20" in post(client, revoked(units=20), "wh_2")
+    assert "revoked 5 of 20 credits" in post(client, revoked(units=20), "wh_2")
     assert "duplicate" in post(client, revoked(units=20), "wh_3")
     assert balance(clean_tables, "user_1") == 0
     with session_scope(clean_tables) as session:
@@ -407,6 +407,85 @@ def test_a_re_granted_grant_credits_its_new_cycle(client: TestClient, clean_tabl
     post(client, revoked(of_cycle=CYCLE_1), "wh_2")
     post(client, credited(cycle=CYCLE_3), "wh_3")
     assert balance(clean_tables, "user_1") == 20
+
+
+def _books(engine: Engine, customer: str) -> tuple[int, int]:
+    """(balance, held), after checking the ledger equals the balance and `held` what the open
+    holds hold."""
+    with session_scope(engine) as session:
+        summary = get_credits(session, customer)
+        open_held = session.scalar(
+            select(func.coalesce(func.sum(Hold.credits), 0)).where(Hold.status == "open")
+        )
+        assert ledger_balance(session, customer) == summary.balance
+        assert summary.held == open_held
+        return summary.balance, summary.held
+
+
+@pytest.mark.parametrize("then", ["release", "capture", "capture part", "spend"])
+def test_a_revoke_takes_back_the_credits_a_hold_holds(
+    client: TestClient, clean_tables: Engine, usage_headers: dict[str, str], then: str
+) -> None:
+    """The review's case: Polar grants 100, the app holds 100 for a long generation, Polar
+    revokes the grant. The revoke takes the 100 from the hold, says so, and nothing the app
+    does with the hold next gives them back."""
+    post(client, credited(units=100), "wh_grant")
+    held = client.post(
+        "/v1/holds", json={"customer_id": "user_1", "credits": 100}, headers=usage_headers
+    )
+    assert held.status_code == 201, held.text
+    hold_id = held.json()["hold_id"]
+
+    outcome = post(client, revoked(units=100), "wh_revoke")
+
+    assert outcome == (
+        f"revoked 100 of 100 credits of user_1 (0 from the balance; 100 from hold {hold_id}): "
+        "balance 0"
+    )
+    assert _books(clean_tables, "user_1") == (0, 0)
+    if then == "release":
+        response = client.post(f"/v1/holds/{hold_id}/release", headers=usage_headers)
+        assert (response.status_code, response.json()["status"]) == (200, "revoked")
+    elif then.startswith("capture"):
+        body = {"credits": 40} if then == "capture part" else {}
+        response = client.post(f"/v1/holds/{hold_id}/capture", json=body, headers=usage_headers)
+        assert (response.status_code, response.json()["code"]) == (409, "hold_closed")
+    else:
+        response = client.post(
+            "/v1/usage", json={"customer_id": "user_1", "credits": 100}, headers=usage_headers
+        )
+        assert (response.status_code, response.json()["code"]) == (402, "insufficient_credits")
+    assert _books(clean_tables, "user_1") == (0, 0)
+    with session_scope(clean_tables) as session:
+        assert session.scalar(select(func.count()).select_from(OutboxEvent)) == 0
+
+
+def test_a_revoke_takes_what_the_balance_lacks_from_a_hold_and_leaves_the_rest(
+    client: TestClient, clean_tables: Engine, usage_headers: dict[str, str]
+) -> None:
+    post(client, credited(units=100), "wh_grant")
+    with session_scope(clean_tables) as session:
+        grant_credits(session, "user_1", 30, reason="support")
+    held = client.post(
+        "/v1/holds", json={"customer_id": "user_1", "credits": 100}, headers=usage_headers
+    )
+    hold_id = held.json()["hold_id"]
+
+    outcome = post(client, revoked(units=100), "wh_revoke")
+
+    assert outcome == (
+        f"revoked 100 of 100 credits of user_1 (30 from the balance; 70 from hold {hold_id}): "
+        "balance 0"
+    )
+    assert _books(clean_tables, "user_1") == (0, 30)
+    # 30 are the support grant's: the hold may bill them, no more.
+    too_much = client.post(
+        f"/v1/holds/{hold_id}/capture", json={"credits": 100}, headers=usage_headers
+    )
+    assert (too_much.status_code, too_much.json()["code"]) == (402, "insufficient_credits")
+    released = client.post(f"/v1/holds/{hold_id}/release", headers=usage_headers)
+    assert released.json() == {"hold_id": hold_id, "balance": 30, "status": "released"}
+    assert _books(clean_tables, "user_1") == (30, 0)
 
 
 def test_other_meters_and_events_are_stored_and_ignored(

@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session
 
 from outbox.errors import HoldClosed, HoldNotFound, InsufficientCredits, InvalidRequest
 from outbox.holds import capture_hold, expire_holds, place_hold, release_hold
-from outbox.ledger import get_credits, ledger_balance
-from outbox.models import Hold, OutboxEvent, utcnow
+from outbox.ledger import get_credits, ledger_balance, record_usage, revoke_credits
+from outbox.models import Hold, LedgerEntry, OutboxEvent, utcnow
 from tests.factories import make_customer
 
 
@@ -85,3 +85,88 @@ def test_expired_holds_are_released_by_the_sweeper_and_cannot_be_captured(db: Se
 def test_unknown_hold(db: Session) -> None:
     with pytest.raises(HoldNotFound):
         capture_hold(db, 987654321)
+
+
+# --- a revoke of Polar credits reaches what is held -------------------------------------------
+
+
+def _books(db: Session, customer: str) -> tuple[int, int, int]:
+    """(balance, held, used), after checking that the ledger equals the balance, that `held`
+    is what the open holds hold, and that nothing was created: granted = balance+held+used."""
+    summary = get_credits(db, customer)
+    open_held = db.scalar(
+        select(func.coalesce(func.sum(Hold.credits), 0)).where(
+            Hold.customer_id == customer, Hold.status == "open"
+        )
+    )
+    assert ledger_balance(db, customer) == summary.balance
+    assert summary.held == open_held
+    assert summary.granted == summary.balance + summary.held + summary.used
+    return summary.balance, summary.held, summary.used
+
+
+def test_a_revoke_takes_the_balance_first_then_shrinks_the_newest_holds(db: Session) -> None:
+    customer = make_customer(db, credits=100)
+    older = place_hold(db, customer, 30)
+    newer = place_hold(db, customer, 50)
+    assert _books(db, customer) == (20, 80, 0)
+
+    result = revoke_credits(db, customer, 90, reason="Polar revoke")
+
+    assert (result.taken, result.from_balance, result.shortfall) == (90, 20, 0)
+    assert result.from_holds == {newer.hold_id: 50, older.hold_id: 20}
+    assert _books(db, customer) == (0, 10, 0)
+    emptied, shrunk = db.get(Hold, newer.hold_id), db.get(Hold, older.hold_id)
+    assert emptied is not None and shrunk is not None
+    assert (emptied.status, emptied.credits, emptied.revoked_credits) == ("revoked", 0, 50)
+    assert (shrunk.status, shrunk.credits, shrunk.revoked_credits) == ("open", 10, 20)
+    revoke = db.scalars(select(LedgerEntry).where(LedgerEntry.kind == "revoke")).one()
+    assert revoke.delta == -90
+
+
+@pytest.mark.parametrize("then", ["release", "capture", "capture part", "expire", "spend"])
+def test_credits_a_revoke_took_from_a_hold_never_come_back(db: Session, then: str) -> None:
+    """The review's case: 100 granted, 100 held, the grant revoked: whatever happens to the
+    hold next, the customer cannot spend those credits."""
+    customer = make_customer(db, credits=100)
+    hold = place_hold(db, customer, 100)
+    result = revoke_credits(db, customer, 100)
+    assert (result.taken, result.from_holds, result.shortfall) == (100, {hold.hold_id: 100}, 0)
+    assert _books(db, customer) == (0, 0, 0)
+
+    if then == "release":
+        assert release_hold(db, hold.hold_id).status == "revoked"
+    elif then in ("capture", "capture part"):
+        with pytest.raises(HoldClosed, match="emptied by a revoke"):
+            capture_hold(db, hold.hold_id, None if then == "capture" else 40)
+    elif then == "expire":
+        assert expire_holds(db, now=utcnow() + timedelta(days=30)) == 0
+    else:
+        with pytest.raises(InsufficientCredits):
+            record_usage(db, customer, 1)
+
+    assert _books(db, customer) == (0, 0, 0)
+    assert db.scalar(select(func.count()).select_from(OutboxEvent)) == 0
+
+
+def test_a_hold_a_revoke_shrank_bills_and_returns_only_what_is_left(db: Session) -> None:
+    customer = make_customer(db, credits=100)
+    hold = place_hold(db, customer, 100)
+    revoke_credits(db, customer, 70)  # 0 from the balance, 70 from the hold
+    assert _books(db, customer) == (0, 30, 0)
+    with pytest.raises(InsufficientCredits, match="took 70 of hold"):
+        capture_hold(db, hold.hold_id, 31)
+    with pytest.raises(InvalidRequest):
+        capture_hold(db, hold.hold_id, 101)  # more than was ever held
+    usage = capture_hold(db, hold.hold_id, 25)
+    assert usage.balance == 5
+    assert _books(db, customer) == (5, 0, 25)
+
+
+def test_a_revoke_larger_than_balance_and_holds_records_the_shortfall(db: Session) -> None:
+    customer = make_customer(db, credits=10)
+    place_hold(db, customer, 4)
+    record_usage(db, customer, 3)
+    result = revoke_credits(db, customer, 20)
+    assert (result.taken, result.from_balance, result.shortfall) == (7, 3, 13)
+    assert _books(db, customer) == (0, 0, 3)

@@ -184,8 +184,8 @@ def test_credits_granted_before_the_upgrade_are_revoked_after_it(empty_url: str)
     assert "already credited" in deliver(engine, credited(units=20), "wh_new_1")
     assert balances(engine, "user_1") == (40, 40)
     # Each revoke takes back its cycle's credit: net zero.
-    assert "revoked up to 20" in deliver(engine, revoked(units=20), "wh_new_2")
-    assert "revoked up to 20" in deliver(engine, revoked(of_cycle=CYCLE_2), "wh_new_3")
+    assert "revoked 20 of 20 credits" in deliver(engine, revoked(units=20), "wh_new_2")
+    assert "revoked 20 of 20 credits" in deliver(engine, revoked(of_cycle=CYCLE_2), "wh_new_3")
     assert balances(engine, "user_1") == (0, 0)
     engine.dispose()
 

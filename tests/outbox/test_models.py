@@ -237,3 +237,43 @@ def test_an_http_idempotency_key_is_stored_once_per_token(conn: Connection) -> N
     with pytest.raises(IntegrityError, match=r"uq_idempotency_records_token_id_key|UNIQUE"):
         attempt(conn, insert, token=1, when=WHEN)
     assert count(conn, "idempotency_records") == 2
+
+
+def insert_hold(conn: Connection, **overrides: Any) -> None:
+    values: dict[str, Any] = {
+        "customer_id": "c1",
+        "credits": 5,
+        "revoked_credits": 0,
+        "status": "open",
+        "expires_at": WHEN,
+        "created_at": WHEN,
+    } | overrides
+    columns = ", ".join(values)
+    attempt(
+        conn,
+        f"INSERT INTO holds ({columns}) VALUES ({', '.join(':' + c for c in values)})",
+        **values,
+    )
+
+
+@pytest.mark.parametrize(
+    ("hold", "constraint"),
+    [
+        ({"credits": -1, "revoked_credits": 6}, "ck_holds_credits_non_negative"),
+        ({"credits": 0, "revoked_credits": 0, "status": "revoked"}, "ck_holds_revoked_within"),
+        ({"credits": 5, "revoked_credits": -1}, "ck_holds_revoked_within_hold"),
+        ({"credits": 0, "revoked_credits": 5, "status": "open"}, "ck_holds_revoked_iff_emptied"),
+        ({"credits": 2, "revoked_credits": 3, "status": "revoked"}, "ck_holds_revoked_iff_emptied"),
+        ({"status": "cancelled"}, "ck_holds_status_known"),
+    ],
+)
+def test_a_hold_holds_what_a_revoke_left_and_is_revoked_only_when_emptied(
+    conn: Connection, hold: dict[str, Any], constraint: str
+) -> None:
+    insert_customer(conn)
+    insert_hold(conn)
+    insert_hold(conn, credits=2, revoked_credits=3)  # shrunk by a revoke, still open
+    insert_hold(conn, credits=0, revoked_credits=5, status="revoked", closed_at=WHEN)
+    with pytest.raises(IntegrityError, match=constraint):
+        insert_hold(conn, **hold)
+    assert count(conn, "holds") == 3

@@ -7,6 +7,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,7 +21,7 @@ from outbox.db import session_scope
 from outbox.delivery import deliverer as deliverer_module
 from outbox.delivery.deliverer import Deliverer, drain
 from outbox.ledger import record_usage
-from outbox.models import OutboxEvent
+from outbox.models import OutboxEvent, utcnow
 from outbox.polar.gateway import PolarGateway
 from outbox.polar.ratelimit import LocalRateBudget
 from outbox.service_state import POLAR_CREDENTIALS, get_state
@@ -176,6 +177,30 @@ def test_the_clock_margin_holds_young_rows_back_so_polar_never_sees_the_future(
     assert counts(clean_tables) == {"delivered": 20}
     assert emulator.state.stats.status_422 == 0
     assert emulator.state.totals() == spent
+
+
+def test_the_claim_holds_a_young_row_back_even_when_an_older_row_is_due(
+    clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
+) -> None:
+    """The margin is the claim's own guard, not only the `has_due` look before it: with an old
+    row due, the batch takes it and leaves the row younger than the margin pending."""
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=10)
+        old = record_usage(session, customer, 1)
+        young = record_usage(session, customer, 2)
+        long_ago = utcnow() - timedelta(minutes=5)
+        session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.id == old.event_id)
+            .values(occurred_at=long_ago, next_attempt_at=long_ago, created_at=long_ago)
+        )
+    settings = make_settings(pg_url, emulator, outbox_clock_margin_seconds=60)
+    report = make_deliverer(clean_tables, settings).deliver_batch()
+    assert report.claimed == 1
+    assert set(emulator.state.by_external_id) == {old.external_id}
+    with session_scope(clean_tables) as session:
+        row = session.get(OutboxEvent, young.event_id)
+        assert row is not None and (row.status, row.attempts) == ("pending", 0)
 
 
 def _poison_in_both_stages(engine: Engine, emulator: polar_emulator.RunningEmulator) -> list[int]:

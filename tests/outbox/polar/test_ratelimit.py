@@ -88,6 +88,31 @@ def test_a_pause_seen_by_one_worker_stops_every_worker(redis_url: str) -> None:
     assert second.acquire(timeout=2.0) is None  # waited the pause out
 
 
+def _production_budget(redis_url: str, namespace: str) -> FallbackRateBudget:
+    """One worker's budget as `make_budget` builds it (Redis, with a local fallback)."""
+    return FallbackRateBudget(
+        budget(redis_url, namespace, window=60), LocalRateBudget(LIMIT // 4, margin=0)
+    )
+
+
+def test_a_429_seen_by_one_worker_pauses_every_worker_through_the_production_budget(
+    redis_url: str,
+) -> None:
+    """The budget workers really use passes a 429's pause on to Redis while Redis is up, not
+    only to its own local share: the other workers (other processes, other budgets) wait."""
+    namespace = f"test:{uuid.uuid4().hex}"
+    first, second = (
+        _production_budget(redis_url, namespace),
+        _production_budget(redis_url, namespace),
+    )
+    assert second.acquire(timeout=0) is None  # nothing paused yet: a slot at once
+    first.pause(30)
+    wait = second.acquire(timeout=0)
+    assert wait is not None and 25 < wait <= 30
+    assert second.paused_for() > 25
+    assert not first.degraded and not second.degraded
+
+
 def test_without_redis_a_worker_spends_only_its_local_share(redis_url: str) -> None:
     dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     now = [1000.0]
