@@ -1,10 +1,11 @@
-"""Plain-function factories (no framework)."""
+"""Plain-function factories (no framework) and the few helpers tests share."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from outbox.db import session_scope
@@ -37,3 +38,21 @@ def ledger_usage(engine: Engine) -> dict[str, int]:
             .group_by(LedgerEntry.customer_id)
         )
         return {customer: int(total) for customer, total in rows}
+
+
+def wait_for_a_lock_wait(engine: Engine, timeout: float = 20.0) -> None:
+    """Until some backend of this PostgreSQL database waits for a lock (a second writer)."""
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+            conn.rollback()
+            if waiting:
+                return
+            time.sleep(0.02)
+    raise AssertionError("the second request never waited for the first one's lock")

@@ -1,10 +1,9 @@
-"""The admin API (stats, events, replay: admin scope only), `outbox doctor` against the
-emulator, and JSON logs that carry ids but never the Polar token."""
+"""The admin API (stats, events, replay: admin scope only) and `outbox doctor` against the
+emulator."""
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from api.app import create_app
 from cli.main import app as cli
 from outbox.db import session_scope
 from outbox.ledger import record_usage
-from outbox.logs import JsonFormatter
 from outbox.models import OutboxEvent
 from outbox.settings import get_settings, load_settings
 from outbox.tokens import create_token
@@ -170,20 +168,6 @@ def test_doctor_passes_on_a_complete_setup_and_names_each_missing_piece(
     code, checks = doctor()
     token = next(c for c in checks if c["check"] == "polar token")
     assert code == 1 and token["ok"] is False and "POLAR_ACCESS_TOKEN" in str(token["fix"])
-
-
-def test_json_logs_carry_ids_and_never_the_token() -> None:
-    record = logging.LogRecord(
-        "outbox.delivery", logging.INFO, __file__, 1, "batch settled", None, None
-    )
-    record.batch_id = "host:1:abc"
-    record.event_ids = [1, 2]
-    line = json.loads(JsonFormatter().format(record))
-    assert line["msg"] == "batch settled" and line["batch_id"] == "host:1:abc"
-    assert line["event_ids"] == [1, 2] and line["level"] == "info"
-    from outbox.logs import redact
-
-    assert redact("401 for token polar_oat_secret", "polar_oat_secret") == "401 for token ***"
 
 
 def test_doctor_names_a_missing_webhook_secret_and_says_what_it_did_not_check(

@@ -4,13 +4,12 @@ must still win, made deterministic (the first request's transaction held open on
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from api.errors import response_for
@@ -22,26 +21,9 @@ from outbox.models import IdempotencyRecord, OutboxEvent
 from outbox.settings import load_settings
 from outbox.tokens import authenticate
 from tests.api.conftest import bearer
+from tests.factories import wait_for_a_lock_wait
 
 Fund = Callable[[str, int], None]
-
-
-def _wait_for_a_lock_wait(engine: Engine, timeout: float = 20.0) -> None:
-    """Until some backend of this database waits for a lock (the second request)."""
-    deadline = time.monotonic() + timeout
-    with engine.connect() as conn:
-        while time.monotonic() < deadline:
-            waiting = conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'"
-                )
-            ).scalar_one()
-            conn.rollback()
-            if waiting:
-                return
-            time.sleep(0.02)
-    raise AssertionError("the second request never waited for the first one's lock")
 
 
 def test_a_same_key_request_that_spent_while_the_first_was_open_is_undone_and_replays_it(
@@ -85,7 +67,7 @@ def test_a_same_key_request_that_spent_while_the_first_was_open_is_undone_and_re
                 )
             )
             second.start()
-            _wait_for_a_lock_wait(clean_tables)
+            wait_for_a_lock_wait(clean_tables)
             first.commit()
         finally:
             first.close()

@@ -417,33 +417,3 @@ def test_no_fragment_of_a_password_with_an_at_sign_is_printed(
     for fragment in password.split("@"):
         assert f"{fragment}@" not in everything and f":{fragment}" not in everything, everything
     assert "outbox:***@" in everything, everything
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        # Free text (a driver's message) masks what looks like a URL's password, unknown URL.
-        ("at postgresql://u@h/db?password=hunter2pass", "at postgresql://u@h/db?password=***"),
-        (
-            "h/db?sslmode=require&sslpassword=k3y&x=1 !",
-            "h/db?sslmode=require&sslpassword=***&x=1 !",
-        ),
-        ("postgresql://u:s3cr@tpw@h:5432/db", "postgresql://u:***@h:5432/db"),
-        (
-            "redis://:pw@r:6379/0 and postgresql://u:p@q@h/db",
-            "redis://:***@r:6379/0 and postgresql://u:***@h/db",
-        ),
-    ],
-)
-def test_redact_urls_masks_passwords_in_free_text(text: str, expected: str) -> None:
-    from outbox.db import redact_urls
-
-    assert redact_urls(text) == expected
-
-
-def test_url_passwords_finds_query_passwords_as_written_and_decoded() -> None:
-    from outbox.db import url_passwords
-
-    found = url_passwords("postgresql+psycopg://u@h/db?sslmode=require&password=hunter%402pass")
-    assert {"hunter%402pass", "hunter@2pass"} <= set(found)
-    assert url_passwords("postgresql+psycopg://u@h/db?sslpassword=k3ypass") == ["k3ypass"]
