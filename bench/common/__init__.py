@@ -10,10 +10,12 @@
 - `servers`: the API under uvicorn (`ApiServer`), the Polar `Emulator`, `CeleryWorkers`.
 - `broker`: Celery tasks sent over Redis, the benchmark's Redis db emptied.
 - `pgbench`: pgbench found and started with a custom script.
+- `cli`: the flags every benchmark has (`bench_parser`, `add_run_flags`).
 - `report`: progress lines, number cells, and the report printed after a run (`print_report`).
 """
 
 from bench.common.broker import flush_redis, queue_idle, send_tasks
+from bench.common.cli import add_run_flags, bench_parser, only_keys
 from bench.common.cpu import CpuMeter, GroupCpuMeter
 from bench.common.database import (
     CUSTOMER_PREFIX,
@@ -41,6 +43,7 @@ from bench.common.processes import (
     clean_env,
     drop_our_settings,
     free_port,
+    run_in_threads,
     sleep_until,
     stop_process,
     wait_ready,
@@ -75,7 +78,9 @@ __all__ = [
     "LedgerCheck",
     "Samples",
     "ScenarioResult",
+    "add_run_flags",
     "announce",
+    "bench_parser",
     "check_ledger",
     "clean_env",
     "command_line",
@@ -94,12 +99,14 @@ __all__ = [
     "libpq_url",
     "machine_facts",
     "maintenance_url",
+    "only_keys",
     "percentile",
     "pgbench_command",
     "print_report",
     "queue_idle",
     "recreate_database",
     "reset_tables",
+    "run_in_threads",
     "seed_customers",
     "send_tasks",
     "show_row",

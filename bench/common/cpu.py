@@ -7,6 +7,8 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 
+from bench.common.processes import sleep_until
+
 
 def _ticks_per_second() -> int:
     return int(os.sysconf("SC_CLK_TCK"))
@@ -104,3 +106,10 @@ class CpuMeter(GroupCpuMeter):
     def cores(self) -> dict[str, float]:
         """`stop()`, cores per group only."""
         return self.stop()[0]
+
+    def over(self, window: tuple[float, float]) -> dict[str, float]:
+        """Cores per group from `window`'s start to its end (wall clock), sleeping till then."""
+        sleep_until(window[0])
+        self.start()
+        sleep_until(window[1])
+        return self.cores()

@@ -36,15 +36,16 @@ def command_line(argv: list[str] | None) -> str:
 def print_report(
     results: Sequence[ScenarioResult],
     facts: dict[str, str],
+    argv: list[str] | None,
     *,
     table: str,
-    command: str,
     cpu_line: str,
     goals: Sequence[str],
     json_path: Path | None,
 ) -> None:
     """A benchmark's report: its table, every row's notes, the machine, how CPU was counted,
-    the speed reference, the command, the goals; and the same as JSON if asked."""
+    the speed reference, the command (`argv`), the goals; and the same as JSON if asked."""
+    command = command_line(argv)
     print()
     print(table)
     print()

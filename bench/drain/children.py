@@ -4,13 +4,12 @@ drainer (b-inproc) and the producer of usage at a steady rate (lat, pace)."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import drop_our_settings
+from bench.common import drop_our_settings, run_in_threads
 from bench.drain.config import BATCH, EMULATOR_TOKEN, UNLIMITED_RPM
 
 
@@ -54,16 +53,12 @@ def inproc_drainer(
         )
         reports: list[DrainReport] = []
 
-        def run() -> None:
+        def run(_thread: int) -> None:
             reports.append(drain(deliverer, max_seconds=3600))
 
         ready.put(os.getpid())
         go.wait()
-        threads = [threading.Thread(target=run) for _ in range(spec.threads)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_in_threads(run, spec.threads)
         results.put((sum(r.delivered for r in reports), None))
     except BaseException:
         ready.put(os.getpid())
@@ -132,11 +127,7 @@ def usage_producer(
                 except Exception as exc:
                     errors.append(f"{type(exc).__name__}: {exc}"[:200])
 
-        threads = [threading.Thread(target=loop, args=(i,)) for i in range(spec.threads)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_in_threads(loop, spec.threads)
         nudge.stop()
         results.put((sum(done), max(late), errors[:5], None))
     except BaseException:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from bench.common import command_line, machine_facts, print_report
+from bench.common import (
+    add_run_flags,
+    bench_parser,
+    machine_facts,
+    only_keys,
+    print_report,
+)
 from bench.drain.config import BATCH, DEFAULT_REDIS_URL, DEFAULT_URL, PROBLEMS, Config
 from bench.drain.report import format_table, goal_lines
 from bench.drain.runner import Bench
@@ -17,17 +22,21 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        description="Drain benchmark (issue #4): the raw-SQL ceiling, our Celery workers and the"
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        _quick(args, parser)
+    return _config(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of the drain benchmark, with its default."""
+    parser = bench_parser(
+        "Drain benchmark (issue #4): the raw-SQL ceiling, our Celery workers and the"
         " in-process drainer against the Polar emulator, a naive one-request-per-event sender,"
         " the rate-limited run, commit-to-accepted latency and 10k vs 1M rows, in one table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("BENCH_DRAIN_DATABASE_URL", DEFAULT_URL),
-        help="benchmark database (DROPPED and re-created; its name must contain 'bench';"
-        " env BENCH_DRAIN_DATABASE_URL)",
+        url_env="BENCH_DRAIN_DATABASE_URL",
+        default_url=DEFAULT_URL,
     )
     parser.add_argument(
         "--redis-url", default=DEFAULT_REDIS_URL, help="a Redis db of its own (FLUSHED)"
@@ -93,30 +102,35 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--pace-concurrency", type=int, default=4, help="Celery prefork children (pace)"
     )
-    parser.add_argument(
-        "--only", default="", help="comma-separated scenario keys or prefixes (default: all)"
+    add_run_flags(
+        parser,
+        only_help="comma-separated scenario keys or prefixes (default: all)",
+        quick_help="smoke run: few rows, 5 s windows",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: few rows, 5 s windows")
-    parser.add_argument("--keep-db", action="store_true", help="do not drop the database")
-    parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     parser.add_argument(
         "--py-spy", type=Path, default=None, help="record every drainer with py-spy into DIR"
     )
     parser.add_argument(
         "--py-spy-idle", action="store_true", help="py-spy also records waiting frames (--idle)"
     )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rows = min(args.rows, 20_000)
-        args.naive_rows = min(args.naive_rows, 500)
-        args.cliff_rows = min(args.cliff_rows, 2_000)
-        args.cliff_background = min(args.cliff_background, 50_000)
-        args.limit, args.window, args.windows, args.limited_batch = 50, 5, 2, 20
-        args.drain_interval = 1.0
-        args.latency_seconds, args.latency_warmup = 5.0, 1.0
-        args.pace_window, args.pace_warmup = 5, 2.0
-        if args.threads == parser.get_default("threads"):
-            args.threads = "1,4"
+    return parser
+
+
+def _quick(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--quick: few rows, 5 s windows (and 1,4 threads unless --threads was given)."""
+    args.rows = min(args.rows, 20_000)
+    args.naive_rows = min(args.naive_rows, 500)
+    args.cliff_rows = min(args.cliff_rows, 2_000)
+    args.cliff_background = min(args.cliff_background, 50_000)
+    args.limit, args.window, args.windows, args.limited_batch = 50, 5, 2, 20
+    args.drain_interval = 1.0
+    args.latency_seconds, args.latency_warmup = 5.0, 1.0
+    args.pace_window, args.pace_warmup = 5, 2.0
+    if args.threads == parser.get_default("threads"):
+        args.threads = "1,4"
+
+
+def _config(args: argparse.Namespace) -> Config:
     return Config(
         url=args.url,
         redis_url=args.redis_url,
@@ -146,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         pace_windows=args.pace_windows,
         pace_warmup=args.pace_warmup,
         pace_concurrency=args.pace_concurrency,
-        only=tuple(s.strip() for s in args.only.split(",") if s.strip()),
+        only=only_keys(args.only),
         keep_db=args.keep_db,
         json_path=args.json,
         py_spy=args.py_spy,
@@ -158,12 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     facts = machine_facts(cfg.url)
     results = Bench(cfg).run()
-    command = command_line(argv)
     print_report(
         results,
         facts,
+        argv,
         table=format_table(results),
-        command=command,
         cpu_line="CPU in cores (CPU-seconds per second) from the trigger until the outbox was"
         " empty (d, lat: the measured window); per row: CPU-seconds / rows delivered",
         goals=goal_lines(results, cfg),

@@ -127,15 +127,10 @@ def run_celery(bench: Bench, scenario: Scenario) -> DrainResult:
     workers = CeleryWorkers(bench.worker_env(), k, bench.log_dir / f"{scenario.key}.log")
     workers.start()
     try:
-        meter = bench.meter(workers.pid)
-        t0 = time.time()
-        meter.start()
-        bench.profiler.record(scenario.key, "workers", workers.pid)
-        bench.profiler.record(scenario.key, "emulator", bench.emulator.pid)
+        meter, t0 = bench.start_measuring(scenario.key, "workers", workers.pid)
         send_tasks(cfg.redis_url, "outbox.drain", ([] for _ in range(k)), expires=30)
         drained = wait_drained(cfg.url, bench.timeout(rows))
-        cpu = meter.stop()
-        bench.profiler.stop()
+        cpu = bench.stop_measuring(meter)
     finally:
         workers.stop()
     result = finish(bench, scenario, t0, drained, cpu, expected=rows)
@@ -156,17 +151,12 @@ def run_inproc(bench: Bench, scenario: Scenario) -> DrainResult:
     proc.start()
     ready.get(timeout=120)
     assert proc.pid is not None
-    meter = bench.meter(proc.pid)
-    t0 = time.time()
-    meter.start()
-    bench.profiler.record(scenario.key, "drainer", proc.pid)
-    bench.profiler.record(scenario.key, "emulator", bench.emulator.pid)
+    meter, t0 = bench.start_measuring(scenario.key, "drainer", proc.pid)
     go.set()
     try:
         delivered, problem = results.get(timeout=bench.timeout(cfg.rows))
         drained = wait_drained(cfg.url, 30)
-        cpu = meter.stop()
-        bench.profiler.stop()
+        cpu = bench.stop_measuring(meter)
     finally:
         done.set()
         proc.join(30)
@@ -191,15 +181,13 @@ def run_naive(bench: Bench, scenario: Scenario) -> DrainResult:
     with psycopg.connect(libpq_url(cfg.url), autocommit=True) as conn:
         ids = [int(r[0]) for r in conn.execute("SELECT id FROM outbox_events ORDER BY id")]
     try:
-        meter = bench.meter(workers.pid)
-        t0 = time.time()
-        meter.start()
-        bench.profiler.record(scenario.key, "workers", workers.pid)
+        meter, t0 = bench.start_measuring(
+            scenario.key, "workers", workers.pid, profile_emulator=False
+        )
         send_tasks(cfg.redis_url, "bench.naive_send", ([i] for i in ids))
         enqueued = time.time() - t0
         drained = wait_drained(cfg.url, bench.timeout(rows) * 5)
-        cpu = meter.stop()
-        bench.profiler.stop()
+        cpu = bench.stop_measuring(meter)
     finally:
         workers.stop()
     result = finish(bench, scenario, t0, drained, cpu, expected=rows)

@@ -37,12 +37,7 @@ def run_limited(bench: Bench, scenario: Scenario) -> DrainResult:
     prepare_outbox(cfg.url, rows)
     bench.emulator.reset(rate_limit_per_minute=limit, window_seconds=float(window))
     workers = CeleryWorkers(
-        bench.worker_env(
-            POLAR_REQUESTS_PER_MINUTE=str(limit),
-            POLAR_RATE_WINDOW_SECONDS=str(window),
-            OUTBOX_BATCH_SIZE=str(batch),
-            OUTBOX_DRAIN_INTERVAL_SECONDS=f"{cfg.drain_interval:g}",
-        ),
+        bench.limited_env(limit, window, batch),
         bench.best_concurrency(),
         bench.log_dir / f"{scenario.key}.log",
         beat=True,

@@ -208,12 +208,8 @@ def run_paced(bench: Bench, scenario: Scenario) -> DrainResult:
     capacity = limit * batch / window
     target = capacity * load / 100
     bench.emulator.reset(rate_limit_per_minute=limit, window_seconds=float(window))
-    env = bench.worker_env(
-        POLAR_REQUESTS_PER_MINUTE=str(limit),
-        POLAR_RATE_WINDOW_SECONDS=str(window),
-        OUTBOX_BATCH_SIZE=str(batch),
-        OUTBOX_CLOCK_MARGIN_SECONDS=f"{cfg.latency_margin:g}",
-        OUTBOX_DRAIN_INTERVAL_SECONDS=f"{cfg.drain_interval:g}",
+    env = bench.limited_env(
+        limit, window, batch, OUTBOX_CLOCK_MARGIN_SECONDS=f"{cfg.latency_margin:g}"
     )
     # Whole windows of the emulator: start measuring at a window boundary.
     seconds = cfg.pace_windows * window

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.common import (
@@ -79,6 +80,25 @@ class Bench:
         """CPU of the drainers' process tree and of the emulator (and the usual groups)."""
         return GroupCpuMeter({"drainers": [drainers], "emulator": [self.emulator.pid]})
 
+    def start_measuring(
+        self, key: str, name: str, pid: int, *, profile_emulator: bool = True
+    ) -> tuple[GroupCpuMeter, float]:
+        """From now: the CPU of the drainers (`pid`'s tree) and the emulator, py-spy on them if
+        asked; returns the running meter and the start time."""
+        meter = self.meter(pid)
+        t0 = time.time()
+        meter.start()
+        self.profiler.record(key, name, pid)
+        if profile_emulator:
+            self.profiler.record(key, "emulator", self.emulator.pid)
+        return meter, t0
+
+    def stop_measuring(self, meter: GroupCpuMeter) -> tuple[dict[str, float], float]:
+        """Stop the meter and py-spy: (cores per group, seconds measured)."""
+        cpu = meter.stop()
+        self.profiler.stop()
+        return cpu
+
     def worker_env(self, **overrides: str) -> dict[str, str]:
         """A worker pointed at the benchmark database, Redis db and emulator; the budget never
         binds and no clock margin holds rows back unless `overrides` say otherwise."""
@@ -94,3 +114,14 @@ class Bench:
         )
         env.update(overrides)
         return env
+
+    def limited_env(self, limit: int, window: int, batch: int, **overrides: str) -> dict[str, str]:
+        """`worker_env` for a Polar that allows `limit` requests per `window` seconds, with
+        batches of `batch` events and beat every --drain-interval seconds."""
+        return self.worker_env(
+            POLAR_REQUESTS_PER_MINUTE=str(limit),
+            POLAR_RATE_WINDOW_SECONDS=str(window),
+            OUTBOX_BATCH_SIZE=str(batch),
+            OUTBOX_DRAIN_INTERVAL_SECONDS=f"{self.cfg.drain_interval:g}",
+            **overrides,
+        )

@@ -17,7 +17,6 @@ from bench.common import (
     Samples,
     ScenarioResult,
     pgbench_command,
-    sleep_until,
     summarize,
 )
 from bench.enqueue.config import Config
@@ -41,10 +40,7 @@ def run_pgbench(cfg: Config, key: str, label: str, customers: int) -> ScenarioRe
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     meter = CpuMeter(load_roots=[proc.pid])
     window = (start + cfg.warmup, start + cfg.warmup + cfg.seconds)
-    sleep_until(window[0])
-    meter.start()
-    sleep_until(window[1])
-    cpu = meter.cores()
+    cpu = meter.over(window)
     stdout, stderr = proc.communicate(timeout=120)
     samples = read_log(logdir)
     shutil.rmtree(logdir, ignore_errors=True)

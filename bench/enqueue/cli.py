@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from bench.common import (
     DEFAULT_URL,
-    command_line,
+    add_run_flags,
+    bench_parser,
     drop_database,
     machine_facts,
+    only_keys,
     print_report,
     recreate_database,
 )
@@ -30,16 +31,11 @@ def parse_layouts(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
-        description="Enqueue benchmark (issue #3): the raw-SQL ceiling, record_usage in-process,"
+    parser = bench_parser(
+        "Enqueue benchmark (issue #3): the raw-SQL ceiling, record_usage in-process,"
         " POST /v1/usage over HTTP and one hot customer, side by side in one table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_URL),
-        help="benchmark database (DROPPED and re-created; its name must contain 'bench';"
-        " env BENCH_DATABASE_URL)",
+        url_env="BENCH_DATABASE_URL",
+        default_url=DEFAULT_URL,
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up before the window")
@@ -64,15 +60,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         default=1,
         help="run each scenario N times (odd N), report the median run by throughput",
     )
-    parser.add_argument(
-        "--only",
-        default="",
-        help="comma-separated scenario keys or prefixes, e.g. 'a,b-4x4,c'; '=a' is the key alone"
-        " (default: all)",
+    add_run_flags(
+        parser,
+        only_help="comma-separated scenario keys or prefixes, e.g. 'a,b-4x4,c'; '=a' is the key"
+        " alone (default: all)",
+        quick_help="smoke run: 2 s windows, fewer rows",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s windows, fewer rows")
-    parser.add_argument("--keep-db", action="store_true", help="do not drop the database")
-    parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     parser.add_argument(
         "--base",
         type=Path,
@@ -103,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         app=args.app,
         repeat=max(1, args.repeat),
         gen_procs=args.gen_procs,
-        only=tuple(s.strip() for s in args.only.split(",") if s.strip()),
+        only=only_keys(args.only),
         keep_db=args.keep_db,
         json_path=args.json,
         base_dir=args.base.resolve() if args.base else None,
@@ -124,12 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts(cfg.url)
     bench = Bench(cfg)
     results = bench.run()
-    command = command_line(argv)
     print_report(
         results,
         facts,
+        argv,
         table=format_table(results),
-        command=command,
         cpu_line=f"window {cfg.seconds:g} s after {cfg.warmup:g} s warm-up; CPU in cores"
         " (CPU-seconds per second) during the window",
         goals=goal_lines(results, bench),

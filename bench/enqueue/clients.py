@@ -8,7 +8,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from bench.common import (
     connect,
     customer_id,
     libpq_url,
-    sleep_until,
+    run_in_threads,
     summarize,
 )
 from bench.enqueue.config import REPLAY_KEYS, Config
@@ -86,11 +85,7 @@ def _run_threads(
                 samples.errors[_error_key(exc)] += 1
             samples.add(time.time(), time.perf_counter() - began, code)
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(spec.concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(loop, spec.concurrency)
     merged = Samples()
     for samples in per_thread:
         merged.extend(samples)
@@ -264,10 +259,7 @@ def run_clients(
     go.set()
     window = (start + cfg.warmup, start + cfg.warmup + cfg.seconds)
     meter = CpuMeter(load_roots=[p.pid for p in procs if p.pid], server_roots=server_pids)
-    sleep_until(window[0])
-    meter.start()
-    sleep_until(window[1])
-    cpu = meter.cores()
+    cpu = meter.over(window)
     merged = Samples()
     problems = []
     for _ in procs:
