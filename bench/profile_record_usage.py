@@ -13,10 +13,15 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import sys
 import time
+from pathlib import Path
 
 import psycopg
-from common import drop_database, libpq_url, recreate_database, seed_customers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import drop_database, libpq_url, recreate_database, seed_customers
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/outbox_bench_profile"
 

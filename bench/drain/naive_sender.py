@@ -3,9 +3,9 @@
 One Celery task per usage event; the task reads its outbox row, sends ONE event to Polar's
 ingest endpoint with polar-sdk (a batch of one), and marks that row delivered. No claim, no
 lease, no rate budget: the code people write first. It is a Celery app of its own (task name
-`bench.naive_send`), run by `bench/drain.py` as
+`bench.naive_send`), run by `bench/drain.py` from the repository's root as
 
-    PYTHONPATH=bench celery -A naive_sender worker --concurrency=K
+    celery -A bench.drain.naive_sender worker --concurrency=K
 
 with DATABASE_URL, REDIS_URL, POLAR_ACCESS_TOKEN and POLAR_BASE_URL in its environment.
 """

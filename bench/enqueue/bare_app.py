@@ -10,7 +10,7 @@ async pool, committed before the response is sent. No SQLAlchemy, no FastAPI, no
 no idempotency, no schema check: whatever this row costs, no endpoint on this stack can cost
 less, and scenario c is reported as a share of it.
 
-    uvicorn --factory bench.bare_app:create_app --workers 2   (DATABASE_URL as for the API)
+    uvicorn --factory bench.enqueue.bare_app:create_app --workers 2   (DATABASE_URL as for the API)
 """
 
 from __future__ import annotations

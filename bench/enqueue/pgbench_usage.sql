@@ -1,6 +1,6 @@
 -- The raw-SQL ceiling of one usage (bench/enqueue.py, scenario a): the same transaction as
 -- outbox.ledger.record_usage without an idempotency key, with nothing but PostgreSQL in the way.
--- Run with: pgbench -n -M prepared -c 16 -j 2 -T 10 -D customers=10000 -f bench/pgbench_usage.sql
+-- Run with: pgbench -n -M prepared -c 16 -j 2 -T 10 -D customers=10000 -f bench/enqueue/pgbench_usage.sql
 \set cid random(1, :customers)
 BEGIN;
 UPDATE customers SET balance = balance - 1, used = used + 1, updated_at = now() WHERE id = 'bench_' || :cid AND balance >= 1 RETURNING balance \gset
