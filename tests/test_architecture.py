@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FRAMEWORKS = ("fastapi", "starlette", "celery", "kombu")
 # The only places the domain may reach into an adapter, lazily (inside a function), because
@@ -66,6 +68,7 @@ def test_the_domain_reaches_into_adapters_only_lazily_from_the_cli() -> None:
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_importing_every_domain_module_loads_no_framework() -> None:
     """The same, at run time: transitive imports count too."""
     script = (
