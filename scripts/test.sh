@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Set up (venv + dependencies) and run the whole test suite: lint, types, migrations, pytest.
-# Usage: ./scripts/test.sh [pytest args...]
+# Usage: ./scripts/test.sh [--fast] [pytest args...]
+#   --fast: the same checks, and every test but the `slow` ones (pytest -m "not slow": the
+#   whole-system runs of tests/acceptance and tests/chaos, and the tests marked slow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+marker=()
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  marker=(-m "not slow")
+fi
 
 . scripts/venv.sh
 
@@ -31,4 +39,4 @@ DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/$CHECK_DB" alembic up
 DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/$CHECK_DB" alembic check
 echo "== pytest" >&2
 export CI="${CI:-false}"
-python -m pytest "$@"
+python -m pytest ${marker[@]+"${marker[@]}"} "$@"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -32,6 +33,17 @@ TEST_DATABASE_URL = os.environ.get(
 )
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SLOW_DIRECTORIES = ("acceptance", "chaos")  # whole-system runs: real processes, servers, waits
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whole-system tests (tests/acceptance, tests/chaos) are `slow`: the fast tier, `pytest -m
+    "not slow"` (./scripts/test.sh --fast), leaves them out, with the tests marked one by one."""
+    root = Path(__file__).parent
+    for item in items:
+        parts = item.path.relative_to(root).parts if item.path.is_relative_to(root) else ()
+        if parts and parts[0] in SLOW_DIRECTORIES:
+            item.add_marker(pytest.mark.slow)
 
 
 def skip_locally_fail_in_ci(message: str) -> NoReturn:

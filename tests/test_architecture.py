@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FRAMEWORKS = ("fastapi", "starlette", "celery", "kombu", "typer", "uvicorn")
 # The adapters and the emulator: the domain imports none of them, not even lazily. The CLI
@@ -85,6 +87,7 @@ def test_the_operator_tools_are_used_only_from_above() -> None:
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_importing_every_domain_module_loads_no_framework() -> None:
     """The same, at run time: transitive imports count too."""
     script = (

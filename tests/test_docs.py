@@ -13,6 +13,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import skip_locally_fail_in_ci
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,6 +116,7 @@ def run_documents(tmp_path: Path, *names: str) -> dict[str, Any]:
     return reports
 
 
+@pytest.mark.slow
 def test_the_readme_runs_as_written_on_a_fresh_clone(tmp_path: Path) -> None:
     """./scripts/dev.sh, the walkthrough in a second terminal, the library snippet: every
     block succeeds and Polar (the emulator) ends up with every credit spent, once."""
@@ -124,6 +127,7 @@ def test_the_readme_runs_as_written_on_a_fresh_clone(tmp_path: Path) -> None:
     assert report["totals"] == {"demo_customer": 3 + 2 + 1}  # the usage, the replay, the library
 
 
+@pytest.mark.slow
 def test_the_tutorial_runs_as_written_and_drains_the_apps_own_database(tmp_path: Path) -> None:
     report = run_documents(tmp_path, "docs/tutorial.md")["docs/tutorial.md"]
     ran = [b for b in report["blocks"] if "rc" in b]

@@ -279,6 +279,7 @@ METADATA_KEYS = st.one_of(
 
 
 @settings(max_examples=400)
+@pytest.mark.slow
 @given(
     st.one_of(
         st.dictionaries(METADATA_KEYS, METADATA_VALUES, max_size=3),

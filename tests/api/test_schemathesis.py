@@ -36,6 +36,8 @@ from outbox.models import Base
 from outbox.settings import load_settings
 from tests.api.conftest import bearer
 
+pytestmark = pytest.mark.slow  # hundreds of generated requests
+
 EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "40"))
 STEPS = int(os.environ.get("SCHEMATHESIS_STEPS", "300"))
 RANDOM = os.environ.get("SCHEMATHESIS_RANDOM", "") == "1"

@@ -519,6 +519,7 @@ def is_valid_usage(body: Any) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("clean_tables")
 def test_arbitrary_json_bodies_never_break_the_api_and_refusals_change_nothing(
     client: TestClient, usage_headers: dict[str, str], fund: Fund, snapshot: Take

@@ -109,3 +109,59 @@ def test_every_worker_keeps_consuming_after_redis_stops_and_starts_under_load(
         # Nothing tripped over a closed connection (kombu#582: restarting Gossip).
         assert "Unrecoverable error" not in process.output()
         assert "Error on restarting" not in process.output(), process.output()[-4000:]
+
+
+def test_a_worker_holding_a_message_it_has_not_started_survives_redis_going_away(
+    clean_tables: Engine,
+    emulator: polar_emulator.RunningEmulator,
+    private_redis: PrivateRedis,
+    start_worker: Callable[..., Worker],
+) -> None:
+    """The case that ended workers (kombu 5.7: "Unrecoverable error: AttributeError("'NoneType'
+    object has no attribute 'hostname'")"): Redis goes away while the worker holds a drain
+    message that no pool process has started yet, and is still polling for more. Closing the
+    lost connection then restores that message through a transport that has already let go
+    of its connection, unless the message was never Redis's to restore (worker/celery_app.py:
+    no ack emulation)."""
+    emulator.configure(latency_ms=1500)  # each batch of one takes 1.5 s: the drain stays busy
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=1000)
+        for _ in range(20):
+            record_usage(session, customer, 1)
+    # One process, room for two messages, no beat: the drain sent below runs, and the helper
+    # it asks for (its first batch is full) waits, unacknowledged, while the worker polls.
+    argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--concurrency=1"]
+    worker = start_worker(
+        argv=[*argv, "--prefetch-multiplier=2", "--loglevel=INFO", "--without-gossip"],
+        REDIS_URL=private_redis.url,
+        OUTBOX_BATCH_SIZE="1",
+    )
+    broker = Celery(broker=private_redis.url)
+    wait_until(lambda: "ready." in worker.output(), 60, "the worker", worker.output)
+    broker.send_task("outbox.drain", expires=60)
+    wait_until(
+        lambda: worker.output().count("Task outbox.drain[") >= 2,
+        60,
+        "the drain running and its helper waiting",
+        worker.output,
+    )
+    private_redis.stop()
+    time.sleep(OUTAGE_SECONDS)
+    private_redis.start()
+    wait_until(
+        lambda: (
+            status_counts(clean_tables) == {"delivered": 20} or worker.process.poll() is not None
+        ),
+        120,
+        "delivery after Redis returned",
+        worker.output,
+    )
+    output = worker.output()
+    assert "Restoring 1 unacknowledged message(s)" in output, output[-4000:]  # the case above
+    assert worker.process.poll() is None, output[-4000:]
+    assert "Unrecoverable error" not in output, output[-4000:]
+    emulator.configure(latency_ms=0)
+    mark = len(output)
+    broker.send_task("outbox.drain", expires=60)  # and it still consumes
+    wait_until(lambda: CONSUMED in worker.output()[mark:], 60, "a drain after", worker.output)
+    assert emulator.state.totals() == {customer: 20}

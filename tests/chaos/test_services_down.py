@@ -31,8 +31,6 @@ from tests.chaos.conftest import PrivatePostgres, PrivateRedis
 from tests.factories import make_customer
 from tests.services import cluster_identity
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def pg_url(private_postgres: PrivatePostgres) -> Iterator[str]:

@@ -273,6 +273,7 @@ def test_version() -> None:
 # Real processes: what a user sees in a terminal.
 
 
+@pytest.mark.slow
 def test_status_in_another_directory_creates_nothing_and_says_why(tmp_path: Path) -> None:
     """Issue 12: `outbox status` in a directory without outbox.db made an empty one, then printed
     60 lines of `no such table`."""
@@ -283,6 +284,7 @@ def test_status_in_another_directory_creates_nothing_and_says_why(tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_processes_on_an_unreachable_and_an_unparseable_database() -> None:
     result = run_process(["token", "list"], DATABASE_URL=UNREACHABLE_PG)
     assert_one_line_failure(result.returncode, result.stdout, result.stderr, "cannot open")
@@ -291,6 +293,7 @@ def test_processes_on_an_unreachable_and_an_unparseable_database() -> None:
     assert_one_line_failure(result.returncode, result.stdout, result.stderr, "DATABASE_URL")
 
 
+@pytest.mark.slow
 def test_processes_on_an_unmigrated_postgresql(empty_pg_url: str) -> None:
     for args in (["status"], ["replay", "--all-failed"], ["failed"]):
         result = run_process(args, DATABASE_URL=empty_pg_url)
@@ -302,11 +305,13 @@ def test_processes_on_an_unmigrated_postgresql(empty_pg_url: str) -> None:
     assert run_process(["status"], DATABASE_URL=empty_pg_url).returncode == 0
 
 
+@pytest.mark.slow
 def test_process_integer_past_64_bits(pg_url: str, clean_tables: Engine) -> None:
     result = run_process(["token", "revoke", str(2**64)], DATABASE_URL=pg_url)
     assert_one_line_failure(result.returncode, result.stdout, result.stderr, "TOKEN_ID")
 
 
+@pytest.mark.slow
 def test_celery_worker_refuses_to_start_without_a_polar_token(pg_url: str) -> None:
     """`celery -A worker worker` (what docker-compose runs) fails at start, not every 5 s."""
     environment = {k: v for k, v in os.environ.items() if k != "POLAR_ACCESS_TOKEN"}
@@ -325,6 +330,7 @@ def test_celery_worker_refuses_to_start_without_a_polar_token(pg_url: str) -> No
     assert "ready" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_is_one_line_unless_debug(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/outbox.db"
     upgrade(url)

@@ -267,6 +267,7 @@ def test_the_projects_client_classifies_polars_422s(target: Target) -> None:
     gateway.close()
 
 
+@pytest.mark.slow
 def test_the_outbox_delivers_through_clock_skew_and_poison(
     target: Target, clean_tables: Engine, pg_url: str
 ) -> None:

@@ -77,6 +77,7 @@ def test_real_looking_secrets_are_accepted(values: dict[str, str]) -> None:
         assert getattr(settings, name) == value
 
 
+@pytest.mark.slow
 def test_a_placeholder_in_dotenv_stops_the_worker_command_with_one_line(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("POLAR_ACCESS_TOKEN=polar_oat_xxx\n")
     result = subprocess.run(
@@ -93,6 +94,7 @@ def test_a_placeholder_in_dotenv_stops_the_worker_command_with_one_line(tmp_path
     assert not (tmp_path / "outbox.db").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command",
     [

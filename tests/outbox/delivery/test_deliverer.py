@@ -101,6 +101,7 @@ def counts(engine: Engine) -> dict[str, int]:
         }
 
 
+@pytest.mark.slow
 def test_everything_is_delivered_once_in_effect_through_faults(
     clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
 ) -> None:
@@ -142,6 +143,7 @@ def test_a_poison_event_fails_alone_and_its_batch_is_delivered_in_the_same_cycle
     assert emulator.state.totals() == {good: 499}
 
 
+@pytest.mark.slow
 def test_a_worker_clock_5s_ahead_of_polar_bills_everything_and_fails_nothing(
     clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
 ) -> None:

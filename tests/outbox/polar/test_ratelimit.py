@@ -43,6 +43,7 @@ def most_in_any_window(stamps_us: list[int], window_us: int) -> int:
     )
 
 
+@pytest.mark.slow
 def test_processes_and_threads_share_one_paced_budget(redis_url: str) -> None:
     """3 processes and 3 threads, always asking: no interval of one window (wherever it
     starts, by Redis's clock) holds more than the allowance, the budget is used (each
@@ -157,6 +158,7 @@ def test_local_budget_paces_with_a_fake_clock() -> None:
     assert local.try_acquire() == pytest.approx(30.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["redis", "local"])
 def test_a_low_priority_caller_takes_its_share_and_leaves_delivery_the_rest(
     redis_url: str, kind: str
