@@ -9,6 +9,7 @@ the whole process (docs/explanation/webhooks.md). The review's attack, 40 concur
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -73,3 +74,26 @@ def test_forty_unsigned_10_mib_bodies_at_once_cost_a_bounded_amount_of_memory(
     print(f"peak RSS {before / MIB:.0f} MiB -> +{growth / MIB:.1f} MiB for {BODIES} x 10 MiB")
     assert statuses == [403] * BODIES, served.output()
     assert growth < GROWTH_BOUND_BYTES, f"+{growth / MIB:.1f} MiB\n{served.output()}"
+
+
+def test_a_client_hanging_up_mid_body_is_logged_once_at_info(
+    serve: Callable[..., Served],
+) -> None:
+    """Anyone may open the route and hang up: one INFO line each, no ERROR, no traceback."""
+    served = serve(POLAR_WEBHOOK_SECRET=SECRET, LOG_LEVEL="INFO")
+    port = int(served.url.rsplit(":", 1)[1])
+    for n in range(3):
+        head = (
+            f"POST /v1/polar/webhooks HTTP/1.1\r\nhost: x\r\ncontent-length: {10 * MIB}\r\n"
+            f"webhook-id: hangup-{n}\r\nwebhook-timestamp: {int(time.time())}\r\n"
+            "webhook-signature: v1,AAAA\r\ncontent-type: application/json\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head.encode() + b"x" * 100_000)
+    deadline = time.monotonic() + 20
+    while served.output().count("disconnected before") < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200
+    log = served.output()
+    assert log.count("a webhook client disconnected before its body was complete") == 3, log
+    assert "ERROR" not in log and "Traceback" not in log, log
