@@ -216,3 +216,47 @@ def test_outbox_token_revoke_is_obeyed_by_every_serve_process_within_a_second(
             assert time.monotonic() - revoked_at < 1.0, "a revoked token still works after 1 s"
             time.sleep(0.01)
         assert [status(served) for _ in range(3)] == [401] * 3
+
+
+def test_one_setting_bounds_the_database_connections_of_an_api_process(
+    serve: Callable[..., Served], clean_tables: Engine
+) -> None:
+    """OUTBOX_API_DATABASE_CONNECTIONS=7 (3 for POST /v1/usage, 3 for the other routes, 1 for
+    the token listener): 30 requests on both paths, all waiting for a row lock held here with
+    their connection in hand, never make the process open an 8th. (Before the setting: 20 +
+    20 overflow + 20 + 1.)"""
+    bound = 7
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=1000)
+        token, _ = create_token(session, "usage")
+    served = serve(
+        OUTBOX_API_DATABASE_CONNECTIONS=str(bound),
+        OUTBOX_API_LOCK_TIMEOUT_SECONDS="4",
+        OUTBOX_API_POOL_TIMEOUT_SECONDS="4",
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"customer_id": customer, "credits": 1}
+    calls = ["/v1/usage", "/v1/holds"] * 15
+    count = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name IN ('outbox-api', 'outbox-revocation-watcher')"
+    )
+    peak = 0
+    with clean_tables.connect() as locker, clean_tables.connect() as watcher:
+        locker.execute(text("SELECT 1 FROM customers WHERE id = :id FOR UPDATE"), {"id": customer})
+        with httpx.Client(timeout=REQUEST_TIMEOUT, limits=httpx.Limits(max_connections=30)) as http:
+            with ThreadPoolExecutor(len(calls)) as pool:
+                futures = [
+                    pool.submit(http.post, f"{served.url}{path}", json=body, headers=headers)
+                    for path in calls
+                ]
+                deadline = time.monotonic() + 2.5  # the requests pile up on the lock
+                while time.monotonic() < deadline:
+                    peak = max(peak, int(watcher.execute(count).scalar_one()))
+                    watcher.commit()
+                    time.sleep(0.05)
+                locker.rollback()  # the lock goes: whoever still waits goes through
+                answers = [future.result() for future in futures]
+    codes = [str(a.status_code) if a.status_code != 503 else a.json()["code"] for a in answers]
+    assert set(codes) <= {"201", "locked", "overloaded"}, codes
+    assert peak == bound, f"peak {peak} connections\n{served.output()}"
