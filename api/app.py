@@ -132,6 +132,7 @@ def create_app(
     app.state.token_cache = token_cache
     app.state.schema_cache = SchemaCache()
     app.state.nudge = nudge or _no_nudge
+    app.state.unverified_bodies = webhooks.UnverifiedBodies()
     registry = CollectorRegistry()
     registry.register(OutboxCollector(engine))
     app.state.metrics_registry = registry

@@ -44,7 +44,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from outbox.db import request_session_options
+from outbox.db import API_APPLICATION_NAME, api_connection_split, request_session_options
 from outbox.settings import Settings
 from outbox.steps import Query, Step, Steps
 
@@ -100,14 +100,16 @@ def libpq_conninfo(url: str) -> str:
 
 
 class AsyncDatabase:
-    """At most `size` psycopg async connections of one event loop (the API process's), each
-    bounded as the sync request engine's, and `run`, which drives steps in one transaction."""
+    """At most `size` psycopg async connections of one event loop (the API process's; by
+    default its share of OUTBOX_API_DATABASE_CONNECTIONS, `outbox.db.api_connection_split`),
+    each bounded as the sync request engine's, and `run`, which drives steps in one
+    transaction."""
 
-    def __init__(self, settings: Settings, *, size: int = 20) -> None:
+    def __init__(self, settings: Settings, *, size: int | None = None) -> None:
         self._conninfo = libpq_conninfo(settings.database_url)
         self._options = request_session_options(settings)
         self._timeout = settings.outbox_api_pool_timeout_seconds
-        self._slots = asyncio.Semaphore(size)
+        self._slots = asyncio.Semaphore(size or api_connection_split(settings)[1])
         self._idle: list[tuple[Connection, int]] = []
         self._generation = 0  # bumped when a connection is found broken
         self._closed = False
@@ -185,6 +187,7 @@ class AsyncDatabase:
         return await psycopg.AsyncConnection.connect(
             self._conninfo,
             options=self._options,
+            application_name=API_APPLICATION_NAME,
             connect_timeout=max(2, math.ceil(self._timeout)),
             row_factory=namedtuple_row,
         )

@@ -80,8 +80,24 @@ def make_request_engine(settings: Settings, **kwargs: Any) -> Engine:
     connect_args = dict(kwargs.pop("connect_args", {}))
     options = request_session_options(settings)
     connect_args["options"] = f"{connect_args.get('options', '')} {options}".strip()
+    connect_args.setdefault("application_name", API_APPLICATION_NAME)
     kwargs.setdefault("pool_timeout", settings.outbox_api_pool_timeout_seconds)
+    # Fixed size, no overflow: OUTBOX_API_DATABASE_CONNECTIONS bounds the process.
+    kwargs.setdefault("pool_size", api_connection_split(settings)[0])
+    kwargs.setdefault("max_overflow", 0)
     return make_engine(url, connect_args=connect_args, **kwargs)
+
+
+# What an API process's connections are called in pg_stat_activity (the listener has its own).
+API_APPLICATION_NAME = "outbox-api"
+
+
+def api_connection_split(settings: Settings) -> tuple[int, int]:
+    """(the sync pool, the async pool of POST /v1/usage) of one API process: what
+    OUTBOX_API_DATABASE_CONNECTIONS leaves after the token revocation listener's one
+    connection (`outbox.tokens.RevocationWatcher`, detached from the sync pool), halved."""
+    shared = settings.outbox_api_database_connections - 1
+    return shared - shared // 2, shared // 2
 
 
 def request_session_options(settings: Settings) -> str:

@@ -143,6 +143,31 @@ class Settings(BaseSettings):
         description="API: the longest a request waits for a free database connection before it "
         "is answered 503 `overloaded`.",
     )
+    outbox_api_database_connections: int = Field(
+        41,
+        ge=3,
+        le=10_000,
+        description="API (PostgreSQL): the most PostgreSQL connections one API process opens, "
+        "all paths together: 1 for the token revocation listener, the rest halved between the "
+        "pool of POST /v1/usage (async) and the pool of every other route (the larger half). "
+        "A deployment opens at most this times its API processes (`outbox serve --workers`), "
+        "plus what its workers open.",
+    )
+    outbox_api_head_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="`outbox serve`: a request's head (request line and headers) must arrive "
+        "within this of the connection or of its first byte; else 408 and the connection is "
+        "closed.",
+    )
+    outbox_api_body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="`outbox serve`: a request's body must arrive within this of its head; "
+        "else the connection is closed (a body is at most 256 KiB, 10 MiB for webhooks).",
+    )
     outbox_api_shutdown_grace_seconds: int = Field(
         8,
         ge=0,

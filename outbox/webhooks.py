@@ -1,8 +1,9 @@
 """Polar webhooks: verify the signature over the raw bytes, store the bytes, then apply the
 Meter Credits benefit as a per-grant state machine (docs/explanation/webhooks.md).
 
-1. `verify_signature` checks the Standard Webhooks signature over the bytes as received, before
-   anything decodes them: nothing unsigned is ever stored.
+1. `SignatureCheck` checks the Standard Webhooks headers and timestamp before the body is read,
+   then the signature over the body's bytes as they arrive, before anything decodes them:
+   nothing unsigned is ever stored.
 2. `receive_webhook` stores every verified body once per `webhook-id` (its SHA-256, so ids of
    any length), whatever it contains, and only then parses it, defensively.
 3. `benefit_grant.created` / `cycled` of a `meter_credit` benefit credit
@@ -49,6 +50,7 @@ MAX_CYCLE_LENGTH = 64
 MAX_OUTCOME_LENGTH = 1000
 
 _TIMESTAMP = re.compile(rb"[0-9]{1,15}")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 # Polar's grant ids are UUIDs and its cycles ISO 8601 timestamps: anything printable and short
 # is accepted, so a future format still works; nothing else reaches a text column.
@@ -73,6 +75,62 @@ def signing_keys(secret: str) -> tuple[bytes, ...]:
     return tuple(keys)
 
 
+class SignatureCheck:
+    """One delivery's Standard Webhooks signature, checked as the body arrives: the headers
+    and the timestamp window when it is made (before any of the body is read), then `update`
+    with each piece of the body, then `verify`. Works on the raw header and body bytes:
+    nothing is decoded before it. (The SDK's `validate_event` decodes the body first and so
+    cannot tell a non-UTF-8 body from a signed one; the `standardwebhooks` package does the
+    same and knows one key form only.)"""
+
+    def __init__(
+        self,
+        *,
+        webhook_id: bytes | None,
+        timestamp: bytes | None,
+        signature: bytes | None,
+        secret: str,
+        now: float,
+    ) -> None:
+        """Raise `InvalidSignature` unless the three headers are there once each, the id is
+        sane (no control characters) and `timestamp` is within five minutes of `now`."""
+        if not webhook_id or not timestamp or not signature:
+            raise InvalidSignature(
+                "missing (or repeated) webhook-id, webhook-timestamp or webhook-signature header"
+            )
+        if _CONTROL.search(webhook_id):
+            raise InvalidSignature("webhook-id has a control character")
+        if not _TIMESTAMP.fullmatch(timestamp):
+            raise InvalidSignature("webhook-timestamp is not a Unix time in seconds")
+        if abs(now - int(timestamp)) > TOLERANCE_SECONDS:
+            raise InvalidSignature("webhook-timestamp is more than 5 minutes from now")
+        self.webhook_id = webhook_id
+        self._signature = signature
+        prefix = webhook_id + b"." + timestamp + b"."
+        self._macs = [hmac.new(key, prefix, hashlib.sha256) for key in signing_keys(secret)]
+
+    def update(self, chunk: bytes) -> None:
+        """Feed the next bytes of the body."""
+        for mac in self._macs:
+            mac.update(chunk)
+
+    def verify(self) -> None:
+        """Raise `InvalidSignature` unless one `v1,<base64>` of the signature header is the
+        HMAC-SHA256 of `{id}.{timestamp}.{body}` under one of the secret's keys."""
+        expected = [mac.digest() for mac in self._macs]
+        for candidate in self._signature.split():
+            version, comma, encoded = candidate.partition(b",")
+            if version != b"v1" or not comma:
+                continue
+            try:
+                given = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                continue
+            if any(hmac.compare_digest(given, digest) for digest in expected):
+                return
+        raise InvalidSignature("no webhook-signature matches POLAR_WEBHOOK_SECRET")
+
+
 def verify_signature(
     body: bytes,
     *,
@@ -82,32 +140,13 @@ def verify_signature(
     secret: str,
     now: float,
 ) -> None:
-    """Raise `InvalidSignature` unless one `v1,<base64>` of `signature` is the HMAC-SHA256 of
-    `{id}.{timestamp}.{body}` under one of the secret's keys and `timestamp` is within five
-    minutes of `now`. Works on the raw header and body bytes: nothing is decoded before this.
-    (The SDK's `validate_event` decodes the body first and so cannot tell a non-UTF-8 body from a
-    signed one; the `standardwebhooks` package does the same and knows one key form only.)"""
-    if not webhook_id or not timestamp or not signature:
-        raise InvalidSignature(
-            "missing (or repeated) webhook-id, webhook-timestamp or webhook-signature header"
-        )
-    if not _TIMESTAMP.fullmatch(timestamp):
-        raise InvalidSignature("webhook-timestamp is not a Unix time in seconds")
-    if abs(now - int(timestamp)) > TOLERANCE_SECONDS:
-        raise InvalidSignature("webhook-timestamp is more than 5 minutes from now")
-    signed = webhook_id + b"." + timestamp + b"." + body
-    expected = [hmac.new(key, signed, hashlib.sha256).digest() for key in signing_keys(secret)]
-    for candidate in signature.split():
-        version, comma, encoded = candidate.partition(b",")
-        if version != b"v1" or not comma:
-            continue
-        try:
-            given = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        if any(hmac.compare_digest(given, digest) for digest in expected):
-            return
-    raise InvalidSignature("no webhook-signature matches POLAR_WEBHOOK_SECRET")
+    """`SignatureCheck` over a whole body at once: raise `InvalidSignature` unless it is
+    signed with `secret` and its timestamp is within five minutes of `now`."""
+    check = SignatureCheck(
+        webhook_id=webhook_id, timestamp=timestamp, signature=signature, secret=secret, now=now
+    )
+    check.update(body)
+    check.verify()
 
 
 # --- 2. storing and parsing ---------------------------------------------------------------------

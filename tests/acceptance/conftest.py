@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from sqlalchemy import Engine, func, select
@@ -154,3 +157,64 @@ def wait_until(
 
 def all_delivered(engine: Engine, total: int) -> Callable[[], bool]:
     return lambda: status_counts(engine).get("delivered", 0) == total
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture
+def serve(
+    pg_url: str, clean_redis: str, clean_tables: Engine, tmp_path: Path
+) -> Iterator[Callable[..., Served]]:
+    """Start `outbox serve` (its own process group) on a free port; stopped (then killed) after."""
+    started: list[Served] = []
+
+    def start(*args: str, **env: str) -> Served:
+        port = free_port()
+        log = tmp_path / f"serve{len(started)}.log"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POLAR_"))}
+        environ.update(DATABASE_URL=pg_url, REDIS_URL=clean_redis, PYTHONUNBUFFERED="1", **env)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", "--port", str(port), *args],
+            cwd=ROOT,
+            env=environ,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        served = Served(f"http://127.0.0.1:{port}", process, log)
+        started.append(served)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert process.poll() is None, served.output()
+            try:
+                if httpx.get(f"{served.url}/healthz", timeout=1).status_code == 200:
+                    return served
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"outbox serve did not start\n{served.output()}")
+
+    yield start
+    for served in started:
+        if served.process.poll() is None:
+            os.killpg(served.process.pid, signal.SIGTERM)
+    for served in started:
+        try:
+            served.process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(served.process.pid, signal.SIGKILL)
+            served.process.wait(10)

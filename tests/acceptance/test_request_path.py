@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -29,72 +26,11 @@ from outbox.holds import place_hold
 from outbox.ledger import get_credits, ledger_balance
 from outbox.models import Hold, OutboxEvent
 from outbox.tokens import create_token
-from tests.acceptance.conftest import ROOT
+from tests.acceptance.conftest import ROOT, Served
 from tests.factories import make_customer
 
 # A request that takes longer than this has hung (the healthy burst answers in a few seconds).
 REQUEST_TIMEOUT = 25.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Served:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-@pytest.fixture
-def serve(
-    pg_url: str, clean_redis: str, clean_tables: Engine, tmp_path: Path
-) -> Iterator[Callable[..., Served]]:
-    """Start `outbox serve` (its own process group) on a free port; stopped (then killed) after."""
-    started: list[Served] = []
-
-    def start(*args: str, **env: str) -> Served:
-        port = free_port()
-        log = tmp_path / f"serve{len(started)}.log"
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POLAR_"))}
-        environ.update(DATABASE_URL=pg_url, REDIS_URL=clean_redis, PYTHONUNBUFFERED="1", **env)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "--port", str(port), *args],
-            cwd=ROOT,
-            env=environ,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        served = Served(f"http://127.0.0.1:{port}", process, log)
-        started.append(served)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert process.poll() is None, served.output()
-            try:
-                if httpx.get(f"{served.url}/healthz", timeout=1).status_code == 200:
-                    return served
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"outbox serve did not start\n{served.output()}")
-
-    yield start
-    for served in started:
-        if served.process.poll() is None:
-            os.killpg(served.process.pid, signal.SIGTERM)
-    for served in started:
-        try:
-            served.process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(served.process.pid, signal.SIGKILL)
-            served.process.wait(10)
 
 
 class HealthProbe:
@@ -280,3 +216,47 @@ def test_outbox_token_revoke_is_obeyed_by_every_serve_process_within_a_second(
             assert time.monotonic() - revoked_at < 1.0, "a revoked token still works after 1 s"
             time.sleep(0.01)
         assert [status(served) for _ in range(3)] == [401] * 3
+
+
+def test_one_setting_bounds_the_database_connections_of_an_api_process(
+    serve: Callable[..., Served], clean_tables: Engine
+) -> None:
+    """OUTBOX_API_DATABASE_CONNECTIONS=7 (3 for POST /v1/usage, 3 for the other routes, 1 for
+    the token listener): 30 requests on both paths, all waiting for a row lock held here with
+    their connection in hand, never make the process open an 8th. (Before the setting: 20 +
+    20 overflow + 20 + 1.)"""
+    bound = 7
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=1000)
+        token, _ = create_token(session, "usage")
+    served = serve(
+        OUTBOX_API_DATABASE_CONNECTIONS=str(bound),
+        OUTBOX_API_LOCK_TIMEOUT_SECONDS="4",
+        OUTBOX_API_POOL_TIMEOUT_SECONDS="4",
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"customer_id": customer, "credits": 1}
+    calls = ["/v1/usage", "/v1/holds"] * 15
+    count = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name IN ('outbox-api', 'outbox-revocation-watcher')"
+    )
+    peak = 0
+    with clean_tables.connect() as locker, clean_tables.connect() as watcher:
+        locker.execute(text("SELECT 1 FROM customers WHERE id = :id FOR UPDATE"), {"id": customer})
+        with httpx.Client(timeout=REQUEST_TIMEOUT, limits=httpx.Limits(max_connections=30)) as http:
+            with ThreadPoolExecutor(len(calls)) as pool:
+                futures = [
+                    pool.submit(http.post, f"{served.url}{path}", json=body, headers=headers)
+                    for path in calls
+                ]
+                deadline = time.monotonic() + 2.5  # the requests pile up on the lock
+                while time.monotonic() < deadline:
+                    peak = max(peak, int(watcher.execute(count).scalar_one()))
+                    watcher.commit()
+                    time.sleep(0.05)
+                locker.rollback()  # the lock goes: whoever still waits goes through
+                answers = [future.result() for future in futures]
+    codes = [str(a.status_code) if a.status_code != 503 else a.json()["code"] for a in answers]
+    assert set(codes) <= {"201", "locked", "overloaded"}, codes
+    assert peak == bound, f"peak {peak} connections\n{served.output()}"

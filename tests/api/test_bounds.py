@@ -325,12 +325,25 @@ def test_a_customer_id_with_a_control_character_in_the_path_is_422(
 @pytest.fixture
 def bounded_server(app: Any) -> Iterator[tuple[str, int]]:
     """The app under uvicorn with the protocol `outbox serve` uses."""
+    yield from _serve(app, BoundedHttpToolsProtocol)
+
+
+class QuickTimeouts(BoundedHttpToolsProtocol):
+    head_timeout = 1.0
+    body_timeout = 1.0
+
+
+@pytest.fixture
+def impatient_server(app: Any) -> Iterator[tuple[str, int]]:
+    """The same, with 1 s head and body timeouts (OUTBOX_API_HEAD/BODY_TIMEOUT_SECONDS)."""
+    yield from _serve(app, QuickTimeouts)
+
+
+def _serve(app: Any, protocol: type[BoundedHttpToolsProtocol]) -> Iterator[tuple[str, int]]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(
-        uvicorn.Config(
-            app, http=BoundedHttpToolsProtocol, log_level="error", access_log=False, lifespan="off"
-        )
+        uvicorn.Config(app, http=protocol, log_level="error", access_log=False, lifespan="off")
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -390,3 +403,71 @@ def test_the_bounded_server_serves_ordinary_requests_and_large_bodies(
         response = http.post("/v1/usage", json={"customer_id": "user_1"}, headers=padded)
         assert response.status_code == 431
         assert response.json()["code"] == "headers_too_large"  # the app's answer, JSON shape
+
+
+def _answer_then_close(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a 30 s guard: a server
+    that never closes fails the test instead of hanging it)."""
+    sock.settimeout(30)
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    return answer
+
+
+def test_a_head_sent_too_slowly_is_408_and_the_connection_closed(
+    impatient_server: tuple[str, int],
+) -> None:
+    """The review held 200 sockets for 30 s+ by never finishing their heads."""
+    sockets = [socket.create_connection(impatient_server, timeout=30) for _ in range(50)]
+    try:
+        for sock in sockets:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        answers = [_answer_then_close(sock) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[0][:200]
+    assert b'"code": "request_timeout"' in answers[0]
+
+
+def test_a_connection_that_sends_nothing_is_closed(impatient_server: tuple[str, int]) -> None:
+    with socket.create_connection(impatient_server, timeout=30) as sock:
+        assert _answer_then_close(sock) == b""
+
+
+def test_a_body_sent_too_slowly_closes_the_connection_and_records_nothing(
+    impatient_server: tuple[str, int],
+    usage_headers: dict[str, str],
+    fund: Fund,
+    snapshot: Take,
+) -> None:
+    fund("user_1", 10)
+    before = snapshot()
+    body = b'{"customer_id": "user_1", "credits": 1}'
+    head = (
+        "POST /v1/usage HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        f"authorization: {usage_headers['Authorization']}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(impatient_server, timeout=30) as sock:
+        sock.sendall(head.encode() + body[:10])
+        assert _answer_then_close(sock) == b""
+    assert snapshot() == before
+
+
+def test_requests_on_a_kept_alive_connection_are_not_cut_by_the_timeouts(
+    impatient_server: tuple[str, int], usage_headers: dict[str, str], fund: Fund
+) -> None:
+    """The head timer runs from a request's first byte, not from the connection's start."""
+    fund("user_1", 10)
+    host, port = impatient_server
+    with httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as http:
+        for _ in range(3):
+            assert http.get("/healthz").status_code == 200
+            time.sleep(0.6)  # idle between requests, under uvicorn's 5 s keep-alive
+        used = http.post("/v1/usage", json={"customer_id": "user_1"}, headers=usage_headers)
+        assert used.status_code == 201

@@ -3,8 +3,10 @@ acknowledged, and Meter Credits grants apply once whatever the order and the web
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 
 from api.app import MAX_BODY_BYTES, MAX_WEBHOOK_BODY_BYTES, create_app
+from api.routes.webhooks import UnverifiedBodies
 from outbox.db import session_scope
 from outbox.ledger import get_credits, grant_credits, ledger_balance, record_usage
 from outbox.models import Customer, Hold, LedgerEntry, OutboxEvent, PolarGrantCycle, WebhookEvent
@@ -172,6 +175,110 @@ def test_the_pre_claim_attack_fails(client: TestClient, clean_tables: Engine) ->
     real = client.post(URL, **signed(credited(units=20), "wh_real"))
     assert real.status_code == 202
     assert real.json()["outcome"].startswith("granted 20 credits")
+    assert balance(clean_tables, "user_1") == 20
+
+
+# --- what is checked before the body is read; what an unverified body may cost ---------------
+
+
+def _asgi_post(
+    app: FastAPI, headers: dict[str, str], chunks: list[bytes | None]
+) -> tuple[int, int]:
+    """POST `chunks` to the webhook route straight through ASGI (None: the client hangs up);
+    returns (status, how many times the app asked for the body)."""
+    asked = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        asked += 1
+        chunk = chunks[min(asked, len(chunks)) - 1]
+        if chunk is None:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunk, "more_body": asked < len(chunks)}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": URL,
+        "raw_path": URL.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    status = next((m["status"] for m in sent if m["type"] == "http.response.start"), 0)
+    return status, asked
+
+
+def _fresh_headers(**change: str) -> dict[str, str]:
+    headers = {
+        "webhook-id": "wh_1",
+        "webhook-timestamp": str(int(time.time())),
+        "webhook-signature": "v1,AAAA",
+        "content-type": "application/json",
+    }
+    return {k: v for k, v in (headers | change).items() if v}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"webhook-timestamp": str(int(time.time()) - 3600)},
+        {"webhook-timestamp": str(int(time.time()) + 3600)},
+        {"webhook-timestamp": "soon"},
+        {"webhook-id": ""},
+        {"webhook-id": "wh\x01"},
+        {"webhook-signature": ""},
+    ],
+    ids=["stale", "future", "not a time", "no id", "control character in id", "no signature"],
+)
+def test_what_the_headers_refuse_is_refused_before_the_body_is_read(
+    app: FastAPI, clean_tables: Engine, change: dict[str, str]
+) -> None:
+    status, asked = _asgi_post(app, _fresh_headers(**change), [b"x" * 65536] * 160)
+    assert (status, asked) == (403, 0)
+    assert nothing_written(clean_tables)
+    # The same request with sane headers is read (then refused for its signature).
+    assert _asgi_post(app, _fresh_headers(), [b"x" * 65536] * 160) == (403, 160)
+
+
+def test_a_client_that_hangs_up_mid_body_is_one_info_line_without_a_traceback(
+    app: FastAPI, clean_tables: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    _asgi_post(app, _fresh_headers(), [b"x" * 65536, b"x" * 65536, None])
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO and r.name != "httpx"]
+    assert [(r.levelname, r.getMessage()) for r in lines] == [
+        ("INFO", "a webhook client disconnected before its body was complete")
+    ]
+    assert not any(r.exc_info for r in caplog.records)
+    assert nothing_written(clean_tables)
+
+
+def test_a_signed_body_that_does_not_fit_the_unverified_budget_is_503_and_retried(
+    app: FastAPI, client: TestClient, clean_tables: Engine
+) -> None:
+    """Unverified bodies share a byte budget: a signed one that finds no room is read and
+    checked without being kept, answered 503 (Polar retries); an unsigned one is still 403."""
+    app.state.unverified_bodies = UnverifiedBodies(limit=len(encode(credited())) - 1)
+    busy = client.post(URL, **signed(credited(), "wh_1"))
+    assert (busy.status_code, busy.json()["code"]) == (503, "webhooks_busy")
+    assert busy.headers["retry-after"] == "5"
+    unsigned = _tampered(**{"webhook-signature": "v1,AAAA"})
+    assert client.post(URL, **unsigned).status_code == 403
+    assert nothing_written(clean_tables)
+    assert app.state.unverified_bodies.held == 0  # every byte given back
+    app.state.unverified_bodies = UnverifiedBodies()
+    assert client.post(URL, **signed(credited(), "wh_1")).status_code == 202
     assert balance(clean_tables, "user_1") == 20
 
 
