@@ -344,20 +344,6 @@ def test_dev_never_prints_a_database_password(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_banner_hides_the_password_of_a_database_url() -> None:
-    from cli.dev import DevOptions, banner
-    from outbox.settings import load_settings
-
-    settings = load_settings(
-        database_url="postgresql+psycopg://app:hunter2pw@db/homeify",
-        polar_base_url="http://127.0.0.1:8765",
-        polar_access_token="polar_emulator_token",
-    )
-    text = banner(settings, DevOptions(), "pou_x", emulated=True)
-    assert "hunter2pw" not in text
-    assert "export DATABASE_URL='postgresql+psycopg://app:***@db/homeify'" in text
-
-
 def test_dev_never_sends_to_polar_production_nor_without_a_token(tmp_path: Path) -> None:
     ports = ("--port", str(free_port()), "--emulator-port", str(free_port()))
     production = run_cli(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -69,7 +69,7 @@ def test_a_json_line_has_time_level_logger_message_and_every_extra(
         "since": str(before),  # not JSON by itself: written as text, never dropped
     }
     stamped = datetime.fromisoformat(record["ts"])
-    assert stamped.utcoffset() is not None and stamped.utcoffset().total_seconds() == 0
+    assert stamped.utcoffset() == timedelta(0)  # UTC, said so
     assert stamped >= before.replace(microsecond=0)
 
 

@@ -124,5 +124,5 @@ def test_sqlstate_reads_the_code_of_a_wrapped_or_a_raw_error(clean_tables: Engin
     with pytest.raises(IntegrityError) as caught, session_scope(clean_tables) as session:
         run_steps(session, steps())
     assert sqlstate(caught.value) == "23505"
-    assert sqlstate(caught.value.orig) == "23505"  # psycopg's own
+    assert caught.value.orig is not None and sqlstate(caught.value.orig) == "23505"  # psycopg's
     assert sqlstate(ValueError("no database here")) is None

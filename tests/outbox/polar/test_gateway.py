@@ -194,7 +194,7 @@ def test_a_422_names_the_poison_event_by_its_place_in_the_batch() -> None:
 def test_a_429_pauses_the_whole_budget_for_its_retry_after() -> None:
     gateway = gateway_answering(always(429, {}, {"Retry-After": "7"}))
     assert gateway.ingest(events()).retry_after == 7.0
-    assert gateway.budget.try_acquire() == pytest.approx(7.0)  # every caller waits 7 s
+    assert gateway.budget.acquire(timeout=0) == pytest.approx(7.0)  # every caller waits 7 s
     without_header = gateway_answering(always(429, {})).ingest(events())
     assert without_header.retry_after == 60.0
 
