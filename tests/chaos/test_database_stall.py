@@ -105,29 +105,36 @@ def proxy(pg_url: str) -> Iterator[StallingProxy]:
     running.close()
 
 
-def _served(settings: Settings) -> Iterator[str]:
-    app = create_app(settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
+class Served:
+    """The API under uvicorn in a thread (its lifespan runs: POST /v1/usage on async
+    connections)."""
+
+    def __init__(self, settings: Settings) -> None:
+        app = create_app(settings)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "did not start"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Stop serving; the lifespan closes every database connection."""
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
 
 
 @pytest.fixture
-def api(proxy: StallingProxy, pg_url: str, clean_tables: Engine) -> Iterator[str]:
-    """The API, served (its lifespan runs: POST /v1/usage on async connections), reaching
-    PostgreSQL only through the proxy; database timeouts far longer than the deadline."""
+def api(proxy: StallingProxy, pg_url: str, clean_tables: Engine) -> Iterator[Served]:
+    """The API, reaching PostgreSQL only through the proxy; database timeouts far longer than
+    the deadline."""
     settings = load_settings(
         database_url=make_url(pg_url).set(port=proxy.port).render_as_string(False),
         outbox_api_request_deadline_seconds=DEADLINE,
@@ -136,7 +143,9 @@ def api(proxy: StallingProxy, pg_url: str, clean_tables: Engine) -> Iterator[str
         outbox_api_statement_timeout_seconds=60,
         outbox_api_database_connections=21,
     )
-    yield from _served(settings)
+    served = Served(settings)
+    yield served
+    served.stop()
 
 
 # What the documentation promises (guarantees.md): a free connection within the pool timeout,
@@ -150,13 +159,13 @@ CLIENT_TIMEOUT = BOUND + 5
 
 @pytest.mark.parametrize("answers_only", [True, False], ids=["answers lost", "both ways"])
 def test_a_stalled_database_network_never_hangs_a_request_nor_hides_a_usage(
-    api: str, proxy: StallingProxy, clean_tables: Engine, answers_only: bool
+    api: Served, proxy: StallingProxy, clean_tables: Engine, answers_only: bool
 ) -> None:
     with session_scope(clean_tables) as session:
         customer = make_customer(session, credits=1000)
         token, _ = create_token(session, "usage")
     headers = {"Authorization": f"Bearer {token}"}
-    with httpx.Client(base_url=api, timeout=CLIENT_TIMEOUT) as http:
+    with httpx.Client(base_url=api.url, timeout=CLIENT_TIMEOUT) as http:
         warm = http.post("/v1/usage", json={"customer_id": customer}, headers=headers)
         assert warm.status_code == 201, warm.text
 
@@ -198,9 +207,12 @@ def test_a_stalled_database_network_never_hangs_a_request_nor_hides_a_usage(
 
     hung = [a for a in answers if a.startswith("no answer")]
     assert hung == [], answers
-    # Held-back statements reach PostgreSQL on healing: let them land before counting.
-    _wait_for_quiet(clean_tables)
+    # Held-back statements reach PostgreSQL on healing: let every connection of the API end
+    # (PostgreSQL runs what it received before it sees the end), then count, in one snapshot.
+    api.stop()
+    _wait_for_no_api_backends(clean_tables)
     with session_scope(clean_tables) as session:
+        session.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
         recorded = {
             int(m["req"])
             for m in session.scalars(sql_select(OutboxEvent.event_metadata))
@@ -229,16 +241,15 @@ def test_a_stalled_database_network_never_hangs_a_request_nor_hides_a_usage(
         assert "outcome_unknown" in answers, answers
 
 
-def _wait_for_quiet(engine: Engine) -> None:
-    """Until no statement of the API runs in PostgreSQL (at most 20 s)."""
-    busy = text(
+def _wait_for_no_api_backends(engine: Engine) -> None:
+    """Until PostgreSQL has no backend of the API left (at most 30 s)."""
+    left = text(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND application_name = 'outbox-api' AND state = 'active'"
+        " AND application_name IN ('outbox-api', 'outbox-revocation-watcher')"
     )
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     with engine.connect() as connection:
-        while time.monotonic() < deadline:
-            if connection.execute(busy).scalar_one() == 0:
-                return
+        while connection.execute(left).scalar_one():
+            assert time.monotonic() < deadline, "the API's connections did not end"
             connection.commit()
             time.sleep(0.1)
