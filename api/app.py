@@ -14,6 +14,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.asyncdb import AsyncDatabase
+from api.deadline import RequestDeadlines, install_request_deadlines
 from api.deps import TokenCache
 from api.errors import install_error_handlers
 from api.middleware import HeaderLimit
@@ -141,6 +142,12 @@ def create_app(
     app.add_middleware(BodyLimit)
     app.add_middleware(ContentLengthLimit)
     app.add_middleware(HeaderLimit)
+    if engine.dialect.name == "postgresql":
+        # Every request's database work ends by its deadline, whatever the network does.
+        install_request_deadlines(engine)
+        app.add_middleware(
+            RequestDeadlines, seconds=lambda: settings.outbox_api_request_deadline_seconds
+        )
     install_error_handlers(app)
     app.include_router(usage.router)
     app.include_router(customers.router)

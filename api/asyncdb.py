@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,7 +43,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from outbox.db import API_APPLICATION_NAME, api_connection_split, request_session_options
+from api.deadline import RequestDeadline, current_deadline
+from outbox.db import (
+    API_APPLICATION_NAME,
+    api_connect_timeout,
+    api_connection_split,
+    request_session_options,
+)
 from outbox.settings import Settings
 from outbox.steps import Query, Step, Steps
 
@@ -109,6 +114,7 @@ class AsyncDatabase:
         self._conninfo = libpq_conninfo(settings.database_url)
         self._options = request_session_options(settings)
         self._timeout = settings.outbox_api_pool_timeout_seconds
+        self._connect_timeout = api_connect_timeout(settings)
         self._slots = asyncio.Semaphore(size or api_connection_split(settings)[1])
         self._idle: list[tuple[Connection, int]] = []
         self._generation = 0  # bumped when a connection is found broken
@@ -133,8 +139,11 @@ class AsyncDatabase:
         POST /v1/usage's (`outbox.idempotency.http_usage_steps`). Each statement then is its
         commit: PostgreSQL commits it before it answers, and a connection lost during one is
         never retried."""
+        deadline = current_deadline.get() or RequestDeadline.none()
         for attempt in (1, 2):
             connection, generation = await self._checkout()
+            fd = connection.pgconn.socket
+            deadline.watch(fd)
             committing = autocommit
             try:
                 if connection.autocommit != autocommit:
@@ -142,21 +151,23 @@ class AsyncDatabase:
                 if autocommit:
                     for hook in self.before_commit:
                         await hook(connection)
-                result = await _drive(connection, make_steps())
+                result = await _drive(connection, make_steps(), deadline)
                 if not autocommit:
                     for hook in self.before_commit:
                         await hook(connection)
-                    committing = True
+                    committing = deadline.committing = True
                     await connection.commit()
+                    deadline.committing = False
                 return result
             except psycopg.Error as exc:
                 if connection.broken:
                     self._generation += 1  # the idle connections opened before it: dropped
-                    if attempt == 1 and not committing:
+                    if attempt == 1 and not committing and not deadline.expired:
                         log.warning("a database connection was lost mid-request; retrying once")
                         continue
                 raise _translated(exc) from exc
             finally:
+                deadline.unwatch(fd)
                 await self._checkin(connection, generation)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -188,7 +199,7 @@ class AsyncDatabase:
             self._conninfo,
             options=self._options,
             application_name=API_APPLICATION_NAME,
-            connect_timeout=max(2, math.ceil(self._timeout)),
+            connect_timeout=self._connect_timeout,
             row_factory=namedtuple_row,
         )
 
@@ -230,8 +241,9 @@ def _alive(connection: Connection) -> bool:
     return not poller.poll(0)
 
 
-async def _drive(connection: Connection, steps: Steps[T]) -> T:
-    """`outbox.steps.run_steps`, on an async connection."""
+async def _drive(connection: Connection, steps: Steps[T], deadline: RequestDeadline) -> T:
+    """`outbox.steps.run_steps`, on an async connection. In autocommit each statement is its
+    own commit: `deadline.committing` while it is in flight (its answer says what it did)."""
     reply: Callable[[], Step] = partial(steps.send, None)
     while True:
         try:
@@ -241,14 +253,17 @@ async def _drive(connection: Connection, steps: Steps[T]) -> T:
             return result
         if isinstance(step, Query):
             compiled = _compile(step.statement)
+            deadline.committing = connection.autocommit
             try:
                 cursor = await connection.execute(compiled.sql, compiled.params(step.params))
                 answer = await cursor.fetchone()
             except psycopg.Error as exc:
                 if connection.broken:
                     raise  # not the steps' to handle: `run` decides
+                deadline.committing = False  # the server answered: it failed, wholly
                 reply = partial(steps.throw, exc)
                 continue
+            deadline.committing = False
             reply = partial(steps.send, answer)
         else:
             if not connection.autocommit:  # in autocommit, the failed statement was undone

@@ -13,6 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.deadline import current_deadline
 from api.deps import bearer_token, forbidden_body, required_scope
 from api.schemas import error_body
 from outbox import errors
@@ -113,7 +114,10 @@ async def _invalid_body(request: Request, field: str, detail: str) -> JSONRespon
     """422 invalid_request naming the field, or 401/403 when the token is bad or lacks the
     scope: FastAPI parses the body before the auth dependency runs, and the answer must be the
     same as if the token had been checked first, whatever the body."""
-    refusal = await run_in_threadpool(_auth_refusal, request)
+    try:
+        refusal = await run_in_threadpool(_auth_refusal, request)
+    except (OperationalError, InterfaceError, PoolTimeout) as exc:
+        return database_refusal_response(exc)  # the token could not be checked
     if refusal is not None:
         return refusal
     return JSONResponse(error_body("invalid_request", detail, field=field), status_code=422)
@@ -143,16 +147,45 @@ QUERY_CANCELED = "57014"  # statement_timeout
 IDLE_IN_TRANSACTION_TIMEOUT = "25P03"  # idle_in_transaction_session_timeout
 
 
+NOTHING_RECORDED = "; nothing was recorded, retry later"
+OUTCOME_UNKNOWN = (
+    "the request's commit was sent to the database and its answer never came: it may or may "
+    "not have been recorded. Retry with the same Idempotency-Key (a request without one may "
+    "have been recorded)"
+)
+
+
 def _database_refusal(exc: Exception) -> tuple[str, str, str]:
-    """(code, detail, Retry-After) for a database wait that ran out or a database that is down."""
+    """(code, detail, Retry-After) for a database wait that ran out or a database that is down;
+    `outcome_unknown` when the request's commit was in flight (api/deadline.py)."""
+    deadline = current_deadline.get()
+    if deadline is not None and deadline.committing:
+        return "outcome_unknown", OUTCOME_UNKNOWN, "1"
     if isinstance(exc, PoolTimeout):
-        return "overloaded", "every database connection of this process is busy", "1"
+        return (
+            "overloaded",
+            "every database connection of this process is busy" + NOTHING_RECORDED,
+            "1",
+        )
     sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
     if sqlstate == LOCK_NOT_AVAILABLE:
-        return "locked", "another request holds a row this one needs (lock timeout)", "1"
+        detail = "another request holds a row this one needs (lock timeout)"
+        return "locked", detail + NOTHING_RECORDED, "1"
+    if deadline is not None and deadline.expired:
+        detail = f"the database did not answer within the request's {deadline.seconds:g} s deadline"
+        return "database_timeout", detail + NOTHING_RECORDED, "1"
     if sqlstate in (QUERY_CANCELED, IDLE_IN_TRANSACTION_TIMEOUT):
-        return "database_timeout", "the database did not answer in time", "1"
-    return "database_unavailable", "the database is unavailable", "5"
+        return "database_timeout", "the database did not answer in time" + NOTHING_RECORDED, "1"
+    return "database_unavailable", "the database is unavailable" + NOTHING_RECORDED, "5"
+
+
+def database_refusal_response(exc: Exception) -> JSONResponse:
+    """The 503 for a database error (`_database_refusal`)."""
+    code, detail, retry_after = _database_refusal(exc)
+    log.error("database refusal %s: %s", code, type(exc).__name__)
+    return JSONResponse(
+        error_body(code, detail), status_code=503, headers={"Retry-After": retry_after}
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -194,15 +227,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database_down(request: Request, exc: Exception) -> JSONResponse:
         if _missing_table(exc):  # SQLite's "no such table"
             return _schema_not_migrated()
-        code, detail, retry_after = _database_refusal(exc)
+        code, _, _ = _database_refusal(exc)
         if code == "database_unavailable" and isinstance(exc, InternalError):
             return await _unexpected(request, exc)
-        log.error("database refusal %s: %s", code, type(exc).__name__)
-        return JSONResponse(
-            error_body(code, f"{detail}; nothing was recorded, retry later"),
-            status_code=503,
-            headers={"Retry-After": retry_after},
-        )
+        return database_refusal_response(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

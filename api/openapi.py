@@ -21,7 +21,11 @@ COMMON_RESPONSES: dict[str, str] = {
 BODY_TOO_LARGE = "request_too_large: the body is over 256 KiB"
 # api.app.body_limit: Polar's webhooks may be larger (Polar documents no size for them).
 WEBHOOK_BODY_TOO_LARGE = {"/v1/polar/webhooks": "request_too_large: the body is over 10 MiB"}
-UNAVAILABLE = "database_unavailable (or a timeout): nothing was recorded; retry after `Retry-After`"
+UNAVAILABLE = (
+    "database_unavailable (or `locked`, `overloaded`, `database_timeout`): nothing was "
+    "recorded, retry after `Retry-After`; outcome_unknown: the commit was sent and no answer "
+    "came, it may have been recorded: retry with the same Idempotency-Key"
+)
 WITHOUT_DATABASE = {"/healthz"}
 INTEGERS = (
     'Integers are JSON integers: `1.0` or `"1"` is refused where an integer is asked. '

@@ -8,8 +8,10 @@ with the password hidden.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import select
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from urllib.parse import unquote_plus
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox.errors import ConfigError, DatabaseUnavailable
@@ -81,11 +83,37 @@ def make_request_engine(settings: Settings, **kwargs: Any) -> Engine:
     options = request_session_options(settings)
     connect_args["options"] = f"{connect_args.get('options', '')} {options}".strip()
     connect_args.setdefault("application_name", API_APPLICATION_NAME)
+    connect_args.setdefault("connect_timeout", api_connect_timeout(settings))
     kwargs.setdefault("pool_timeout", settings.outbox_api_pool_timeout_seconds)
     # Fixed size, no overflow: OUTBOX_API_DATABASE_CONNECTIONS bounds the process.
     kwargs.setdefault("pool_size", api_connection_split(settings)[0])
     kwargs.setdefault("max_overflow", 0)
-    return make_engine(url, connect_args=connect_args, **kwargs)
+    # No pre-ping: its SELECT 1 is a wait nothing bounds (it runs before a request's deadline
+    # watches the connection). A pooled connection whose backend is gone is found without a
+    # round trip instead, and replaced (`_replace_if_backend_gone`).
+    kwargs.setdefault("pool_pre_ping", False)
+    engine = make_engine(url, connect_args=connect_args, **kwargs)
+    event.listen(engine, "checkout", _replace_if_backend_gone)
+    return engine
+
+
+def _replace_if_backend_gone(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    if backend_gone(dbapi_connection.pgconn.socket):
+        raise DisconnectionError("the connection's backend is gone")  # the pool replaces it
+
+
+def backend_gone(fd: int) -> bool:
+    """Whether an idle connection's socket has something to read, without a round trip: it
+    listens to nothing, so its backend is gone (a restart or `pg_terminate_backend` sent a
+    FATAL and closed it)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def api_connect_timeout(settings: Settings) -> int:
+    """libpq's connect_timeout for an API connection (whole seconds, at least 2)."""
+    return max(2, math.ceil(settings.outbox_api_pool_timeout_seconds))
 
 
 # What an API process's connections are called in pg_stat_activity (the listener has its own).

@@ -143,6 +143,15 @@ class Settings(BaseSettings):
         description="API: the longest a request waits for a free database connection before it "
         "is answered 503 `overloaded`.",
     )
+    outbox_api_request_deadline_seconds: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="API (PostgreSQL): the longest a request's database work may take from its "
+        "first connection, whatever the network does: then its connections are cut and it is "
+        "answered 503 (`database_timeout`, nothing recorded; or `outcome_unknown` if its "
+        "commit was sent and never answered: retry with the same Idempotency-Key).",
+    )
     outbox_api_database_connections: int = Field(
         41,
         ge=3,

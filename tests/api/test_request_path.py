@@ -186,8 +186,10 @@ def test_201_means_recorded_a_commit_that_fails_is_never_answered_201(
     response = client.post(path, json=body, headers=bearer(token))
     assert killed, "the commit was not reached"
     assert response.status_code == 503, response.text
-    assert response.json()["code"] == "database_unavailable"
-    assert snapshot() == before  # nothing was stored: and nobody was told otherwise
+    # The COMMIT was sent and no answer came: from here, a crash before it and one after it
+    # look alike, so the client is told the outcome is unknown (it retries with its key).
+    assert response.json()["code"] == "outcome_unknown"
+    assert snapshot() == before  # nothing was stored: and nobody was told 201
     # The retry, with the database back, is recorded and answered 201.
     response = client.post(path, json=body, headers=bearer(token))
     assert response.status_code == 201, response.text
@@ -217,7 +219,7 @@ def test_every_route_with_a_transaction_renders_its_own_response() -> None:
                 resolved = route.endpoint.__globals__.get(returns, returns)
                 if not (isinstance(resolved, type) and issubclass(resolved, Response)):
                     offenders.append(f"{route.path} returns {returns}")
-    assert checked >= 10
+    assert checked >= 9  # the webhook route is async: its transaction runs in `in_transaction`
     assert offenders == []
 
 
