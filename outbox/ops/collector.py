@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from outbox.db import redact
 from outbox.events import outbox_stats
 from outbox.service_state import (
     CREDENTIALS_REJECTED,
@@ -40,7 +41,8 @@ class OutboxCollector(Collector):
                 credentials = get_state(session, POLAR_CREDENTIALS)
                 ingest = get_state(session, POLAR_INGEST)
         except Exception as exc:
-            log.warning("metrics: database unreachable: %s", exc)
+            url = self.engine.url.render_as_string(hide_password=False)
+            log.warning("metrics: database unreachable: %s", redact(str(exc), url))
             up.add_metric([], 0)
             yield up
             return

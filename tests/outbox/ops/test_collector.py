@@ -137,11 +137,6 @@ def test_every_gauge_has_help_for_the_operator(clean_tables: Engine) -> None:
     assert all(family.type == "gauge" and family.documentation for family in families.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the collector logs the driver's error unredacted: libpq names the tail of a "
-    "password with an unescaped '@' as the host (outbox.db.redact handles it for the CLI)",
-)
 def test_the_warning_of_a_database_down_carries_no_piece_of_its_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
