@@ -32,7 +32,6 @@ import logging
 import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -51,7 +50,7 @@ from outbox.db import (
     request_session_options,
 )
 from outbox.settings import Settings
-from outbox.steps import Query, Step, Steps
+from outbox.steps import Pump, Query, Steps
 
 log = logging.getLogger("api")
 
@@ -242,33 +241,30 @@ def _alive(connection: Connection) -> bool:
 
 
 async def _drive(connection: Connection, steps: Steps[T], deadline: RequestDeadline) -> T:
-    """`outbox.steps.run_steps`, on an async connection. In autocommit each statement is its
-    own commit: `deadline.committing` while it is in flight (its answer says what it did)."""
-    reply: Callable[[], Step] = partial(steps.send, None)
-    while True:
-        try:
-            step = reply()
-        except StopIteration as done:
-            result: T = done.value
-            return result
-        if isinstance(step, Query):
-            compiled = _compile(step.statement)
-            deadline.committing = connection.autocommit
-            try:
-                cursor = await connection.execute(compiled.sql, compiled.params(step.params))
-                answer = await cursor.fetchone()
-            except psycopg.Error as exc:
-                if connection.broken:
-                    raise  # not the steps' to handle: `run` decides
-                deadline.committing = False  # the server answered: it failed, wholly
-                reply = partial(steps.throw, exc)
-                continue
-            deadline.committing = False
-            reply = partial(steps.send, answer)
-        else:
+    """The async driver of `outbox.steps` (the sync one is `run_steps`): each Query on the
+    connection, ROLLBACK rolls this transaction back. In autocommit each statement is its own
+    commit: `deadline.committing` while it is in flight (its answer says what it did)."""
+    pump = Pump(steps)
+    while (step := pump.step) is not None:
+        if not isinstance(step, Query):
             if not connection.autocommit:  # in autocommit, the failed statement was undone
                 await connection.rollback()
-            reply = partial(steps.send, None)
+            pump.answer(None)
+            continue
+        compiled = _compile(step.statement)
+        deadline.committing = connection.autocommit
+        try:
+            cursor = await connection.execute(compiled.sql, compiled.params(step.params))
+            answer = await cursor.fetchone()
+        except psycopg.Error as exc:
+            if connection.broken:
+                raise  # not the steps' to handle: `run` decides
+            deadline.committing = False  # the server answered: it failed, wholly
+            pump.fail(exc)
+            continue
+        deadline.committing = False
+        pump.answer(answer)
+    return pump.result
 
 
 def _translated(exc: psycopg.Error) -> Exception:

@@ -260,11 +260,12 @@ class UsageRequest(TypedDict):
 
 def run_idempotent_usage(session: Session, **request: Unpack[UsageRequest]) -> StoredResponse:
     """POST /v1/usage: `record_usage` once per (token, key), as `run_idempotent` does, in the
-    request's own session (it may roll that session back: HTTP path only). On PostgreSQL, the
-    steps of `http_usage_steps` (what the API runs on its async connection), driven here on
-    the session; on SQLite, `run_idempotent` with a savepoint."""
+    request's own session (a spend undone by a concurrent request's key returns to a
+    savepoint, never rolls the session back). On PostgreSQL, the steps of `http_usage_steps`
+    (what the API runs on its async connection), driven here on the session; on SQLite,
+    `run_idempotent` with a savepoint."""
     if _is_postgresql(session):
-        return run_steps(session, http_usage_steps(**request))
+        return run_steps(session, http_usage_steps(**request), savepoint=True)
 
     def action() -> StoredResponse:
         result = record_usage(

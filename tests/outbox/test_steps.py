@@ -1,22 +1,28 @@
-"""outbox/steps.py, the Session driver: each yielded statement's first row (or None) comes
-back at the `yield`; a statement that fails raises its error there, where the steps may
+"""outbox/steps.py: one suite for both drivers of the same steps (as River's driver tests
+do), the Session driver `run_steps` (PostgreSQL and SQLite) and the API's async driver
+(`api.asyncdb.AsyncDatabase.run`, PostgreSQL): each yielded statement's first row (or None)
+comes back at the `yield`; a statement that fails raises its error there, where the steps may
 handle it (roll back, carry on) and still return their outcome; an error they do not handle
-leaves `run_steps` unchanged; nothing is committed (the caller's transaction).
-
-The same steps on the API's async driver: tests/api/test_usage_paths.py.
+comes out of the driver. The Session driver commits nothing and never rolls back the
+caller's transaction: ROLLBACK returns to a savepoint of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import Engine, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.asyncdb import AsyncDatabase
 from outbox.db import session_scope
 from outbox.models import ServiceState, utcnow
+from outbox.settings import load_settings
 from outbox.steps import ROLLBACK, Query, Steps, run_steps, sqlstate
 
 # Built once at import, as the async driver requires of every yielded statement.
@@ -42,11 +48,42 @@ def stored(engine: Engine) -> dict[str, str]:
         return {key: value for key, value in rows}
 
 
+Drive = Callable[[Callable[[], Steps[Any]]], Any]
+
+
+@pytest.fixture(params=["session-postgresql", "session-sqlite", "async-postgresql"])
+def drive(request: pytest.FixtureRequest) -> Iterator[tuple[Engine, Drive]]:
+    """(engine, drive): `drive(make_steps)` runs the steps in a transaction of their own on
+    one driver and commits it, as the library's caller and the API each do."""
+    driver, dialect = request.param.split("-")
+    engine: Engine = request.getfixturevalue(
+        "clean_tables" if dialect == "postgresql" else "sqlite_engine"
+    )
+    if driver == "session":
+
+        def on_session(make_steps: Callable[[], Steps[Any]]) -> Any:
+            with session_scope(engine) as session:
+                return run_steps(session, make_steps(), savepoint=True)
+
+        yield engine, on_session
+        return
+    url = engine.url.render_as_string(hide_password=False)
+    loop = asyncio.new_event_loop()
+    database = AsyncDatabase(load_settings(database_url=url), size=2)
+
+    def on_connection(make_steps: Callable[[], Steps[Any]]) -> Any:
+        return loop.run_until_complete(database.run(make_steps))
+
+    yield engine, on_connection
+    loop.run_until_complete(database.close())
+    loop.close()
+
+
 def claim_steps(key: str, value: str) -> Steps[str]:
     """Claim `key`; if it is taken, roll back and answer with the value that took it."""
     try:
         row = yield put(key, value)
-    except IntegrityError as exc:
+    except (IntegrityError, psycopg.errors.UniqueViolation) as exc:  # Session's, async's
         yield ROLLBACK
         first = yield value_of(key)
         assert first is not None
@@ -55,55 +92,86 @@ def claim_steps(key: str, value: str) -> Steps[str]:
     return f"claimed {row.key}"
 
 
-def test_each_statement_answers_its_first_row_or_none(any_engine: Engine) -> None:
+def test_each_statement_answers_its_first_row_or_none(drive: tuple[Engine, Drive]) -> None:
+    engine, run = drive
+
     def steps() -> Steps[tuple[Any, ...]]:
         missing = yield value_of("k")
         inserted = yield put("k", "v1")
         found = yield value_of("k")
         return (missing, tuple(inserted), tuple(found))
 
-    with session_scope(any_engine) as session:
-        assert run_steps(session, steps()) == (None, ("k",), ("v1",))
-    assert stored(any_engine) == {"k": "v1"}
+    assert run(steps) == (None, ("k",), ("v1",))
+    assert stored(engine) == {"k": "v1"}
 
 
 def test_a_failed_statement_raises_at_its_yield_and_the_steps_carry_on(
-    any_engine: Engine,
+    drive: tuple[Engine, Drive],
 ) -> None:
-    with session_scope(any_engine) as session:
-        assert run_steps(session, claim_steps("k", "first")) == "claimed k"
-    with session_scope(any_engine) as session:
-        outcome = run_steps(session, claim_steps("k", "second"))
-    code = "23505" if any_engine.dialect.name == "postgresql" else None  # unique_violation
+    engine, run = drive
+    assert run(lambda: claim_steps("k", "first")) == "claimed k"
+    outcome = run(lambda: claim_steps("k", "second"))
+    code = "23505" if engine.dialect.name == "postgresql" else None  # unique_violation
     assert outcome == f"taken ({code}): first"
-    assert stored(any_engine) == {"k": "first"}
+    assert stored(engine) == {"k": "first"}
 
 
-def test_an_error_the_steps_do_not_handle_comes_out_of_run_steps(any_engine: Engine) -> None:
+def test_an_error_the_steps_do_not_handle_comes_out_of_the_driver(
+    drive: tuple[Engine, Drive],
+) -> None:
+    engine, run = drive
+
     def steps() -> Steps[None]:
         yield put("k", "a")
         yield put("k", "b")  # not caught
 
-    with pytest.raises(IntegrityError), session_scope(any_engine) as session:
-        run_steps(session, steps())
-    assert stored(any_engine) == {}
+    with pytest.raises(IntegrityError):
+        run(steps)
+    assert stored(engine) == {}
 
 
-def test_rollback_undoes_what_came_before_it_and_answers_none(any_engine: Engine) -> None:
+def test_rollback_undoes_what_the_steps_wrote_and_answers_none(
+    drive: tuple[Engine, Drive],
+) -> None:
+    engine, run = drive
+
     def steps() -> Steps[Any]:
         yield put("undone", "x")
         answer = yield ROLLBACK
         yield put("kept", "y")
         return answer
 
+    assert run(steps) is None
+    assert stored(engine) == {"kept": "y"}
+
+
+def test_a_rollback_in_the_steps_never_undoes_the_callers_own_work(any_engine: Engine) -> None:
+    """The library runs in someone else's transaction: what the caller wrote before the steps
+    stays, whatever the steps roll back (they return to the driver's savepoint)."""
     with session_scope(any_engine) as session:
-        assert run_steps(session, steps()) is None
-    assert stored(any_engine) == {"kept": "y"}
+        assert run_steps(session, claim_steps("k", "first"), savepoint=True) == "claimed k"
+    with session_scope(any_engine) as session:
+        session.execute(_INSERT, {"key": "callers", "value": "own", "now": utcnow()})
+        outcome = run_steps(session, claim_steps("k", "second"), savepoint=True)
+        assert outcome.startswith("taken")
+    assert stored(any_engine) == {"k": "first", "callers": "own"}
+
+
+def test_steps_that_roll_back_are_refused_without_a_savepoint(any_engine: Engine) -> None:
+    def steps() -> Steps[None]:
+        yield ROLLBACK
+
+    with Session(any_engine) as session:
+        session.execute(_INSERT, {"key": "callers", "value": "own", "now": utcnow()})
+        with pytest.raises(RuntimeError, match="savepoint=True"):
+            run_steps(session, steps())
+        session.commit()
+    assert stored(any_engine) == {"callers": "own"}
 
 
 def test_run_steps_commits_nothing_the_caller_rolls_back(any_engine: Engine) -> None:
     with Session(any_engine) as session:
-        assert run_steps(session, claim_steps("k", "v")) == "claimed k"
+        assert run_steps(session, claim_steps("k", "v"), savepoint=True) == "claimed k"
         session.rollback()
     assert stored(any_engine) == {}
 
