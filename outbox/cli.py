@@ -294,12 +294,21 @@ def serve(
     workers: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 1,
 ) -> None:
     """Run the HTTP API (uvicorn). On SIGTERM, requests in flight get
-    OUTBOX_API_SHUTDOWN_GRACE_SECONDS to finish, then the process exits."""
+    OUTBOX_API_SHUTDOWN_GRACE_SECONDS to finish, then the process exits.
+
+    Refuses to start (exit 2, one line) on a database that does not answer, a SQLite file that
+    does not exist (none is created) or a port already in use."""
     import uvicorn
 
-    settings = settings_or_exit()
+    from outbox.db import dispose_engines
+    from outbox.devserver import check_port_free
     from outbox.logs import configure_logging
 
+    database(migrated=False)  # /readyz says when it is not migrated; no SQLite file is made
+    dispose_engines()  # the API makes its own engine
+    with domain_errors():
+        check_port_free(host, port, "--port")
+    settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
     uvicorn.run(
         "api.app:create_served_app",
@@ -318,17 +327,20 @@ def serve(
 def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 2,
     beat: Annotated[bool, typer.Option(help="Also run the beat schedule (-B).")] = True,
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    loglevel: Annotated[
+        str | None, typer.Option(help="Log level (default: LOG_LEVEL's, INFO unless set).")
+    ] = None,
 ) -> None:
     """Run a Celery worker with its beat schedule (same as `celery -A worker worker -B`).
 
-    Refuses to start (exit 2) without POLAR_ACCESS_TOKEN, or on a database that does not
-    answer or is not migrated."""
-    from outbox.runtime import check_can_deliver
+    Refuses to start (exit 2, one line) without POLAR_ACCESS_TOKEN, on a database that does
+    not answer or is not migrated, or when Redis (REDIS_URL) does not answer."""
+    from outbox.runtime import check_broker, check_can_deliver
 
     settings = settings_or_exit()
     with domain_errors():
         check_can_deliver(settings)
+        check_broker(settings)
     argv = [
         sys.executable,
         "-m",
@@ -337,12 +349,14 @@ def worker(
         "worker",
         "worker",
         f"--concurrency={concurrency}",
-        f"--loglevel={loglevel}",
+        f"--loglevel={loglevel or settings.log_level}",
         "--without-gossip",  # unused, and fragile after a lost Redis (worker/celery_app.py)
         "--without-mingle",
     ]
     if beat:
         argv.append("-B")
+    if settings.log_format == "json":
+        argv.append("--quiet")  # no banner: every line on stderr is a JSON object
     os.execv(sys.executable, argv)
 
 
@@ -694,9 +708,13 @@ def polar_emulator(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8765,
 ) -> None:
-    """Run the local fake Polar (used by `outbox dev` and the tests)."""
+    """Run the local fake Polar (used by `outbox dev` and the tests). A port already in use:
+    exit 2, one line."""
     import polar_emulator as emulator
+    from outbox.devserver import check_port_free
 
+    with domain_errors():
+        check_port_free(host, port, "--port")
     emulator.main(host=host, port=port)
 
 

@@ -148,7 +148,10 @@ def export_lines(settings: Settings, token: str, emulated: bool) -> list[str]:
 def ignored_settings(settings: Settings, options: DevOptions) -> list[str]:
     """The deployment's variables (shell or `.env`) that dev does not use, to say so."""
     ignored = []
-    if settings.database_url not in (DEV_DATABASE_URL, options.database_url):
+    if settings.database_url and settings.database_url not in (
+        DEV_DATABASE_URL,
+        options.database_url,
+    ):
         ignored.append("DATABASE_URL")
     if options.polar == "emulator":
         ignored += [

@@ -40,7 +40,7 @@ class TextFormatter(logging.Formatter):
         return base
 
 
-def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
+def configure_logging(fmt: str = "text", level: str | int = "INFO") -> None:
     """Configure the root logger once per process (idempotent)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
