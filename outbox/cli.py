@@ -356,7 +356,7 @@ def worker(
     if beat:
         argv.append("-B")
     if settings.log_format == "json":
-        argv.append("--quiet")  # no banner: every line on stderr is a JSON object
+        argv.insert(5, "--quiet")  # `celery -A worker --quiet worker`: no banner, only JSON
     os.execv(sys.executable, argv)
 
 

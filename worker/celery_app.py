@@ -25,7 +25,7 @@ import tempfile
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import celeryd_init, setup_logging
 
 from outbox.errors import ConfigError
 from outbox.logs import configure_logging
@@ -50,6 +50,12 @@ def _log_as_configured(loglevel: int | str | None = None, **_: Any) -> None:
     text format keeps a record's fields (`extra`) instead of dropping them. The level is the
     command's --loglevel (`outbox worker`: LOG_LEVEL's unless given)."""
     configure_logging(settings.log_format, loglevel or settings.log_level)
+
+
+@celeryd_init.connect
+def _log_from_the_start(options: dict[str, Any] | None = None, **_: Any) -> None:
+    """The same, before the worker's first warnings (running as root, ...)."""
+    _log_as_configured((options or {}).get("loglevel"))
 
 
 app = Celery("outbox", broker=settings.redis_url, include=["worker.tasks"])
