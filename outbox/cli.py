@@ -83,10 +83,15 @@ app = typer.Typer(
     cls=OneLineErrors,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Click's plain help: a flag is shown as a flag (`--json`, `--beat / --no-beat`), not
+    # as an option taking a `<bool>`.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
-token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Database schema (Alembic migrations).", no_args_is_help=True, rich_markup_mode=None
+)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
 
@@ -446,7 +451,9 @@ def replay_cmd(
     """failed → pending with the same external_id: Polar dedups, so nothing is billed twice."""
     from outbox.operations import replay
 
-    if bool(event_id) == all_failed:
+    if not event_id and not all_failed:
+        fail("say which failed events to replay: --event-id ID (repeatable) or --all-failed")
+    if event_id and all_failed:
         fail("give --event-id ID (repeatable) or --all-failed, not both")
     if customer is not None and not all_failed:
         fail("--customer only goes with --all-failed")
@@ -499,7 +506,10 @@ def prune(
     engine = database()
     with domain_errors():  # noqa: SIM117 (the progress bar must close before the error prints)
         with Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), console=err, disable=json_out
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            console=err,
+            disable=json_out or not err.is_terminal,  # a log file gets no spinner frame
         ) as progress:
             task = progress.add_task("pruning delivered rows: 0", total=None)
             done = 0
@@ -609,6 +619,10 @@ def reconcile(
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     if start and end and start >= end:
         fail("--since must be before --until")
+    from datetime import UTC, datetime
+
+    if start and start >= datetime.now(UTC):
+        fail(f"--since {since} is in the future: nothing can have been billed after it yet")
     from outbox.polar import PolarGateway
     from outbox.reconcile import reconcile as run
 
@@ -668,16 +682,29 @@ def reconcile(
                 "credits)",
                 highlight=False,
             )
+        failed_ids = [i for c in report.customers for i in c.failed]
+        fixable = any(
+            len(c.missing) > len(c.failed) or c.unknown or c.mismatched or c.unsettled
+            for c in report.customers
+        )
         if report.requeued or report.recreated:
             out.print(
                 f"re-queued {len(report.requeued) + len(report.recreated)} event(s) "
                 "(same external_id: Polar dedups)"
             )
-        elif report.differs and not fix:
+        elif fixable and not fix:
             out.print(
                 "run again with --fix to re-queue the missing events (and resend the hours "
                 "Polar cannot list)",
                 highlight=False,
+            )
+        if failed_ids:
+            out.print(
+                f"{len(failed_ids)} of the missing event(s) failed here ({failed_ids[:20]}): "
+                "see `outbox failed`, then `outbox replay --all-failed` (or --event-id ID) once "
+                "the cause is fixed; --fix does not send failed events",
+                highlight=False,
+                soft_wrap=True,
             )
     raise typer.Exit(1 if report.differs else 0)
 

@@ -159,6 +159,8 @@ def ignored_settings(settings: Settings, options: DevOptions) -> list[str]:
             for name in ("polar_access_token", "polar_base_url", "polar_product_id")
             if getattr(settings, name)
         ]
+        if settings.polar_environment != "sandbox":
+            ignored.append("POLAR_ENVIRONMENT")
     return ignored
 
 

@@ -82,10 +82,12 @@ def _command_help(command: Any, path: str, out: list[str]) -> None:
     rows = []
     for param in command.params:
         if param.param_type_name == "option":
-            names = ", ".join(f"`{o}`" for o in param.opts)
+            names = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts])
             if param.required:
                 default = "**required**"
-            elif param.default in (None, False) or param.is_flag:
+            elif param.is_flag:  # on or off; `--beat / --no-beat` is on unless --no-beat
+                default = "on" if param.default else ""
+            elif param.default in (None, False):
                 default = ""
             else:
                 default = f"`{param.default}`"

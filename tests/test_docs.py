@@ -160,3 +160,11 @@ def test_the_http_reference_lists_every_declared_status_with_its_meaning() -> No
         "| GET | `/readyz` | Readiness. | 200, 503 not ready: database down or token rejected |"
         in page
     )
+
+
+def test_polar_setup_says_what_plain_outbox_dev_does_with_production() -> None:
+    """It used to say plain `outbox dev` refuses POLAR_ENVIRONMENT=production; it ignores it
+    (tests/acceptance/test_dev.py starts it with one), and `--polar sandbox` refuses it."""
+    text = " ".join((ROOT / "docs" / "howto" / "polar-setup.md").read_text().split())
+    assert "it refuses `POLAR_ENVIRONMENT=production`" not in text
+    assert "Plain `outbox dev` uses neither that token nor `POLAR_ENVIRONMENT`" in text

@@ -242,7 +242,7 @@ def test_dev_ignores_a_deployment_env_and_prints_exports_for_a_second_terminal(
     (tmp_path / ".env").write_text(
         "DATABASE_URL=postgresql+psycopg://outbox:s3cretpw@postgres:5432/outbox\n"
         "POLAR_ACCESS_TOKEN=polar_oat_AbCdEf0123456789\n"
-        "POLAR_ENVIRONMENT=sandbox\n"
+        "POLAR_ENVIRONMENT=production\n"  # plain dev ignores it too (docs/howto/polar-setup.md)
         "POLAR_PRODUCT_ID=prod_of_the_real_organization\n"
         "POLAR_METER_ID=meter_of_the_real_organization\n"
     )
@@ -258,7 +258,10 @@ def test_dev_ignores_a_deployment_env_and_prints_exports_for_a_second_terminal(
         token, banner = read_token(process)
         wait_ready(port)
         assert "polar_oat_AbCdEf0123456789" not in banner and "s3cretpw" not in banner
-        assert "not used   DATABASE_URL, POLAR_ACCESS_TOKEN, POLAR_PRODUCT_ID" in banner
+        assert (
+            "not used   DATABASE_URL, POLAR_ACCESS_TOKEN, POLAR_PRODUCT_ID, POLAR_ENVIRONMENT"
+            in banner
+        )
         env = exports(banner)
         assert env["DATABASE_URL"] == f"sqlite:///{tmp_path / 'outbox.db'}"
         assert env["POLAR_BASE_URL"] == f"http://127.0.0.1:{emulator_port}"
