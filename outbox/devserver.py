@@ -14,21 +14,24 @@ database and the next start carries on.
 from __future__ import annotations
 
 import base64
+import fcntl
+import hashlib
 import logging
 import os
 import secrets
 import shlex
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from outbox.db import get_engine, session_scope
+from outbox.db import get_engine, session_scope, sqlite_file
 from outbox.errors import ConfigError
 from outbox.ledger import grant_credits
 from outbox.migrate import upgrade
@@ -92,6 +95,44 @@ def check_port_free(host: str, port: int, flag: str) -> None:
                 f"port {port} on {host} is already in use: stop what is using it, "
                 f"or choose another port with {flag} N"
             ) from None
+
+
+def dev_files(database_url: str) -> tuple[Path, Path | None]:
+    """(the lock held while a dev server runs on this database, the file its emulator's
+    events are kept in between starts): beside a SQLite database; for another database, the
+    lock in the temporary directory and no kept events."""
+    path = sqlite_file(database_url)
+    if path is not None:
+        return path.with_name(path.name + ".dev-lock"), path.with_name(
+            path.name + ".polar-emulator.json"
+        )
+    digest = hashlib.sha256(database_url.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"outbox-dev-{digest}.lock", None
+
+
+def lock_database(lock_path: Path) -> TextIO:
+    """Hold `lock_path` for as long as this process runs (the returned file), or `ConfigError`
+    if another `outbox dev` holds it: a second dev server on the same database would revoke
+    the first one's token (each start mints its own) and drain the same rows."""
+    try:
+        handle = lock_path.open("a+")
+    except OSError as exc:
+        raise ConfigError(f"--database-url: cannot write {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(
+            f"another `outbox dev` (pid {holder}) is running on this database: use its "
+            "terminal's export lines, or stop it, or give this one --database-url"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def seed_demo(settings: Settings, options: DevOptions) -> str:
@@ -216,6 +257,8 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
     # The whole process (API, drainer, ledger) reads get_settings(): the environment is where
     # dev's choices override the shell's and `.env`'s (an environment variable beats `.env`).
     os.environ["DATABASE_URL"] = dev_database_url(options.database_url)
+    lock_path, kept_events = dev_files(os.environ["DATABASE_URL"])
+    lock = lock_database(lock_path)
     if options.polar == "sandbox":
         if not settings.polar_access_token:
             raise ConfigError("--polar sandbox needs POLAR_ACCESS_TOKEN (a sandbox token)")
@@ -229,6 +272,10 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
         import polar_emulator
 
         emulator = polar_emulator.serve_in_thread(host="127.0.0.1", port=options.emulator_port)
+        if kept_events is not None and kept_events.is_file():
+            # What the last start delivered is still in Polar, as with the real one (reconcile
+            # would otherwise report it missing).
+            emulator.state.load(kept_events)
         os.environ["POLAR_BASE_URL"] = emulator.url
         os.environ["POLAR_ACCESS_TOKEN"] = emulator.token
         os.environ["POLAR_ENVIRONMENT"] = "sandbox"
@@ -241,6 +288,9 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
     finally:
         if emulator is not None:
             emulator.stop()
+            if kept_events is not None:
+                emulator.state.save(kept_events)
+        lock.close()
 
 
 def serve(

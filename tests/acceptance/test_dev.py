@@ -155,14 +155,33 @@ def test_outbox_dev_from_an_empty_directory_bills_the_readme_example(tmp_path: P
         assert stale.status_code == 401
         tokens = json.loads(outbox(tmp_path, "token", "list", "--json").stdout)
         assert [t["name"] for t in tokens if t["revoked_at"] is None] == ["outbox dev"]
+        # Its Polar remembers what the first start delivered, as the real one would: reconcile
+        # finds nothing missing.
+        emulator = httpx.Client(base_url=f"http://127.0.0.1:{emulator_port}")
+        assert emulator.get("/_emulator/totals").json() == {"demo_customer": 5}
+        reconciled = outbox(tmp_path, "reconcile", **exports(second_banner))
+        assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
+        # A second dev server on the same database is refused, and revokes nothing.
+        third = start_dev(tmp_path, free_port(), free_port())
+        third_output, _ = third.communicate(timeout=60)
+        assert third.returncode == 2, third_output
+        assert "another `outbox dev`" in third_output and "is running on this database" in (
+            third_output
+        )
+        assert httpx.get(
+            f"http://127.0.0.1:{port}/v1/customers/demo_customer/credits",
+            headers={"Authorization": f"Bearer {second}"},
+        ).is_success
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)
 
 
-def outbox(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def outbox(cwd: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """An `outbox` command in a second terminal where dev's DATABASE_URL export was pasted."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POLAR_"))}
-    env.pop("DATABASE_URL", None)
+    env["DATABASE_URL"] = f"sqlite:///{cwd / 'outbox.db'}"
+    env.update(extra)
     return subprocess.run(
         [sys.executable, "-m", "outbox.cli", *args],
         cwd=cwd,
