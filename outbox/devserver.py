@@ -226,6 +226,14 @@ def banner(
         else f"Polar {settings.polar_environment}"
         + (f" at {settings.polar_base_url}" if settings.polar_base_url else "")
     )
+    webhook = (
+        f"""  # credits bought in Polar: the emulator sends a signed Meter Credits webhook here
+  curl -s -X POST {settings.polar_base_url}/_emulator/webhooks/meter-credits \\
+    -d '{{"customer_id": "{options.demo_customer}", "units": 50}}'
+"""
+        if emulated
+        else ""
+    )
     return f"""
 polar-usage-outbox dev is running
   API        {base}   (docs: {base}/docs)
@@ -244,7 +252,7 @@ try it:
     -H "Idempotency-Key: demo-1" \\
     -d '{{"customer_id": "{options.demo_customer}", "credits": 3, "metadata": {{"plan_id": "fp_42"}}}}'
   curl -s -H "Authorization: Bearer $TOKEN" {base}/v1/customers/{options.demo_customer}/usage
-
+{webhook}
 Ctrl-C stops cleanly; undelivered rows are kept and sent on the next start.
 """
 
@@ -283,6 +291,12 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
         os.environ["POLAR_PRODUCT_ID"] = polar_emulator.PRODUCT_ID
         os.environ["POLAR_METER_ID"] = polar_emulator.METER_ID
         os.environ["POLAR_WEBHOOK_SECRET"] = dev_webhook_secret()
+        # `POST /_emulator/webhooks/meter-credits` sends a signed grant to this API, as Polar.
+        api_host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+        emulator.configure(
+            webhook_url=f"http://{api_host}:{options.port}/v1/polar/webhooks",
+            webhook_secret=os.environ["POLAR_WEBHOOK_SECRET"],
+        )
     try:
         serve(options, emulator, echo, ignored)
     finally:

@@ -88,6 +88,10 @@ class EmulatorConfig:
     # e.g. 500: Polar's own server answers its events list so without its analytics store.
     events_list_status: int | None = None
     seed: int | None = None
+    # Where `POST /_emulator/webhooks/meter-credits` sends, signed with this secret (`outbox
+    # dev` sets both: its API's webhook route and this start's secret).
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
     meters: list[dict[str, Any]] = field(default_factory=default_meters)
     products: dict[str, dict[str, Any]] = field(default_factory=default_products)
 

@@ -147,7 +147,7 @@ def test_outbox_dev_from_an_empty_directory_bills_the_readme_example(tmp_path: P
             f"http://127.0.0.1:{port}/v1/customers/demo_customer/credits",
             headers={"Authorization": f"Bearer {second}"},
         )
-        assert credits.json()["balance"] == 115  # 100 + 20 - 3 - 2: nothing re-granted
+        assert credits.json()["balance"] == 165  # 100 + 20 - 3 - 2 + 50: nothing re-granted
         stale = httpx.get(
             f"http://127.0.0.1:{port}/v1/customers/demo_customer/credits",
             headers={"Authorization": f"Bearer {token}"},
@@ -221,6 +221,15 @@ def walkthrough(cwd: Path, api: httpx.Client, emulator: httpx.Client) -> None:
     replayed = outbox(cwd, "replay", "--all-failed", "--reason", "customer unblocked")
     assert replayed.returncode == 0, replayed.stderr
     eventually(lambda: emulator.get("/_emulator/totals").json() == {"demo_customer": 5})
+
+    # 6. Credits bought in Polar: the emulator signs a Meter Credits webhook with this start's
+    # secret and sends it to the API, as Polar would.
+    bought = emulator.post(
+        "/_emulator/webhooks/meter-credits", json={"customer_id": "demo_customer", "units": 50}
+    ).json()
+    assert bought["status"] == 202, bought
+    assert bought["payload"]["data"]["customer"]["external_id"] == "demo_customer"
+    assert api.get("/v1/customers/demo_customer/credits").json()["balance"] == 165
 
 
 def test_outbox_dev_names_a_busy_port_and_the_flag(tmp_path: Path) -> None:
