@@ -14,21 +14,24 @@ database and the next start carries on.
 from __future__ import annotations
 
 import base64
+import fcntl
+import hashlib
 import logging
 import os
 import secrets
 import shlex
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from outbox.db import get_engine, session_scope
+from outbox.db import get_engine, session_scope, sqlite_file
 from outbox.errors import ConfigError
 from outbox.ledger import grant_credits
 from outbox.migrate import upgrade
@@ -94,6 +97,44 @@ def check_port_free(host: str, port: int, flag: str) -> None:
             ) from None
 
 
+def dev_files(database_url: str) -> tuple[Path, Path | None]:
+    """(the lock held while a dev server runs on this database, the file its emulator's
+    events are kept in between starts): beside a SQLite database; for another database, the
+    lock in the temporary directory and no kept events."""
+    path = sqlite_file(database_url)
+    if path is not None:
+        return path.with_name(path.name + ".dev-lock"), path.with_name(
+            path.name + ".polar-emulator.json"
+        )
+    digest = hashlib.sha256(database_url.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"outbox-dev-{digest}.lock", None
+
+
+def lock_database(lock_path: Path) -> TextIO:
+    """Hold `lock_path` for as long as this process runs (the returned file), or `ConfigError`
+    if another `outbox dev` holds it: a second dev server on the same database would revoke
+    the first one's token (each start mints its own) and drain the same rows."""
+    try:
+        handle = lock_path.open("a+")
+    except OSError as exc:
+        raise ConfigError(f"--database-url: cannot write {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(
+            f"another `outbox dev` (pid {holder}) is running on this database: use its "
+            "terminal's export lines, or stop it, or give this one --database-url"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def seed_demo(settings: Settings, options: DevOptions) -> str:
     """Create the demo customer (once) and a fresh usage token, revoking the tokens earlier
     starts minted (only one dev token is ever valid); return the token."""
@@ -148,7 +189,10 @@ def export_lines(settings: Settings, token: str, emulated: bool) -> list[str]:
 def ignored_settings(settings: Settings, options: DevOptions) -> list[str]:
     """The deployment's variables (shell or `.env`) that dev does not use, to say so."""
     ignored = []
-    if settings.database_url not in (DEV_DATABASE_URL, options.database_url):
+    if settings.database_url and settings.database_url not in (
+        DEV_DATABASE_URL,
+        options.database_url,
+    ):
         ignored.append("DATABASE_URL")
     if options.polar == "emulator":
         ignored += [
@@ -156,6 +200,8 @@ def ignored_settings(settings: Settings, options: DevOptions) -> list[str]:
             for name in ("polar_access_token", "polar_base_url", "polar_product_id")
             if getattr(settings, name)
         ]
+        if settings.polar_environment != "sandbox":
+            ignored.append("POLAR_ENVIRONMENT")
     return ignored
 
 
@@ -180,6 +226,14 @@ def banner(
         else f"Polar {settings.polar_environment}"
         + (f" at {settings.polar_base_url}" if settings.polar_base_url else "")
     )
+    webhook = (
+        f"""  # credits bought in Polar: the emulator sends a signed Meter Credits webhook here
+  curl -s -X POST {settings.polar_base_url}/_emulator/webhooks/meter-credits \\
+    -d '{{"customer_id": "{options.demo_customer}", "units": 50}}'
+"""
+        if emulated
+        else ""
+    )
     return f"""
 polar-usage-outbox dev is running
   API        {base}   (docs: {base}/docs)
@@ -198,7 +252,7 @@ try it:
     -H "Idempotency-Key: demo-1" \\
     -d '{{"customer_id": "{options.demo_customer}", "credits": 3, "metadata": {{"plan_id": "fp_42"}}}}'
   curl -s -H "Authorization: Bearer $TOKEN" {base}/v1/customers/{options.demo_customer}/usage
-
+{webhook}
 Ctrl-C stops cleanly; undelivered rows are kept and sent on the next start.
 """
 
@@ -211,6 +265,8 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
     # The whole process (API, drainer, ledger) reads get_settings(): the environment is where
     # dev's choices override the shell's and `.env`'s (an environment variable beats `.env`).
     os.environ["DATABASE_URL"] = dev_database_url(options.database_url)
+    lock_path, kept_events = dev_files(os.environ["DATABASE_URL"])
+    lock = lock_database(lock_path)
     if options.polar == "sandbox":
         if not settings.polar_access_token:
             raise ConfigError("--polar sandbox needs POLAR_ACCESS_TOKEN (a sandbox token)")
@@ -224,6 +280,10 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
         import polar_emulator
 
         emulator = polar_emulator.serve_in_thread(host="127.0.0.1", port=options.emulator_port)
+        if kept_events is not None and kept_events.is_file():
+            # What the last start delivered is still in Polar, as with the real one (reconcile
+            # would otherwise report it missing).
+            emulator.state.load(kept_events)
         os.environ["POLAR_BASE_URL"] = emulator.url
         os.environ["POLAR_ACCESS_TOKEN"] = emulator.token
         os.environ["POLAR_ENVIRONMENT"] = "sandbox"
@@ -231,11 +291,20 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
         os.environ["POLAR_PRODUCT_ID"] = polar_emulator.PRODUCT_ID
         os.environ["POLAR_METER_ID"] = polar_emulator.METER_ID
         os.environ["POLAR_WEBHOOK_SECRET"] = dev_webhook_secret()
+        # `POST /_emulator/webhooks/meter-credits` sends a signed grant to this API, as Polar.
+        api_host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+        emulator.configure(
+            webhook_url=f"http://{api_host}:{options.port}/v1/polar/webhooks",
+            webhook_secret=os.environ["POLAR_WEBHOOK_SECRET"],
+        )
     try:
         serve(options, emulator, echo, ignored)
     finally:
         if emulator is not None:
             emulator.stop()
+            if kept_events is not None:
+                emulator.state.save(kept_events)
+        lock.close()
 
 
 def serve(

@@ -83,10 +83,15 @@ app = typer.Typer(
     cls=OneLineErrors,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Click's plain help: a flag is shown as a flag (`--json`, `--beat / --no-beat`), not
+    # as an option taking a `<bool>`.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
-token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Database schema (Alembic migrations).", no_args_is_help=True, rich_markup_mode=None
+)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
 
@@ -294,12 +299,21 @@ def serve(
     workers: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 1,
 ) -> None:
     """Run the HTTP API (uvicorn). On SIGTERM, requests in flight get
-    OUTBOX_API_SHUTDOWN_GRACE_SECONDS to finish, then the process exits."""
+    OUTBOX_API_SHUTDOWN_GRACE_SECONDS to finish, then the process exits.
+
+    Refuses to start (exit 2, one line) on a database that does not answer, a SQLite file that
+    does not exist (none is created) or a port already in use."""
     import uvicorn
 
-    settings = settings_or_exit()
+    from cli.dev import check_port_free
+    from outbox.db import dispose_engines
     from outbox.logs import configure_logging
 
+    database(migrated=False)  # /readyz says when it is not migrated; no SQLite file is made
+    dispose_engines()  # the API makes its own engine
+    with domain_errors():
+        check_port_free(host, port, "--port")
+    settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
     uvicorn.run(
         "api.app:create_served_app",
@@ -318,17 +332,20 @@ def serve(
 def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 2,
     beat: Annotated[bool, typer.Option(help="Also run the beat schedule (-B).")] = True,
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    loglevel: Annotated[
+        str | None, typer.Option(help="Log level (default: LOG_LEVEL's, INFO unless set).")
+    ] = None,
 ) -> None:
     """Run a Celery worker with its beat schedule (same as `celery -A worker worker -B`).
 
-    Refuses to start (exit 2) without POLAR_ACCESS_TOKEN, or on a database that does not
-    answer or is not migrated."""
-    from outbox.delivery.runner import check_can_deliver
+    Refuses to start (exit 2, one line) without POLAR_ACCESS_TOKEN, on a database that does
+    not answer or is not migrated, or when Redis (REDIS_URL) does not answer."""
+    from outbox.delivery.runner import check_broker, check_can_deliver
 
     settings = settings_or_exit()
     with domain_errors():
         check_can_deliver(settings)
+        check_broker(settings)
     argv = [
         sys.executable,
         "-m",
@@ -337,12 +354,14 @@ def worker(
         "worker",
         "worker",
         f"--concurrency={concurrency}",
-        f"--loglevel={loglevel}",
+        f"--loglevel={loglevel or settings.log_level}",
         "--without-gossip",  # unused, and fragile after a lost Redis (worker/celery_app.py)
         "--without-mingle",
     ]
     if beat:
         argv.append("-B")
+    if settings.log_format == "json":
+        argv.insert(5, "--quiet")  # `celery -A worker --quiet worker`: no banner, only JSON
     os.execv(sys.executable, argv)
 
 
@@ -432,7 +451,9 @@ def replay_cmd(
     """failed → pending with the same external_id: Polar dedups, so nothing is billed twice."""
     from outbox.ops.replay import replay
 
-    if bool(event_id) == all_failed:
+    if not event_id and not all_failed:
+        fail("say which failed events to replay: --event-id ID (repeatable) or --all-failed")
+    if event_id and all_failed:
         fail("give --event-id ID (repeatable) or --all-failed, not both")
     if customer is not None and not all_failed:
         fail("--customer only goes with --all-failed")
@@ -486,7 +507,10 @@ def prune(
     engine = database()
     with domain_errors():  # noqa: SIM117 (the progress bar must close before the error prints)
         with Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), console=err, disable=json_out
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            console=err,
+            disable=json_out or not err.is_terminal,  # a log file gets no spinner frame
         ) as progress:
             task = progress.add_task("pruning delivered rows: 0", total=None)
             done = 0
@@ -596,6 +620,10 @@ def reconcile(
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     if start and end and start >= end:
         fail("--since must be before --until")
+    from datetime import UTC, datetime
+
+    if start and start >= datetime.now(UTC):
+        fail(f"--since {since} is in the future: nothing can have been billed after it yet")
     from outbox.ops.reconcile import reconcile as run
     from outbox.polar.gateway import PolarGateway
 
@@ -655,16 +683,29 @@ def reconcile(
                 "credits)",
                 highlight=False,
             )
+        failed_ids = [i for c in report.customers for i in c.failed]
+        fixable = any(
+            len(c.missing) > len(c.failed) or c.unknown or c.mismatched or c.unsettled
+            for c in report.customers
+        )
         if report.requeued or report.recreated:
             out.print(
                 f"re-queued {len(report.requeued) + len(report.recreated)} event(s) "
                 "(same external_id: Polar dedups)"
             )
-        elif report.differs and not fix:
+        elif fixable and not fix:
             out.print(
                 "run again with --fix to re-queue the missing events (and resend the hours "
                 "Polar cannot list)",
                 highlight=False,
+            )
+        if failed_ids:
+            out.print(
+                f"{len(failed_ids)} of the missing event(s) failed here ({failed_ids[:20]}): "
+                "see `outbox failed`, then `outbox replay --all-failed` (or --event-id ID) once "
+                "the cause is fixed; --fix does not send failed events",
+                highlight=False,
+                soft_wrap=True,
             )
     raise typer.Exit(1 if report.differs else 0)
 
@@ -695,9 +736,13 @@ def polar_emulator(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8765,
 ) -> None:
-    """Run the local fake Polar (used by `outbox dev` and the tests)."""
+    """Run the local fake Polar (used by `outbox dev` and the tests). A port already in use:
+    exit 2, one line."""
     import polar_emulator as emulator
+    from cli.dev import check_port_free
 
+    with domain_errors():
+        check_port_free(host, port, "--port")
     emulator.main(host=host, port=port)
 
 

@@ -276,7 +276,14 @@ def open_database(url: str, *, create: bool = False, migrated: bool = True) -> E
     """The process engine for `url`, checked: the URL is usable (`ConfigError`), a SQLite file
     exists unless `create` (`DatabaseUnavailable`: a typo in the path must not make a new empty
     database), the database answers (`DatabaseUnavailable`) and, if `migrated`, its schema is
-    at head (`SchemaNotMigrated`)."""
+    at head (`SchemaNotMigrated`). No URL is a `ConfigError` too: no command but `outbox dev`
+    (which passes its own) falls back to a default database."""
+    if not url:
+        raise ConfigError(
+            "DATABASE_URL is not set: set it to your database "
+            "(PostgreSQL: postgresql+psycopg://user:pass@host/db); only `outbox dev` has one "
+            "of its own (./outbox.db; the export lines it prints point a terminal at it)"
+        )
     try:
         path = sqlite_file(url)
         engine = get_engine(url)

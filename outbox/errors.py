@@ -81,6 +81,12 @@ class SchemaNotMigrated(OutboxError):
     code = "schema_not_migrated"
 
 
+class BrokerUnavailable(OutboxError):
+    """Redis (REDIS_URL) cannot be reached: workers get their tasks from it."""
+
+    code = "broker_unavailable"
+
+
 class ConfigError(OutboxError):
     """The configuration is invalid."""
 

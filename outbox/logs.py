@@ -40,7 +40,7 @@ class TextFormatter(logging.Formatter):
         return base
 
 
-def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
+def configure_logging(fmt: str = "text", level: str | int = "INFO") -> None:
     """Configure the root logger once per process (idempotent)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -49,6 +49,7 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.captureWarnings(True)  # a library's warning is a record too, in the same format
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "sqlalchemy.engine", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

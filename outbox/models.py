@@ -187,6 +187,8 @@ class OutboxEvent(Base):
             postgresql_where=text("status = 'delivered'"),
             sqlite_where=text("status = 'delivered'"),
         ),
+        # SQLite would hand out the id of a pruned newest row again.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Literal
 
 from dotenv import dotenv_values
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from outbox.errors import ConfigError
 
 DEFAULT_REQUESTS_PER_MINUTE = {"sandbox": 100, "production": 500}
+_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Settings(BaseSettings):
@@ -30,9 +31,11 @@ class Settings(BaseSettings):
     )
 
     database_url: str = Field(
-        "sqlite:///./outbox.db",
-        min_length=1,
-        description="SQLAlchemy URL; production: `postgresql+psycopg://user:pass@host/db`.",
+        "",
+        description="SQLAlchemy URL; production: `postgresql+psycopg://user:pass@host/db`. "
+        "Every command but `outbox dev` needs it set: none falls back to a default database "
+        "(dev's `./outbox.db` is chosen with `outbox dev --database-url`, and dev prints an "
+        "`export DATABASE_URL=...` line for a second terminal).",
     )
     redis_url: str = Field(
         "redis://localhost:6379/0",
@@ -195,6 +198,14 @@ class Settings(BaseSettings):
         "INFO", description="Log level."
     )
 
+    @field_validator("log_level", "log_format", "polar_environment", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        """`LOG_LEVEL=debug` and `LOG_FORMAT=JSON` mean what they say."""
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if value.strip().lower() in _LEVELS else value.strip().lower()
+
     @model_validator(mode="after")
     def _default_rate_budget(self) -> Settings:
         if self.polar_requests_per_minute is None:
@@ -287,18 +298,43 @@ def _describe(exc: ValidationError) -> str:
     return "invalid configuration: " + "; ".join(problems)
 
 
-OUR_PREFIXES = ("OUTBOX_", "POLAR_", "USAGE_", "HOLD_")
+OUR_PREFIX = "OUTBOX_"
+
+
+def _one_edit_apart(name: str, known: str) -> bool:
+    """`name` is `known` with one character left out, one added, or two neighbours swapped
+    (DATABSE_URL, REDIS_URLL, POLAR_ACESS_TOKEN); not one replaced, which is how other
+    programs' names differ from ours (DATABASE_URI), and not only underscores apart."""
+    if name.replace("_", "") == known.replace("_", ""):
+        return False
+    if abs(len(name) - len(known)) == 1:
+        short, long = sorted((name, known), key=len)
+        return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
+    if len(name) == len(known):
+        diff = [i for i, (a, b) in enumerate(zip(name, known, strict=True)) if a != b]
+        return (
+            len(diff) == 2
+            and diff[1] == diff[0] + 1
+            and name[diff[0]] == known[diff[1]]
+            and name[diff[1]] == known[diff[0]]
+        )
+    return False
 
 
 def unknown_variables(names: Iterable[str]) -> list[str]:
-    """Names that look like ours (OUTBOX_*, POLAR_*, USAGE_*, HOLD_*) but are not settings:
-    almost always a typo that would otherwise silently fall back to a default."""
+    """The variables that are almost certainly a typo of one of ours, which would otherwise
+    silently leave the real one at its default: one edit from a setting's name (see
+    `_one_edit_apart`), or an OUTBOX_* name that is not a setting. Anything else (an
+    application's own POLAR_ORGANIZATION_ID, DATABASE_URI, ...) is not ours and left alone."""
     known = {name.upper() for name in Settings.model_fields}
     problems = []
-    for name in sorted({n.upper() for n in names}):
-        if name.startswith(OUR_PREFIXES) and name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            problems.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+    for name in sorted({n.upper() for n in names} - known):
+        close = [k for k in sorted(known) if _one_edit_apart(name, k)]
+        if close:
+            problems.append(f"{name} (did you mean {close[0]}?)")
+        elif name.startswith(OUR_PREFIX):
+            similar = difflib.get_close_matches(name, known, n=1)
+            problems.append(name + (f" (did you mean {similar[0]}?)" if similar else ""))
     return problems
 
 

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from polar_emulator import schemas
+from polar_emulator import schemas, webhooks
 from polar_emulator.meters import quantities_response
 from polar_emulator.state import EmulatorConfig, EmulatorState
 
@@ -327,6 +328,42 @@ def build_app(state: EmulatorState) -> Starlette:
     async def totals(_: Request) -> Response:
         return JSONResponse(state.totals())
 
+    async def send_meter_credits(request: Request) -> Response:
+        """Send a signed Meter Credits webhook (a grant of `units` to `customer_id`) to
+        `url` (default: the configured webhook_url), as Polar would; answer what it got."""
+        try:
+            body = await request.json()
+            customer_id = body["customer_id"]
+            units = body.get("units", 10)
+            if not isinstance(customer_id, str) or not isinstance(units, int) or units < 1:
+                raise TypeError("customer_id must be a string and units an integer >= 1")
+        except (ValueError, KeyError, TypeError) as exc:
+            return JSONResponse(
+                {"detail": f'give {{"customer_id": "...", "units": N}}: {exc}'}, 400
+            )
+        url = body.get("url") or state.config.webhook_url
+        secret = body.get("secret") or state.config.webhook_secret
+        if not url or not secret:
+            return JSONResponse(
+                {"detail": "no webhook url or secret: give url and secret, or configure them"},
+                400,
+            )
+        meter_id = body.get("meter_id") or state.config.meters[0]["id"]
+        payload = webhooks.meter_credits_granted(customer_id, units, meter_id)
+        content, headers = webhooks.signed_request(payload, secret)
+        async with httpx.AsyncClient(timeout=10) as client:
+            try:
+                answer = await client.post(url, content=content, headers=headers)
+            except httpx.HTTPError as exc:
+                return JSONResponse({"detail": f"{url}: {type(exc).__name__}: {exc}"}, 502)
+        try:
+            answered: Any = answer.json()
+        except ValueError:
+            answered = answer.text
+        return JSONResponse(
+            {"sent_to": url, "status": answer.status_code, "response": answered, "payload": payload}
+        )
+
     async def delete_event(request: Request) -> Response:
         deleted = state.delete(request.path_params["external_id"])
         return JSONResponse({"deleted": deleted}, status_code=200 if deleted else 404)
@@ -344,6 +381,7 @@ def build_app(state: EmulatorState) -> Starlette:
             Route("/_emulator/events", all_events, methods=["GET"]),
             Route("/_emulator/totals", totals, methods=["GET"]),
             Route("/_emulator/events/{external_id}", delete_event, methods=["DELETE"]),
+            Route("/_emulator/webhooks/meter-credits", send_meter_credits, methods=["POST"]),
         ]
     )
 

@@ -7,6 +7,7 @@ organization over every /v1 endpoint, 429 with `Retry-After`."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import threading
@@ -14,6 +15,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 DEFAULT_TOKEN = "polar_emulator_token"  # noqa: S105 - a fixed test token, not a secret
@@ -85,6 +87,10 @@ class EmulatorConfig:
     # e.g. 500: Polar's own server answers its events list so without its analytics store.
     events_list_status: int | None = None
     seed: int | None = None
+    # Where `POST /_emulator/webhooks/meter-credits` sends, signed with this secret (`outbox
+    # dev` sets both: its API's webhook route and this start's secret).
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
     meters: list[dict[str, Any]] = field(default_factory=default_meters)
     products: dict[str, dict[str, Any]] = field(default_factory=default_products)
 
@@ -260,6 +266,43 @@ class EmulatorState:
                     key = event.external_customer_id or ""
                     out[key] = out.get(key, 0) + value  # type: ignore[operator]
             return out
+
+    def save(self, path: Path) -> None:
+        """Write the stored events to `path` (JSON, replaced atomically): `outbox dev` keeps
+        its Polar's memory across restarts, as the real Polar would."""
+        with self.lock:
+            rows = [
+                {
+                    **asdict(e),
+                    "timestamp": e.timestamp.isoformat(),
+                    "ingested_at": e.ingested_at.isoformat(),
+                }
+                for e in self.events
+            ]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"events": rows}))
+        tmp.replace(path)
+
+    def load(self, path: Path) -> int:
+        """Add the events saved at `path` (those not stored yet); how many were added."""
+        rows = json.loads(path.read_text())["events"]
+        added = 0
+        with self.lock:
+            for row in rows:
+                if row["external_id"] is not None and row["external_id"] in self.by_external_id:
+                    continue
+                event = StoredEvent(
+                    **{
+                        **row,
+                        "timestamp": datetime.fromisoformat(row["timestamp"]),
+                        "ingested_at": datetime.fromisoformat(row["ingested_at"]),
+                    }
+                )
+                self.events.append(event)
+                if event.external_id is not None:
+                    self.by_external_id[event.external_id] = event
+                added += 1
+        return added
 
     def delete(self, external_id: str) -> bool:
         with self.lock:

@@ -27,8 +27,11 @@ def configuration() -> str:
         "# Configuration reference",
         "",
         "Environment variables (a `.env` file in the working directory is read too). A malformed",
-        "value, or an unknown `OUTBOX_*`/`POLAR_*`/`USAGE_*`/`HOLD_*` variable (a typo), stops",
-        "the process at start-up with a message naming the variable. So does a secret that is",
+        "value, or a typo of one of these names (one letter left out, added or swapped with its",
+        "neighbour: `DATABSE_URL`; or an unknown `OUTBOX_*` name), stops the process at start-up",
+        "with a message naming the variable; other variables (an application's own",
+        "`POLAR_ORGANIZATION_ID`, `DATABASE_URI`) are not ours and are left alone. So does a",
+        "secret that is",
         "still an example placeholder in `POLAR_ACCESS_TOKEN`, `POLAR_WEBHOOK_SECRET` or the",
         "password of `DATABASE_URL` or `REDIS_URL`: the whole value is `change-me`, `changeme`,",
         "only x's (after `polar_oat_` or `whsec_`: `polar_oat_xxx`), `<...>` or `your-...-here`",
@@ -46,6 +49,8 @@ def configuration() -> str:
             shown = " / ".join(f"{v} ({k})" for k, v in DEFAULT_REQUESTS_PER_MINUTE.items())
         elif default is None:
             shown = "—"
+        elif default == "":
+            shown = "**required**"
         else:
             shown = f"`{default}`"
         lines.append(f"| `{name.upper()}` | {shown} | {field.description or ''} |")
@@ -77,10 +82,12 @@ def _command_help(command: Any, path: str, out: list[str]) -> None:
     rows = []
     for param in command.params:
         if param.param_type_name == "option":
-            names = ", ".join(f"`{o}`" for o in param.opts)
+            names = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts])
             if param.required:
                 default = "**required**"
-            elif param.default in (None, False) or param.is_flag:
+            elif param.is_flag:  # on or off; `--beat / --no-beat` is on unless --no-beat
+                default = "on" if param.default else ""
+            elif param.default in (None, False):
                 default = ""
             else:
                 default = f"`{param.default}`"

@@ -136,3 +136,25 @@ def test_celery_task_names_are_stable_and_dotted() -> None:
 
     ours = sorted(name for name in app.tasks if name.startswith("outbox."))
     assert ours == ["outbox.drain", "outbox.expire_holds", "outbox.prune", "outbox.rescue"]
+
+
+def test_files_that_running_the_project_writes_are_ignored_by_git() -> None:
+    """Beat's schedule (`celerybeat-schedule*` where `outbox worker` runs), dev's database,
+    its lock and its emulator's events, the venv's install lock."""
+    names = [
+        "celerybeat-schedule",
+        "celerybeat-schedule.db",
+        "celerybeat-schedule-shm",
+        "outbox.db",
+        "outbox.db.dev-lock",
+        "outbox.db.polar-emulator.json",
+        ".venv.lock",
+    ]
+    result = subprocess.run(
+        ["git", "check-ignore", "--no-index", *names],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert sorted(result.stdout.split()) == sorted(names), result.stdout + result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -160,3 +161,48 @@ def test_the_http_reference_lists_every_declared_status_with_its_meaning() -> No
         "| GET | `/readyz` | Readiness. | 200, 503 not ready: database down or token rejected |"
         in page
     )
+
+
+def test_polar_setup_says_what_plain_outbox_dev_does_with_production() -> None:
+    """It used to say plain `outbox dev` refuses POLAR_ENVIRONMENT=production; it ignores it
+    (tests/acceptance/test_dev.py starts it with one), and `--polar sandbox` refuses it."""
+    text = " ".join((ROOT / "docs" / "howto" / "polar-setup.md").read_text().split())
+    assert "it refuses `POLAR_ENVIRONMENT=production`" not in text
+    assert "Plain `outbox dev` uses neither that token nor `POLAR_ENVIRONMENT`" in text
+
+
+def test_the_tutorials_library_script_runs_twice(tmp_path: Path) -> None:
+    """Its idempotent re-call is what the page advertises: a second run (a retry) charges
+    nothing and finds its plan, instead of ending in an IntegrityError traceback."""
+    from outbox.migrate import upgrade
+
+    text = (ROOT / "docs" / "tutorial.md").read_text()
+    section = text[text.index("## 2. As a library") :]
+    start = section.index("```python\n") + len("```python\n")
+    script = section[start : section.index("\n```", start)]
+    url = f"sqlite:///{tmp_path}/homeify.db"
+    upgrade(url)
+    env = {**os.environ, "DATABASE_URL": url}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+        assert run.stdout.strip() == "generated fp_42", run.stdout
+    from outbox.db import make_engine
+
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        balance = conn.exec_driver_sql(
+            "SELECT balance FROM customers WHERE id = 'user_123'"
+        ).scalar()
+    engine.dispose()
+    assert balance == 8  # 10 granted, 2 charged once

@@ -22,10 +22,13 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_init, setup_logging
 
 from outbox.errors import ConfigError
+from outbox.logs import configure_logging
 from outbox.settings import get_settings
 
 try:
@@ -38,6 +41,22 @@ if settings.outbox_metrics_port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     # Prefork children each count their own deliveries; multiprocess mode sums them for the
     # worker's /metrics. Must be set before prometheus_client is imported anywhere.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="outbox-metrics-")
+
+
+@setup_logging.connect
+def _log_as_configured(loglevel: int | str | None = None, **_: Any) -> None:
+    """Celery's own lines (connected, ready, task received/succeeded with their fields) go
+    through outbox.logs like ours: LOG_FORMAT=json gives one JSON object per line, and the
+    text format keeps a record's fields (`extra`) instead of dropping them. The level is the
+    command's --loglevel (`outbox worker`: LOG_LEVEL's unless given)."""
+    configure_logging(settings.log_format, loglevel or settings.log_level)
+
+
+@celeryd_init.connect
+def _log_from_the_start(options: dict[str, Any] | None = None, **_: Any) -> None:
+    """The same, before the worker's first warnings (running as root, ...)."""
+    _log_as_configured((options or {}).get("loglevel"))
+
 
 app = Celery("outbox", broker=settings.redis_url, include=["worker.tasks"])
 app.conf.update(

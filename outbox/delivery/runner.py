@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from outbox.db import dispose_engines, get_engine, open_database, session_factory
 from outbox.delivery.deliverer import Deliverer, DrainReport, drain
-from outbox.errors import ConfigError
+from outbox.errors import BrokerUnavailable, ConfigError
 from outbox.polar.gateway import close_gateway, get_gateway
 from outbox.settings import Settings, get_settings
 
@@ -37,6 +37,28 @@ def check_can_deliver(settings: Settings) -> None:
             "(create an organization access token in Polar and set it)"
         )
     open_database(settings.database_url)
+
+
+def check_broker(settings: Settings, timeout: float = 3.0) -> None:
+    """`BrokerUnavailable` unless Redis at REDIS_URL answers within `timeout` seconds: a worker
+    started without it would print its banner and retry forever, receiving nothing."""
+    import redis
+
+    from outbox.db import redact, safe_url
+
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout
+    )
+    try:
+        client.ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        reason = redact(" ".join(str(exc).split()), settings.redis_url)
+        raise BrokerUnavailable(
+            f"Redis at {safe_url(settings.redis_url)} does not answer ({reason}): a worker "
+            "gets its tasks from it; start it or check REDIS_URL"
+        ) from None
+    finally:
+        client.close()
 
 
 def sessions(settings: Settings | None = None) -> sessionmaker[Session]:

@@ -99,6 +99,8 @@ class CustomerReconciliation:
     ledger_credits: int = 0
     polar_credits: int | None = None  # known only where reconcile looked closer
     missing: list[int] = field(default_factory=list)
+    # Of `missing`, those that failed here: only `outbox replay` sends them again (not --fix).
+    failed: list[int] = field(default_factory=list)
     in_flight: list[int] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     mismatched: list[dict[str, Any]] = field(default_factory=list)
@@ -142,6 +144,7 @@ class ReconcileReport:
                 "ledger_credits": self.ledger_credits,
                 "polar_credits": _number(self.polar_credits),
                 "missing": sum(len(c.missing) for c in self.customers),
+                "failed": sum(len(c.failed) for c in self.customers),
                 "in_flight": sum(len(c.in_flight) for c in self.customers),
                 "unknown": sum(len(c.unknown) for c in self.customers),
                 "mismatched": sum(len(c.mismatched) for c in self.customers),
@@ -153,6 +156,7 @@ class ReconcileReport:
                     "ledger_credits": c.ledger_credits,
                     "polar_credits": c.polar_credits,
                     "missing": c.missing,
+                    "failed": c.failed,
                     "in_flight": c.in_flight,
                     "unknown": c.unknown,
                     "mismatched": c.mismatched,
@@ -305,6 +309,7 @@ class _Reconciler:
                     self.expected[level][usage.customer_id][bucket] += usage.credits
             elif usage.status == EventStatus.FAILED:
                 self.entry(usage.customer_id).missing.append(usage.event_id)
+                self.entry(usage.customer_id).failed.append(usage.event_id)
             else:
                 self.entry(usage.customer_id).in_flight.append(usage.event_id)
         self.requeue: list[_Usage] = []
@@ -526,6 +531,7 @@ class _Reconciler:
         for usage in rows:
             if usage.event_id in seen and usage.status == EventStatus.FAILED:
                 entry.missing.remove(usage.event_id)  # failed here, yet Polar has it
+                entry.failed.remove(usage.event_id)
             if usage.event_id in seen or usage.status not in SETTLED:
                 continue
             entry.missing.append(usage.event_id)

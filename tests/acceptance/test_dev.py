@@ -147,7 +147,7 @@ def test_outbox_dev_from_an_empty_directory_bills_the_readme_example(tmp_path: P
             f"http://127.0.0.1:{port}/v1/customers/demo_customer/credits",
             headers={"Authorization": f"Bearer {second}"},
         )
-        assert credits.json()["balance"] == 115  # 100 + 20 - 3 - 2: nothing re-granted
+        assert credits.json()["balance"] == 165  # 100 + 20 - 3 - 2 + 50: nothing re-granted
         stale = httpx.get(
             f"http://127.0.0.1:{port}/v1/customers/demo_customer/credits",
             headers={"Authorization": f"Bearer {token}"},
@@ -155,14 +155,33 @@ def test_outbox_dev_from_an_empty_directory_bills_the_readme_example(tmp_path: P
         assert stale.status_code == 401
         tokens = json.loads(outbox(tmp_path, "token", "list", "--json").stdout)
         assert [t["name"] for t in tokens if t["revoked_at"] is None] == ["outbox dev"]
+        # Its Polar remembers what the first start delivered, as the real one would: reconcile
+        # finds nothing missing.
+        emulator = httpx.Client(base_url=f"http://127.0.0.1:{emulator_port}")
+        assert emulator.get("/_emulator/totals").json() == {"demo_customer": 5}
+        reconciled = outbox(tmp_path, "reconcile", **exports(second_banner))
+        assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
+        # A second dev server on the same database is refused, and revokes nothing.
+        third = start_dev(tmp_path, free_port(), free_port())
+        third_output, _ = third.communicate(timeout=60)
+        assert third.returncode == 2, third_output
+        assert "another `outbox dev`" in third_output and "is running on this database" in (
+            third_output
+        )
+        assert httpx.get(
+            f"http://127.0.0.1:{port}/v1/customers/demo_customer/credits",
+            headers={"Authorization": f"Bearer {second}"},
+        ).is_success
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)
 
 
-def outbox(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def outbox(cwd: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """An `outbox` command in a second terminal where dev's DATABASE_URL export was pasted."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "POLAR_"))}
-    env.pop("DATABASE_URL", None)
+    env["DATABASE_URL"] = f"sqlite:///{cwd / 'outbox.db'}"
+    env.update(extra)
     return subprocess.run(
         [sys.executable, "-m", "cli.main", *args],
         cwd=cwd,
@@ -203,6 +222,15 @@ def walkthrough(cwd: Path, api: httpx.Client, emulator: httpx.Client) -> None:
     assert replayed.returncode == 0, replayed.stderr
     eventually(lambda: emulator.get("/_emulator/totals").json() == {"demo_customer": 5})
 
+    # 6. Credits bought in Polar: the emulator signs a Meter Credits webhook with this start's
+    # secret and sends it to the API, as Polar would.
+    bought = emulator.post(
+        "/_emulator/webhooks/meter-credits", json={"customer_id": "demo_customer", "units": 50}
+    ).json()
+    assert bought["status"] == 202, bought
+    assert bought["payload"]["data"]["customer"]["external_id"] == "demo_customer"
+    assert api.get("/v1/customers/demo_customer/credits").json()["balance"] == 165
+
 
 def test_outbox_dev_names_a_busy_port_and_the_flag(tmp_path: Path) -> None:
     with socket.socket() as busy:
@@ -242,7 +270,7 @@ def test_dev_ignores_a_deployment_env_and_prints_exports_for_a_second_terminal(
     (tmp_path / ".env").write_text(
         "DATABASE_URL=postgresql+psycopg://outbox:s3cretpw@postgres:5432/outbox\n"
         "POLAR_ACCESS_TOKEN=polar_oat_AbCdEf0123456789\n"
-        "POLAR_ENVIRONMENT=sandbox\n"
+        "POLAR_ENVIRONMENT=production\n"  # plain dev ignores it too (docs/howto/polar-setup.md)
         "POLAR_PRODUCT_ID=prod_of_the_real_organization\n"
         "POLAR_METER_ID=meter_of_the_real_organization\n"
     )
@@ -258,7 +286,10 @@ def test_dev_ignores_a_deployment_env_and_prints_exports_for_a_second_terminal(
         token, banner = read_token(process)
         wait_ready(port)
         assert "polar_oat_AbCdEf0123456789" not in banner and "s3cretpw" not in banner
-        assert "not used   DATABASE_URL, POLAR_ACCESS_TOKEN, POLAR_PRODUCT_ID" in banner
+        assert (
+            "not used   DATABASE_URL, POLAR_ACCESS_TOKEN, POLAR_PRODUCT_ID, POLAR_ENVIRONMENT"
+            in banner
+        )
         env = exports(banner)
         assert env["DATABASE_URL"] == f"sqlite:///{tmp_path / 'outbox.db'}"
         assert env["POLAR_BASE_URL"] == f"http://127.0.0.1:{emulator_port}"

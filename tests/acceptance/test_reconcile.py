@@ -467,3 +467,33 @@ def test_a_month_is_compared_per_day_then_per_hour_where_a_day_differs(
     ]
     # meter lookup + daily totals + that day's hours + the hour's events
     assert report["polar_requests"] == 4
+
+
+def test_a_failed_event_is_sent_to_replay_not_to_fix(
+    env: None,
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--fix resends only delivered events Polar lost; a failed one needs `outbox replay`,
+    and reconcile says so (it used to suggest --fix, which changed nothing)."""
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=10)
+    usage(clean_tables, customer, 2, 3)
+    deliver_all(pg_url, clean_tables)
+    ((failed_id, _),) = usage(clean_tables, customer, 4)
+    with session_scope(clean_tables) as session:
+        session.execute(
+            sa.update(OutboxEvent)
+            .where(OutboxEvent.id == failed_id)
+            .values(status="failed", last_error="Polar: refused")
+        )
+    code, report = reconcile(monkeypatch, pg_url)
+    assert code == 1
+    (entry,) = [c for c in report["customers"] if c["customer_id"] == customer]
+    assert entry["missing"] == [failed_id] and entry["failed"] == [failed_id]
+    result = runner.invoke(cli, ["reconcile"])
+    assert result.exit_code == 1, result.output
+    assert "outbox replay" in result.stdout and f"[{failed_id}]" in result.stdout
+    assert "--fix to re-queue" not in result.stdout

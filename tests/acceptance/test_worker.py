@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -26,3 +29,33 @@ def test_a_celery_worker_delivers_committed_usage(
     wait_until(all_delivered(clean_tables, 30), 60, "delivery", worker.output)
     assert emulator.state.totals() == {customer: 60}
     assert status_counts(clean_tables) == {"delivered": 30}
+
+
+def test_log_format_json_is_every_line_of_outbox_worker_celerys_own_too(
+    clean_tables: Engine,
+    emulator: polar_emulator.RunningEmulator,
+    start_worker: Callable[..., Worker],
+) -> None:
+    """LOG_FORMAT=json: one JSON object per line from `outbox worker` (Celery's connected,
+    ready and task lines included, with their fields), for a log pipeline."""
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=100)
+        for _ in range(5):
+            record_usage(session, customer, 1)
+    outbox = str(Path(sys.executable).with_name("outbox"))
+    worker = start_worker(argv=[outbox, "worker", "--concurrency=1"], LOG_FORMAT="json")
+    wait_until(all_delivered(clean_tables, 5), 60, "delivery", worker.output)
+    wait_until(lambda: "succeeded in" in worker.output(), 30, "a task's line", worker.output)
+    records = []
+    for line in worker.output().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"not JSON: {line!r}\n{worker.output()[-3000:]}") from None
+    loggers = {r["logger"] for r in records}
+    assert {"celery.worker.consumer.connection", "celery.apps.worker"} <= loggers, loggers
+    succeeded = [r for r in records if r["logger"] == "celery.app.trace"]
+    assert any(r["data"]["name"] == "outbox.drain" for r in succeeded), succeeded
+    drained = [r for r in records if r["msg"] == "drain finished"]
+    assert sum(r["delivered"] for r in drained) == 5, drained

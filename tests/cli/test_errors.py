@@ -5,6 +5,7 @@ and SQLite, in-process (CliRunner) for every command and as real processes for a
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -273,15 +274,106 @@ def test_version() -> None:
 # Real processes: what a user sees in a terminal.
 
 
-@pytest.mark.slow
 def test_status_in_another_directory_creates_nothing_and_says_why(tmp_path: Path) -> None:
     """Issue 12: `outbox status` in a directory without outbox.db made an empty one, then printed
-    60 lines of `no such table`."""
+    60 lines of `no such table`. Now no command but `outbox dev` has a default database."""
     result = run_process(["status"], cwd=tmp_path)
     assert_one_line_failure(
-        result.returncode, result.stdout, result.stderr, str(tmp_path / "outbox.db")
+        result.returncode, result.stdout, result.stderr, "DATABASE_URL is not set"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def dev_database_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A directory holding `outbox dev`'s database (./outbox.db, with a customer in it), as the
+    working directory, with no DATABASE_URL set."""
+    upgrade(f"sqlite:///{tmp_path}/outbox.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["status"], ["failed"], ["token", "list"], ["db", "upgrade"], ["doctor"], ["serve"]],
+    ids=" ".join,
+)
+def test_no_command_but_dev_falls_back_to_devs_database(
+    dev_database_here: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """A production operator whose DATABASE_URL is missing (or mistyped: DATABSE_URL) is told,
+    instead of being shown dev's data with exit 0."""
+    monkeypatch.setattr(os, "execv", lambda *_: pytest.fail("started"))
+    result = runner.invoke(app, args)
+    if args == ["doctor"]:  # a failed check, named, exit 1
+        assert result.exit_code == 1 and "DATABASE_URL is not set" in result.stdout, result.stdout
+    else:
+        assert_one_line_failure(
+            result.exit_code, result.stdout, result.stderr, "DATABASE_URL is not set"
+        )
+    monkeypatch.setenv("DATABSE_URL", f"sqlite:///{dev_database_here}/outbox.db")
+    get_settings.cache_clear()
+    result = runner.invoke(app, args)
+    assert_one_line_failure(
+        result.exit_code, result.stdout, result.stderr, "DATABSE_URL (did you mean DATABASE_URL?)"
+    )
+
+
+def test_an_applications_own_polar_variables_are_left_alone(
+    dev_database_here: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tutorial runs the outbox inside an application's environment."""
+    monkeypatch.setenv("POLAR_ORGANIZATION_ID", "org_123")
+    monkeypatch.setenv("POLAR_CLIENT_SECRET", "polar_cs_abc")
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{dev_database_here}/outbox.db")
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_serve_checks_the_database_first_and_makes_no_sqlite_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runbook's promise: a mistyped SQLite path never becomes an empty database."""
+    missing = tmp_path / "outbx.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{missing}")
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["serve", "--port", "1"])
+    assert_one_line_failure(result.exit_code, result.stdout, result.stderr, str(missing))
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "polar-emulator"])
+def test_a_busy_port_is_one_line_and_exit_2(
+    dev_database_here: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{dev_database_here}/outbox.db")
+    get_settings.cache_clear()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, [command, "--port", str(port)])
+    assert_one_line_failure(
+        result.exit_code, result.stdout, result.stderr, f"port {port}", "already in use"
+    )
+
+
+def test_worker_refuses_to_start_without_redis(
+    dev_database_here: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a banner and retries forever: one line naming Redis, exit 2."""
+    monkeypatch.setattr(os, "execv", lambda *_: pytest.fail("`outbox worker` started Celery"))
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{dev_database_here}/outbox.db")
+    monkeypatch.setenv("POLAR_ACCESS_TOKEN", "polar_oat_AbCdEf0123456789")
+    monkeypatch.setenv("REDIS_URL", f"redis://:{SECRET}@127.0.0.1:1/0")
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["worker"])
+    assert_one_line_failure(
+        result.exit_code, result.stdout, result.stderr, "Redis at", "does not answer", "REDIS_URL"
+    )
 
 
 @pytest.mark.slow

@@ -160,3 +160,44 @@ def test_db_upgrade_as_the_migration_container_runs_it(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "fresh.db").exists()
+
+
+def test_replay_without_a_choice_says_what_to_give(cli_db: Engine) -> None:
+    code, out, err = run("replay")
+    assert code == 2 and out == ""
+    assert "--event-id ID (repeatable) or --all-failed" in err and "not both" not in err
+    code, _, err = run("replay", "--all-failed", "--event-id", "1")
+    assert code == 2 and "not both" in err
+
+
+def test_reconcile_refuses_a_since_in_the_future(cli_db: Engine) -> None:
+    """It would compare nothing and say all is well."""
+    code, out, err = run("reconcile", "--since", "2999-01-01T00:00:00Z")
+    assert code == 2 and out == ""
+    assert "--since 2999-01-01T00:00:00Z is in the future" in err
+
+
+def test_prune_writes_no_spinner_where_stderr_is_not_a_terminal(
+    pg_url: str, clean_tables: Engine, tmp_path: Path
+) -> None:
+    """A log file or a pipe gets the result, not a frame of the progress spinner."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "prune"],
+        cwd=tmp_path,
+        env={**os.environ, "DATABASE_URL": pg_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and "deleted 0 delivered row(s)" in result.stdout
+
+
+def test_flags_are_shown_as_flags() -> None:
+    """`--json` takes no value; `--beat` is on unless `--no-beat` (help and reference)."""
+    _, out, _ = run("status", "--help")
+    assert "--json " in out and "<bool>" not in out
+    _, out, _ = run("worker", "--help")
+    assert "--beat / --no-beat" in out and "[default: beat]" in out
+    reference = (Path(__file__).parent.parent / "docs" / "reference" / "cli.md").read_text()
+    assert "| `--beat`, `--no-beat` | on |" in reference

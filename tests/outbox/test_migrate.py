@@ -14,12 +14,13 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.engine import make_url
 
-from outbox.db import session_scope
-from outbox.ledger import get_credits, ledger_balance
+from outbox.db import make_engine, session_scope
+from outbox.ledger import get_credits, ledger_balance, record_usage
 from outbox.migrate import alembic_config, upgrade
 from outbox.settings import load_settings
 from outbox.webhooks import receive_webhook
 from tests.conftest import TEST_DATABASE_URL, service_missing
+from tests.factories import make_customer
 from tests.polar_webhooks import CYCLE_1, CYCLE_2, credited, encode, revoked
 
 BEFORE_WEBHOOK_BODIES = "c499b4e2ea0e"
@@ -204,3 +205,45 @@ def test_a_revoke_applied_before_the_upgrade_is_not_applied_again(empty_url: str
     assert "already revoked" in deliver(engine, credited(units=20), "wh_new_2")
     assert balances(engine, "user_1") == (50, 50)
     engine.dispose()
+
+
+BEFORE_AUTOINCREMENT = "8b2f4d6a1c3e"
+
+
+def test_sqlite_event_ids_pruned_before_the_upgrade_are_not_given_again(tmp_path: Path) -> None:
+    """A dev database from before AUTOINCREMENT, its newest rows already pruned: after the
+    upgrade the next event's id is past every id the ledger holds, and the table keeps its
+    checks and partial indexes."""
+    url = f"sqlite:///{tmp_path}/dev.db"
+    upgrade(url, BEFORE_AUTOINCREMENT)
+    engine = make_engine(url)
+    with session_scope(engine) as session:
+        customer = make_customer(session, credits=10)
+        ids = [record_usage(session, customer, 1).event_id for _ in range(3)]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DELETE FROM outbox_events WHERE id >= {ids[1]}")  # pruned
+    engine.dispose()
+    upgrade(url)
+    engine = make_engine(url)
+    with session_scope(engine) as session:
+        assert record_usage(session, customer, 1).event_id == ids[2] + 1
+    fresh_url = f"sqlite:///{tmp_path}/fresh.db"
+    upgrade(fresh_url)
+    fresh = make_engine(fresh_url)
+
+    def schema(e: sa.Engine) -> list[tuple[str, str]]:
+        with e.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT name, sql FROM sqlite_master WHERE tbl_name = 'outbox_events'"
+                " AND type = 'index' AND sql IS NOT NULL ORDER BY name"
+            )
+            return [(r[0], r[1]) for r in rows]
+
+    assert schema(engine) == schema(fresh) and len(schema(fresh)) >= 5
+    with engine.connect() as conn:
+        table = conn.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE name = 'outbox_events'"
+        ).scalar()
+    assert "AUTOINCREMENT" in table and "ck_outbox_events_lease_iff_inflight" in table
+    engine.dispose()
+    fresh.dispose()

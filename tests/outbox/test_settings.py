@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from outbox.errors import ConfigError
-from outbox.settings import load_settings
+from outbox.settings import load_settings, unknown_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,3 +126,62 @@ def test_production_processes_refuse_a_placeholder_at_start(
     assert result.returncode != 0
     assert "DATABASE_URL's password is a well-known default" in result.stderr
     assert "outbox:outbox@" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("DATABSE_URL", "DATABASE_URL"),  # a letter left out
+        ("DATABASE_URLL", "DATABASE_URL"),  # one added
+        ("REDIS_ULR", "REDIS_URL"),  # two swapped
+        ("POLAR_ACESS_TOKEN", "POLAR_ACCESS_TOKEN"),
+        ("log_levle", "LOG_LEVEL"),
+        ("OUTBOX_BACH_SIZE", "OUTBOX_BATCH_SIZE"),
+    ],
+)
+def test_a_typo_of_a_variable_we_read_is_named_with_the_one_meant(name: str, meant: str) -> None:
+    assert unknown_variables([name, "PATH"]) == [f"{name.upper()} (did you mean {meant}?)"]
+
+
+def test_an_unknown_outbox_variable_is_a_typo_whatever_it_looks_like() -> None:
+    assert [p.split()[0] for p in unknown_variables(["OUTBOX_FROBNICATE"])] == ["OUTBOX_FROBNICATE"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "POLAR_ORGANIZATION_ID",  # an application's own Polar setting
+        "POLAR_CLIENT_SECRET",
+        "DATABASE_URI",  # another program's name, one letter replaced
+        "REDIS_HOST",
+        "LOGLEVEL",  # only an underscore apart
+        "USAGE_LIMIT",
+        "HOLD_MUSIC",
+        "PATH",
+    ],
+)
+def test_variables_we_do_not_read_are_left_alone(name: str) -> None:
+    assert unknown_variables([name]) == []
+
+
+def test_a_typo_stops_loading_with_the_name_and_what_was_meant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABSE_URL", "postgresql+psycopg://app@db/app")
+    with pytest.raises(ConfigError, match=r"DATABSE_URL \(did you mean DATABASE_URL\?\)"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"log_level": "debug"}, ("DEBUG", "text", "sandbox")),
+        ({"log_level": "Warning", "log_format": "JSON"}, ("WARNING", "json", "sandbox")),
+        ({"polar_environment": "Production "}, ("INFO", "text", "production")),
+    ],
+)
+def test_names_of_levels_formats_and_environments_are_read_in_any_case(
+    values: dict[str, str], expected: tuple[str, str, str]
+) -> None:
+    settings = load_settings(**values)
+    assert (settings.log_level, settings.log_format, settings.polar_environment) == expected

@@ -111,6 +111,24 @@ def test_prune_deletes_only_old_delivered_rows_and_keeps_the_ledger(
         assert usage_entries == 7
 
 
+def test_an_event_id_is_never_given_again_after_its_row_is_pruned(any_engine: Engine) -> None:
+    """On SQLite (`outbox dev`) too: pruning the newest rows used to hand their ids out again,
+    two usages under one event_id in the ledger and the usage history."""
+    now = utcnow()
+    with session_scope(any_engine) as session:
+        customer = make_customer(session, credits=50)
+        ids = [record_usage(session, customer, 1).event_id for _ in range(3)]
+        deliver_events(session, ids, now - timedelta(days=40))
+    assert prune_delivered(any_engine, older_than=timedelta(days=30)).deleted == 3
+    with session_scope(any_engine) as session:
+        new_id = record_usage(session, customer, 1).event_id
+        entries = session.scalars(
+            select(LedgerEntry.event_id).where(LedgerEntry.kind == "usage")
+        ).all()
+    assert new_id > max(ids)
+    assert sorted(entries) == [*ids, new_id]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
