@@ -1,7 +1,7 @@
 """a revoke of Polar credits takes them from open holds too: holds shrink, `revoked` status
 
 Revision ID: 3f6a9c2e7b15
-Revises: 8b2f4d6a1c3e
+Revises: 3f6a9c2e7b1d
 Create Date: 2026-12-10 10:00:00
 
 `holds.credits` becomes what a hold holds now: a revoke that the balance cannot cover takes the
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "3f6a9c2e7b15"
-down_revision: str | None = "8b2f4d6a1c3e"
+down_revision: str | None = "3f6a9c2e7b1d"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
