@@ -199,5 +199,5 @@ def test_flags_are_shown_as_flags() -> None:
     assert "--json " in out and "<bool>" not in out
     _, out, _ = run("worker", "--help")
     assert "--beat / --no-beat" in out and "[default: beat]" in out
-    reference = (Path(__file__).parent.parent / "docs" / "reference" / "cli.md").read_text()
+    reference = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "cli.md").read_text()
     assert "| `--beat`, `--no-beat` | on |" in reference
