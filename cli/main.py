@@ -175,6 +175,22 @@ def domain_errors() -> Iterator[None]:
         fail(describe_failure(exc))
 
 
+@contextmanager
+def progress_lines(first: str) -> Iterator[Callable[[str], None]]:
+    """Where a long command says what it is doing: a spinner on a terminal; elsewhere (a log,
+    a CI job, cron) one line per step on stderr, as it happens."""
+    if err.is_terminal:
+        with err.status(first) as status:
+            yield status.update
+        return
+
+    def line(text: str) -> None:
+        err.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    line(first)
+    yield line
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
 
@@ -610,12 +626,20 @@ def reconcile(
             "hour's delivered events (Polar dedups the ones it has).",
         ),
     ] = False,
+    deadline: Annotated[
+        str,
+        typer.Option(
+            help="Give up (exit 2, nothing re-queued) if not done within this (e.g. 15m, 90s)."
+        ),
+    ] = "15m",
     json_out: JsonFlag = False,
 ) -> None:
     """Ledger vs Polar: meter totals per hour first, events only where they differ.
 
     Reports missing, unknown and mismatched events; exit 1 when they differ, 2 when Polar
-    cannot answer. The window is widened to whole hours (days past 7 days)."""
+    cannot answer or the deadline passes. The window is widened to whole hours (days past 7
+    days). Off a terminal, each step is one line on stderr, and so is a long wait for a Polar
+    request slot (delivery goes first), with why."""
     settings = settings_or_exit()
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     if start and end and start >= end:
@@ -626,11 +650,13 @@ def reconcile(
         fail(f"--since {since} is in the future: nothing can have been billed after it yet")
     from outbox.ops.reconcile import reconcile as run
     from outbox.polar.gateway import PolarGateway
+    from outbox.validation import parse_duration
 
     with domain_errors():
+        seconds = parse_duration(deadline, field="--deadline").total_seconds()
         gateway = PolarGateway(settings, budget_share=settings.reconcile_budget_share)
         try:
-            with err.status("comparing meter totals with Polar...") as status:
+            with progress_lines("comparing meter totals with Polar...") as progress:
                 report = with_session(
                     lambda s: run(
                         s,
@@ -640,7 +666,8 @@ def reconcile(
                         since=start,
                         until=end,
                         fix=fix,
-                        progress=lambda text: status.update(text),
+                        progress=progress,
+                        deadline=seconds,
                     )
                 )
         finally:

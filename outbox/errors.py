@@ -93,6 +93,12 @@ class ConfigError(OutboxError):
     code = "config_error"
 
 
+class ReconcileDeadline(OutboxError):
+    """reconcile did not finish within its --deadline; nothing was re-queued."""
+
+    code = "reconcile_deadline"
+
+
 class PolarUnavailable(OutboxError):
     """Polar could not answer (an error, a refusal or no answer)."""
 

@@ -4,6 +4,9 @@ A hold moves credits from `balance` to `held` (ledger `hold`, negative). Capture
 held credits (ledger `capture`, positive) and records the usage actually consumed (ledger
 `usage` + its outbox row) in the same transaction; release returns them (ledger `release`).
 Holds not captured within HOLD_TTL_SECONDS are released by the sweeper (`expire_holds`).
+Every operation on a hold locks its customer's row first, then the hold: one order for all
+(placing, capturing, releasing, sweeping, revoking), so none can deadlock with another, and
+while a customer's row is locked no hold of theirs can be placed or closed.
 A revoke of Polar credits that the balance cannot cover shrinks open holds
 (`take_from_open_holds`): what a hold holds is then less than what was placed, and a hold left
 with nothing is closed `revoked` (docs/explanation/webhooks.md).
@@ -89,11 +92,18 @@ def place_hold(
 
 
 def get_hold_for_update(session: Session, hold_id: int) -> Hold:
-    """The hold, locked until the transaction ends; `HoldNotFound` otherwise."""
-    hold = session.scalars(select(Hold).where(Hold.id == hold_id).with_for_update()).one_or_none()
-    if hold is None:
+    """The hold, locked until the transaction ends, its customer's row locked before it (the
+    order every hold operation locks in); `HoldNotFound` otherwise."""
+    customer_id = session.scalar(select(Hold.customer_id).where(Hold.id == hold_id))
+    if customer_id is None:
         raise HoldNotFound(hold_id=hold_id)
+    _lock_customer(session, customer_id)
+    hold = session.scalars(select(Hold).where(Hold.id == hold_id).with_for_update()).one()
     return hold
+
+
+def _lock_customer(session: Session, customer_id: str) -> None:
+    session.execute(select(Customer.id).where(Customer.id == customer_id).with_for_update())
 
 
 def _return_held(session: Session, hold: Hold, kind: LedgerKind, now: datetime) -> int:
@@ -241,8 +251,8 @@ class OpenHolds:
 
 
 def take_from_open_holds(session: Session, customer_id: str, now: datetime) -> OpenHolds:
-    """The customer's open holds, locked in id order (before the customer's row: the order
-    capture, release and the sweeper lock in), for a revoke to shrink."""
+    """The customer's open holds, locked, for a revoke to shrink. The caller holds the
+    customer's row lock: no hold of theirs can be placed, captured or released meanwhile."""
     holds = session.scalars(
         select(Hold)
         .where(Hold.customer_id == customer_id, Hold.status == HoldStatus.OPEN)
@@ -277,15 +287,32 @@ def release_hold(session: Session, hold_id: int) -> ReleaseResult:
 
 
 def expire_holds(session: Session, *, now: datetime | None = None, limit: int = 500) -> int:
-    """Release open holds past their expiry (the sweeper); returns how many."""
+    """Release open holds past their expiry (the sweeper); returns how many. Customer by
+    customer (in id order), each row locked before its holds."""
     now = now or utcnow()
-    holds = session.scalars(
-        select(Hold)
+    due = session.execute(
+        select(Hold.customer_id, Hold.id)
         .where(Hold.status == HoldStatus.OPEN, Hold.expires_at <= now)
         .order_by(Hold.expires_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
     ).all()
-    for hold in holds:
-        _close(session, hold, HoldStatus.EXPIRED, now)
-    return len(holds)
+    by_customer: dict[str, list[int]] = {}
+    for customer_id, hold_id in due:
+        by_customer.setdefault(customer_id, []).append(hold_id)
+    closed = 0
+    for customer_id in sorted(by_customer):
+        _lock_customer(session, customer_id)
+        holds = session.scalars(
+            select(Hold)
+            .where(  # still open and due: another transaction may have closed it meanwhile
+                Hold.id.in_(by_customer[customer_id]),
+                Hold.status == HoldStatus.OPEN,
+                Hold.expires_at <= now,
+            )
+            .order_by(Hold.id)
+            .with_for_update()
+        ).all()
+        for hold in holds:
+            _close(session, hold, HoldStatus.EXPIRED, now)
+        closed += len(holds)
+    return closed

@@ -556,11 +556,12 @@ def revoke_credits(
     credits = check_credits(credits, maximum=MAX_GRANT_CREDITS)
     now = utcnow()
     note = reason or "revoked"
-    # Holds before the customer: the order every hold operation locks in (no deadlock).
-    holds = take_from_open_holds(session, customer_id, now)
+    # The customer's row, then its holds: the order every hold operation locks in. With the
+    # row locked no hold of theirs can be placed or closed until this commits.
     customer = get_customer_for_update(session, customer_id)
     if customer is None:
         raise CustomerNotFound(customer_id=customer_id)
+    holds = take_from_open_holds(session, customer_id, now)
     from_balance = min(credits, customer.balance)
     from_holds = holds.take(credits - from_balance, note)
     held = sum(from_holds.values())

@@ -23,7 +23,9 @@ without false differences: only this database's customers are summed, events are
 a globally unique key, and nothing before the database's first ledger entry is compared.
 
 Every Polar call spends the shared rate budget at low priority, capped at
-`RECONCILE_BUDGET_SHARE` of each window (delivery goes first).
+`RECONCILE_BUDGET_SHARE` of each window (delivery goes first): a long wait for a slot is
+reported through `progress`, with why. A run has a deadline (`outbox reconcile --deadline`):
+past it, `ReconcileDeadline`, and nothing is re-queued.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outbox import events
-from outbox.errors import PolarUnavailable
+from outbox.errors import PolarUnavailable, ReconcileDeadline
 from outbox.models import Customer, LedgerEntry, OutboxEvent, utcnow
 from outbox.polar.gateway import USAGE_KEY_FIELD, Outcome, build_event, describe_failure
 from outbox.polar.meters import find_meter
@@ -67,6 +69,9 @@ class PolarSide(Protocol):
     """What reconcile needs from Polar (`outbox.polar.PolarGateway`)."""
 
     requests: int
+    deadline: float | None  # time.monotonic(): no budget slot is waited for past it
+    deadline_passed: bool  # the last wait for a slot gave up because of `deadline`
+    on_budget_wait: Callable[[float, float, str], None] | None
 
     def meter_quantities(
         self,
@@ -665,17 +670,64 @@ def reconcile(
     fix: bool = False,
     now: datetime | None = None,
     progress: Progress | None = None,
+    deadline: float | None = None,
 ) -> ReconcileReport:
     """Compare the ledger's usage with Polar's meter in the window around [since, until)
     (default: the last 24 h, up to now), totals first; optionally re-queue or resend what
-    Polar lacks. Raises `PolarUnavailable` (one line) when Polar cannot answer."""
+    Polar lacks. Raises `PolarUnavailable` (one line) when Polar cannot answer, and
+    `ReconcileDeadline` when it is not done within `deadline` seconds (nothing re-queued)."""
     now = now or utcnow()
+    report_step = progress or (lambda _: None)
+    stop_at = None if deadline is None else time.monotonic() + deadline
+    last_step = ["starting"]
+
+    def past_deadline() -> ReconcileDeadline:
+        return ReconcileDeadline(
+            f"reconcile cannot finish within its deadline ({deadline:g} s): stopped while "
+            f"{last_step[0]}; nothing was re-queued. Narrow the window (--since, --until, "
+            "--customer) or allow longer (--deadline)"
+        )
+
+    def step(text: str) -> None:
+        if stop_at is not None and time.monotonic() >= stop_at:
+            raise past_deadline()
+        last_step[0] = text
+        report_step(text)
+
+    polar.deadline = stop_at
+    polar.on_budget_wait = lambda waited, wait, why: report_step(
+        f"waiting for a Polar request slot ({waited:.0f} s so far, {wait:.0f} s more at "
+        f"least): {why}"
+    )
+    try:
+        return _reconcile(session, polar, settings, customer_id, since, until, fix, now, step)
+    except PolarUnavailable:
+        if polar.deadline_passed:  # no request slot before the deadline: that is the cause
+            raise past_deadline() from None
+        raise
+    finally:
+        polar.deadline = polar.on_budget_wait = None
+
+
+def _reconcile(
+    session: Session,
+    polar: PolarSide,
+    settings: Settings,
+    customer_id: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    fix: bool,
+    now: datetime,
+    step: Progress,
+) -> ReconcileReport:
     if customer_id is not None:
         customer_id = check_customer_id(customer_id)
     # The database's first entry (by primary key: no scan of a big ledger).
     born = session.scalar(select(LedgerEntry.created_at).order_by(LedgerEntry.id).limit(1))
     start, end, interval, note = reconcile_window(since, until, now, born)
     requests_before = polar.requests
+    if not settings.polar_meter_id:
+        step("finding the meter that sums our usage events")
     meter_id = find_meter_id(polar, settings)
     ours = _ledger_usage(session, customer_id, start, end)
     worker = _Reconciler(
@@ -689,7 +741,7 @@ def reconcile(
         born=born,
         ours=ours,
         fix=fix,
-        progress=progress or (lambda _: None),
+        progress=step,
     )
     polar_total = worker.run(customer_groups(_our_customers(session, customer_id)))
     report = ReconcileReport(

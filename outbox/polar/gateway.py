@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -49,6 +49,9 @@ log = logging.getLogger("outbox.polar")
 
 IN_CALL_ATTEMPTS = 3
 BUDGET_WAIT_SECONDS = 5.0
+# A low-priority caller that waits longer than this for a slot is told so (`on_budget_wait`),
+# and again after each as long.
+BUDGET_WAIT_REPORT_SECONDS = 10.0
 EVENTS_PAGE_SIZE = 100
 # The metadata key that carries an event's `external_id` (globally unique) back to reconcile.
 USAGE_KEY_FIELD = "usage_external_id"
@@ -223,15 +226,66 @@ class PolarGateway:
         )
         self.credentials_ok: bool | None = None
         self.requests = 0  # HTTP requests sent (reconcile reports what it spent)
+        # A caller's own deadline (time.monotonic()): no slot is waited for past it.
+        self.deadline: float | None = None
+        self.deadline_passed = False  # the last wait for a slot gave up for that deadline
+        # Told (seconds waited so far, seconds still to wait at least, why) while a slot is
+        # long in coming (reconcile).
+        self.on_budget_wait: Callable[[float, float, str], None] | None = None
 
     def _spend(self) -> None:
         started = time.perf_counter()
-        wait = self.budget.acquire(timeout=self.budget_wait_seconds, share=self.budget_share)
-        if wait is not None:
-            raise BudgetWait(wait)
+        if self.deadline is None and self.on_budget_wait is None:
+            wait = self.budget.acquire(timeout=self.budget_wait_seconds, share=self.budget_share)
+            if wait is not None:
+                raise BudgetWait(wait)
+        else:
+            self._wait_for_slot()
         metrics.RATE_SLOT_WAIT.observe(time.perf_counter() - started)
         metrics.RATE_BUDGET_SLOTS.labels("delivery" if self.budget_share is None else "low").inc()
         metrics.RATE_BUDGET_USED.set(self.budget.granted_in_window)
+
+    def _wait_for_slot(self) -> None:
+        """`_spend`'s wait, up to the caller's deadline, saying why every
+        BUDGET_WAIT_REPORT_SECONDS. Raises `BudgetWait` when no slot comes in time."""
+        start = time.monotonic()
+        give_up = start + self.budget_wait_seconds
+        if self.deadline is not None:
+            give_up = min(give_up, self.deadline)
+        self.deadline_passed = False
+        reported = start
+        while True:
+            left = give_up - time.monotonic()
+            step = max(0.0, min(left, BUDGET_WAIT_REPORT_SECONDS))
+            wait = self.budget.acquire(timeout=step, share=self.budget_share)
+            if wait is None:
+                return
+            now = time.monotonic()
+            giving_up = now + wait > give_up
+            # Said at once when the wait will be long, then every BUDGET_WAIT_REPORT_SECONDS.
+            if self.on_budget_wait is not None and (
+                giving_up or now + wait - reported >= BUDGET_WAIT_REPORT_SECONDS
+            ):
+                self.on_budget_wait(now - start, wait, self._why_no_slot())
+                reported = now
+            if giving_up:
+                self.deadline_passed = give_up == self.deadline
+                raise BudgetWait(wait)
+            time.sleep(min(wait, BUDGET_WAIT_REPORT_SECONDS))
+
+    def _why_no_slot(self) -> str:
+        paused = self.budget.paused_for()
+        if paused > 0:
+            return f"Polar answered 429: every process waits {paused:.0f} s more"
+        if self.budget_share is None:
+            return "the shared request budget is spent for now"
+        return (
+            f"delivery goes first (requests spent in this rate window: "
+            f"{self.budget.used_this_window()}); reconcile takes at most "
+            f"{self.budget_share:.0%} of a window "
+            "(RECONCILE_BUDGET_SHARE), and while delivery's batches are full only the slots "
+            "it leaves"
+        )
 
     def take_slot(self) -> float | None:
         """Take the slot of the next request now, waiting for it up to the budget's wait:

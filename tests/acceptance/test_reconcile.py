@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from outbox.ledger import record_usage
 from outbox.migrate import upgrade
 from outbox.models import OutboxEvent
 from outbox.polar.gateway import PolarGateway, close_gateway
-from outbox.polar.ratelimit import LocalRateBudget
+from outbox.polar.ratelimit import LocalRateBudget, make_budget
 from outbox.settings import get_settings, load_settings
 from tests.conftest import truncate_all
 from tests.factories import make_customer
@@ -365,8 +366,9 @@ def test_a_polar_error_is_one_line_and_exit_2(
     result = runner.invoke(cli, ["reconcile"])
     assert result.exit_code == 2
     assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "401" in lines[0], result.stderr
+    # Off a terminal each step is a line on stderr; the error is the last, one line.
+    *steps, error = result.stderr.strip().splitlines()
+    assert "401" in error and not any("401" in line for line in steps), result.stderr
     assert emulator.token not in result.output
 
 
@@ -393,6 +395,81 @@ def test_reconcile_takes_only_its_share_of_the_shared_budget(
     code, report = reconcile(monkeypatch, pg_url)
     assert code == 0 and report["polar_requests"] == 3
     assert emulator.state.stats.max_requests_in_a_window == 1
+
+
+def test_off_a_terminal_each_step_is_one_line_on_stderr(
+    env: None,
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cron job or CI log sees what reconcile does as it goes (a spinner shows nothing)."""
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=100)
+    usage(clean_tables, customer, 2)
+    deliver_all(pg_url, clean_tables)
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    get_settings.cache_clear()
+    result = runner.invoke(cli, ["reconcile", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["totals"]["ledger_credits"] == 2
+    assert result.stderr.splitlines() == [
+        "comparing meter totals with Polar...",
+        "finding the meter that sums our usage events",
+        "comparing meter totals: customer group 1/1",
+    ]
+
+
+@pytest.mark.parametrize("deadline", ["0s", "soon", "-5m"])
+def test_a_bad_deadline_is_exit_2_naming_the_option(
+    env: None, clean_tables: Engine, pg_url: str, monkeypatch: pytest.MonkeyPatch, deadline: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    get_settings.cache_clear()
+    result = runner.invoke(cli, ["reconcile", "--deadline", deadline])
+    assert result.exit_code == 2 and "--deadline" in result.stderr, result.output
+
+
+def test_reconcile_starved_by_delivery_says_so_and_stops_at_its_deadline(
+    env: None,
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Delivery, its batches full, takes every slot of the shared budget as soon as it is due:
+    reconcile (low priority) gets none. It says why while it waits, then stops at --deadline
+    (exit 2, one line), instead of running on in silence (the review: 240 s and counting)."""
+    with session_scope(clean_tables) as session:
+        make_customer(session, credits=100)
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    monkeypatch.setenv("POLAR_REQUESTS_PER_MINUTE", "30")
+    monkeypatch.setattr("outbox.polar.BUDGET_WAIT_REPORT_SECONDS", 0.5)
+    get_settings.cache_clear()
+    delivery = make_budget(get_settings())
+    stop = threading.Event()
+
+    def deliver() -> None:  # what a busy worker does with the budget
+        while not stop.is_set():
+            delivery.delivery_busy()
+            wait = delivery.acquire(timeout=0.1)
+            time.sleep(0.02 if wait is None else min(wait, 0.05))
+
+    thread = threading.Thread(target=deliver, daemon=True)
+    thread.start()
+    try:
+        result = runner.invoke(cli, ["reconcile", "--deadline", "3s"])
+    finally:
+        stop.set()
+        thread.join(5)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    waits = [line for line in lines if line.startswith("waiting for a Polar request slot")]
+    assert waits and "least): delivery goes first" in waits[0], lines
+    assert "cannot finish within its deadline (3 s)" in lines[-1], lines
+    assert "nothing was re-queued" in lines[-1]
+    assert "Traceback" not in result.output
 
 
 def seed_sql(engine: Engine, customer: str, rows: list[tuple[int, int, datetime]]) -> None:

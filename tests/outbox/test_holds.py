@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from outbox.db import session_scope
 from outbox.errors import HoldClosed, HoldNotFound, InsufficientCredits, InvalidRequest
 from outbox.holds import capture_hold, expire_holds, place_hold, release_hold
 from outbox.ledger import get_credits, ledger_balance, record_usage, revoke_credits
@@ -170,3 +173,50 @@ def test_a_revoke_larger_than_balance_and_holds_records_the_shortfall(db: Sessio
     result = revoke_credits(db, customer, 20)
     assert (result.taken, result.from_balance, result.shortfall) == (7, 3, 13)
     assert _books(db, customer) == (0, 0, 3)
+
+
+def test_revokes_racing_captures_releases_and_spends_never_deadlock_nor_create_credits(
+    clean_tables: Engine,
+) -> None:
+    """Real threads, real PostgreSQL: revokes lock the open holds before the customer, as
+    capture, release and the sweeper do, so they wait for each other and never deadlock; and
+    whatever the interleaving, the books add up."""
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=1000)
+        holds = [place_hold(session, customer, 30).hold_id for _ in range(20)]
+    work: list[Callable[[Session], object]] = []
+    for n, hold_id in enumerate(holds):
+        if n % 2:
+            work.append(lambda s, h=hold_id: capture_hold(s, h, 10))
+        else:
+            work.append(lambda s, h=hold_id: release_hold(s, h))
+    work += [lambda s: revoke_credits(s, customer, 150) for _ in range(6)]
+    work += [lambda s: record_usage(s, customer, 5) for _ in range(6)]
+    work += [lambda s: place_hold(s, customer, 20) for _ in range(4)]
+    barrier = threading.Barrier(len(work))
+    failures: list[str] = []
+
+    def run(task: Callable[[Session], object]) -> None:
+        barrier.wait()
+        try:
+            with session_scope(clean_tables) as session:
+                task(session)
+        except (HoldClosed, InsufficientCredits):
+            pass  # a revoke emptied the hold, or took what the spend needed: fine
+        except Exception as exc:
+            failures.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    threads = [threading.Thread(target=run, args=(task,)) for task in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    with session_scope(clean_tables) as session:
+        balance, held, used = _books(session, customer)
+        revoked = -sum(
+            session.scalars(select(LedgerEntry.delta).where(LedgerEntry.kind == "revoke"))
+        )
+    assert balance + held + used + revoked == 1000
+    # Only what was spent escapes a revoke: a revoke fell short only once nothing was left.
+    assert revoked == 6 * 150 or balance + held == 0
