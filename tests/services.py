@@ -15,6 +15,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
@@ -183,3 +185,27 @@ def cluster_identity(url: str) -> tuple[str, str] | None:
         return None
     finally:
         engine.dispose()
+
+
+@contextmanager
+def migrated_database(server: PrivatePostgres, name: str) -> Iterator[str]:
+    """A database `name` on `server`, migrated to head, as DATABASE_URL while it is used (for
+    a test module that overrides the session's `pg_url`)."""
+    from outbox.db import dispose_engines
+    from outbox.migrate import upgrade
+    from outbox.settings import get_settings
+
+    url = server.create_database(name)
+    upgrade(url)
+    previous = os.environ.get("DATABASE_URL")
+    os.environ["DATABASE_URL"] = url
+    get_settings.cache_clear()
+    try:
+        yield url
+    finally:
+        dispose_engines()
+        if previous is None:
+            os.environ.pop("DATABASE_URL", None)
+        else:
+            os.environ["DATABASE_URL"] = previous
+        get_settings.cache_clear()

@@ -3,7 +3,10 @@
 A burst of requests on ONE customer used to hang the API for good: every threadpool thread ended
 up waiting for the customer's row lock, held by a transaction that committed only after FastAPI
 had validated the response model, which for a sync endpoint needs a free thread. These tests run
-the real server (uvicorn, its threadpool, its pool, its signal handling) on PostgreSQL.
+the real server (uvicorn, its threadpool, its pool, its signal handling) on PostgreSQL: a
+cluster of this module's own (tests/services.py), so that a burst of a hundred connections never
+meets a shared server's `max_connections` already taken by others (that was a `503
+database_unavailable` flake on a busy machine).
 """
 
 from __future__ import annotations
@@ -14,23 +17,37 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from sqlalchemy import Engine, func, select, text
 
-from outbox.db import session_scope
+from outbox.db import make_engine, session_scope
 from outbox.holds import place_hold
 from outbox.ledger import get_credits, ledger_balance
 from outbox.models import Hold, OutboxEvent
 from outbox.tokens import create_token
 from tests.acceptance.conftest import ROOT, Served
 from tests.factories import make_customer
+from tests.services import PrivatePostgres, migrated_database
 
 # A request that takes longer than this has hung (the healthy burst answers in a few seconds).
 REQUEST_TIMEOUT = 25.0
+
+
+@pytest.fixture(scope="module")
+def pg_url(private_postgres: PrivatePostgres) -> Iterator[str]:
+    with migrated_database(private_postgres, "outbox_request_path") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    engine = make_engine(pg_url, pool_size=20, max_overflow=20)
+    yield engine
+    engine.dispose()
 
 
 class HealthProbe:

@@ -25,12 +25,3 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def private_postgres() -> Iterator[PrivatePostgres]:
-    """A PostgreSQL cluster of this module's own, running (the tests may stop and start it)."""
-    server = PrivatePostgres()
-    server.start()
-    yield server
-    server.destroy()

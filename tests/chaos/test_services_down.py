@@ -8,7 +8,6 @@ machine's PostgreSQL and Redis are never touched."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,32 +20,21 @@ from sqlalchemy import Engine, text
 import polar_emulator
 from api.app import create_app
 from api.nudge import Nudger
-from outbox.db import dispose_engines, make_engine, session_scope
+from outbox.db import make_engine, session_scope
 from outbox.ledger import record_usage
-from outbox.migrate import upgrade
-from outbox.settings import get_settings, load_settings
+from outbox.settings import load_settings
 from outbox.tokens import create_token
 from tests.acceptance.conftest import Worker, all_delivered, status_counts, wait_until
 from tests.chaos.conftest import PrivatePostgres, PrivateRedis
 from tests.factories import make_customer
-from tests.services import cluster_identity
+from tests.services import cluster_identity, migrated_database
 
 
 @pytest.fixture(scope="module")
 def pg_url(private_postgres: PrivatePostgres) -> Iterator[str]:
     """This module's database, migrated, on its private cluster (not the session's)."""
-    url = private_postgres.create_database("outbox_chaos")
-    upgrade(url)
-    previous = os.environ.get("DATABASE_URL")
-    os.environ["DATABASE_URL"] = url
-    get_settings.cache_clear()
-    yield url
-    dispose_engines()
-    if previous is None:
-        os.environ.pop("DATABASE_URL", None)
-    else:
-        os.environ["DATABASE_URL"] = previous
-    get_settings.cache_clear()
+    with migrated_database(private_postgres, "outbox_chaos") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
