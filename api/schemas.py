@@ -227,7 +227,14 @@ class StatsOut(BaseModel):
     counts: dict[str, int]
     oldest_pending_seconds: float
     delivered_last_minute: int
-    credits_undelivered: int
+    credits_undelivered: int = Field(
+        description="Usage credits committed but not yet accepted by Polar (money at risk)."
+    )
+    compensations_undelivered: int = Field(
+        description="Credits refunded whose compensating events Polar has not accepted yet "
+        "(Polar still bills them)."
+    )
+    credits_refunded: int = Field(description="Every credit given back by a refund so far.")
 
 
 class EventOut(BaseModel):

@@ -380,6 +380,8 @@ def status(json_out: JsonFlag = False) -> None:
     table.add_row("oldest pending (s)", f"{stats.oldest_pending_seconds:.1f}")
     table.add_row("delivered last minute", str(stats.delivered_last_minute))
     table.add_row("credits undelivered", str(stats.credits_undelivered))
+    table.add_row("compensations undelivered", str(stats.compensations_undelivered))
+    table.add_row("credits refunded", str(stats.credits_refunded))
     out.print(table)
     if stats.counts["failed"]:
         out.print("see `outbox failed`, then `outbox replay --all-failed` once the cause is fixed")

@@ -20,11 +20,23 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, and_, bindparam, case, delete, func, select, update
+from sqlalchemy import (
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from outbox.db import session_scope
-from outbox.models import OutboxEvent, utcnow
+from outbox.models import Base, OutboxEvent, utcnow
 from outbox.pagination import check_limit, decode_cursor, encode_cursor
 from outbox.policy import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, next_attempt_at
 from outbox.states import EventStatus
@@ -32,6 +44,7 @@ from outbox.validation import check_customer_id
 
 MAX_ERROR_LENGTH = 2000
 EVENTS = cast(Table, OutboxEvent.__table__)
+_usage_refunds = Base.metadata.tables["usage_refunds"]  # read for the stats only
 
 
 @dataclass(frozen=True)
@@ -319,6 +332,75 @@ def release_if_claimed(
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+# Corrections (docs/explanation/corrections.md): a usage refunded whole before Polar can have
+# seen it is cancelled; otherwise a compensating event joins the outbox.
+
+# Polar cannot hold these rows: never claimed since written or since a refusal Polar answered
+# (429, a future timestamp, bad credentials spend no attempt), or failed. A pending row that
+# spent an attempt was sent with an unknown outcome (a timeout, a 5xx, a lost worker): Polar
+# may hold it, so it is compensated, never cancelled. Inflight rows are leased: the claim
+# holder may be sending them right now.
+_CANCELLABLE = or_(
+    EVENTS.c.status == EventStatus.FAILED,
+    and_(EVENTS.c.status == EventStatus.PENDING, EVENTS.c.attempts == 0),
+)
+
+
+def cancel_if_unsent(session: Session, event_id: int, *, now: datetime, note: str) -> bool:
+    """A usage's row → cancelled, only if Polar cannot hold it (`_CANCELLABLE`) and it is not
+    a compensating event; whether it moved. A row being claimed right now is locked: this waits
+    for the claim and then finds it inflight (no match); a row this locks is skipped by claims
+    and, once cancelled, never claimed, replayed nor re-queued."""
+    moved = session.execute(
+        update(EVENTS)
+        .where(EVENTS.c.id == event_id, EVENTS.c.refund_of.is_(None), _CANCELLABLE)
+        .values(status=EventStatus.CANCELLED, last_error=_clip(note), updated_at=now)
+        .returning(EVENTS.c.id)
+    ).first()
+    return moved is not None
+
+
+def new_refund_external_id() -> str:
+    """A compensating event's own `external_id`, minted once when its row is written."""
+    return f"refund_{uuid.uuid4().hex}"
+
+
+def enqueue_compensation(
+    session: Session,
+    *,
+    usage_event_id: int,
+    customer_id: str,
+    credits: int,
+    metadata: dict[str, Any],
+    default_name: str,
+    now: datetime,
+) -> tuple[int, str]:
+    """Write a compensating event for a usage: the usage's event name (`default_name` if its
+    row was pruned), `-credits`, timestamped `now`, pending like any row. Its id and
+    `external_id`."""
+    external_id = new_refund_external_id()
+    usage_name = select(EVENTS.c.name).where(EVENTS.c.id == usage_event_id).scalar_subquery()
+    event_id = session.execute(
+        insert(EVENTS)
+        .values(
+            external_id=external_id,
+            customer_id=customer_id,
+            name=func.coalesce(usage_name, default_name),
+            credits=-credits,
+            metadata=metadata,
+            occurred_at=now,
+            status=EventStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
+            refund_of=usage_event_id,
+        )
+        .returning(EVENTS.c.id)
+    ).scalar_one()
+    return int(event_id), external_id
+
+
 # The operator's side: status, listings, replay, reconcile's re-queue, pruning.
 
 UNDELIVERED = (EventStatus.PENDING, EventStatus.INFLIGHT, EventStatus.FAILED)
@@ -332,6 +414,8 @@ class OutboxStats:
     oldest_pending_seconds: float
     delivered_last_minute: int
     credits_undelivered: int
+    compensations_undelivered: int = 0
+    credits_refunded: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -339,13 +423,16 @@ class OutboxStats:
             "oldest_pending_seconds": self.oldest_pending_seconds,
             "delivered_last_minute": self.delivered_last_minute,
             "credits_undelivered": self.credits_undelivered,
+            "compensations_undelivered": self.compensations_undelivered,
+            "credits_refunded": self.credits_refunded,
         }
 
 
 def outbox_stats(session: Session, *, now: datetime | None = None) -> OutboxStats:
     """Counts by status, the age of the oldest undelivered (pending or inflight) event, the
-    deliveries of the last minute, and the credits committed but not yet accepted by Polar
-    (pending + inflight + failed: the money at risk)."""
+    deliveries of the last minute, the money at risk: usage credits committed but not yet
+    accepted by Polar (pending + inflight + failed) and credits given back whose compensating
+    events Polar has not accepted yet (Polar still bills them); and every credit refunded."""
     now = now or utcnow()
     counts = {status.value: 0 for status in EventStatus}
     for status, count in session.execute(
@@ -365,11 +452,14 @@ def outbox_stats(session: Session, *, now: datetime | None = None) -> OutboxStat
             OutboxEvent.delivered_at >= now - timedelta(minutes=1),
         )
     )
-    undelivered = session.scalar(
-        select(func.coalesce(func.sum(OutboxEvent.credits), 0)).where(
-            OutboxEvent.status.in_(UNDELIVERED)
-        )
-    )
+    is_usage = OutboxEvent.refund_of.is_(None)
+    undelivered, compensations = session.execute(
+        select(
+            func.coalesce(func.sum(case((is_usage, OutboxEvent.credits), else_=0)), 0),
+            func.coalesce(func.sum(case((is_usage, 0), else_=-OutboxEvent.credits)), 0),
+        ).where(OutboxEvent.status.in_(UNDELIVERED))
+    ).one()
+    refunded = session.scalar(select(func.coalesce(func.sum(_usage_refunds.c.refunded), 0)))
     return OutboxStats(
         counts=counts,
         oldest_pending_seconds=round(max(0.0, (now - oldest).total_seconds()), 3)
@@ -377,6 +467,8 @@ def outbox_stats(session: Session, *, now: datetime | None = None) -> OutboxStat
         else 0.0,
         delivered_last_minute=int(delivered_last_minute or 0),
         credits_undelivered=int(undelivered or 0),
+        compensations_undelivered=int(compensations or 0),
+        credits_refunded=int(refunded or 0),
     )
 
 

@@ -63,6 +63,8 @@ def test_admin_stats_events_and_replay(
         "oldest_pending_seconds",
         "delivered_last_minute",
         "credits_undelivered",
+        "compensations_undelivered",
+        "credits_refunded",
     }
 
     failed = client.get(
