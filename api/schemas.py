@@ -143,6 +143,50 @@ class GrantOut(BaseModel):
     balance: int
 
 
+# Corrections (api/routes/refunds.py, api/routes/customers.py; docs/explanation/corrections.md)
+
+
+class RefundIn(Strict):
+    credits: StrictInt | None = Field(
+        None,
+        ge=1,
+        le=MAX_CREDITS,
+        description="Credits to give back; default: everything not yet refunded.",
+    )
+    reason: StrictStr = Field(
+        min_length=1,
+        max_length=MAX_REASON_LENGTH,
+        examples=["the generation failed"],
+        json_schema_extra=NO_NUL_SCHEMA,
+    )
+
+
+class RefundOut(BaseModel):
+    refund_id: int = Field(description="The refund's ledger entry.")
+    event_id: int = Field(description="The usage refunded.")
+    credits: int
+    balance: int
+    action: Literal["cancelled", "compensated"] = Field(
+        description="`cancelled`: the usage was refunded whole before Polar could hold it, "
+        "nothing reaches Polar; `compensated`: a compensating event (negative credits) is on "
+        "its way to Polar."
+    )
+    compensation_event_id: int | None
+    compensation_external_id: str | None
+
+
+class DebitIn(Strict):
+    credits: StrictInt = Field(ge=1, le=MAX_GRANT_CREDITS)
+    reason: StrictStr = Field(
+        min_length=1, max_length=MAX_REASON_LENGTH, json_schema_extra=NO_NUL_SCHEMA
+    )
+
+
+class DebitOut(BaseModel):
+    debit_id: int
+    balance: int
+
+
 class CreditsOut(BaseModel):
     customer_id: str
     balance: int
