@@ -565,9 +565,11 @@ def recreate_pending(
     occurred_at: datetime,
     now: datetime,
     note: str,
+    metadata: dict[str, Any] | None = None,
+    refund_of: int | None = None,
 ) -> None:
     """A pruned row written again, pending, from its ledger entry (same id, same external_id;
-    the caller's metadata went with the row)."""
+    the caller's metadata went with the row: only ours is written again, `metadata`)."""
     session.add(
         OutboxEvent(
             id=event_id,
@@ -575,7 +577,8 @@ def recreate_pending(
             customer_id=customer_id,
             name=name,
             credits=credits,
-            event_metadata={},
+            refund_of=refund_of,
+            event_metadata=metadata or {},
             occurred_at=occurred_at,
             status=EventStatus.PENDING,
             attempts=0,
