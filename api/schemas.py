@@ -198,13 +198,16 @@ class CreditsOut(BaseModel):
 class UsageEventOut(BaseModel):
     event_id: int
     external_id: str
-    credits: int
+    credits: int = Field(description="Negative for a compensating event (a refund).")
     metadata: dict[str, MetadataValue]
     status: str
     attempts: int
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+    refund_of: int | None = Field(
+        None, description="A compensating event (a refund): the usage it corrects."
+    )
 
 
 class UsagePage(BaseModel):
@@ -296,6 +299,9 @@ class EventOut(BaseModel):
     last_replay_id: int | None
     created_at: datetime
     delivered_at: datetime | None
+    refund_of: int | None = Field(
+        None, description="A compensating event (a refund): the usage it corrects."
+    )
 
 
 class EventPage(BaseModel):

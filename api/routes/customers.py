@@ -92,6 +92,7 @@ def usage_event_out(event: OutboxEvent) -> UsageEventOut:
         last_error=event.last_error,
         created_at=event.created_at,
         delivered_at=event.delivered_at,
+        refund_of=event.refund_of,
     )
 
 

@@ -63,6 +63,12 @@ def test_a_refund_answers_what_it_did_and_the_balance_after(
     assert _balance(clean_tables) == (7, 7)
     credits = client.get("/v1/customers/user_1/credits", headers=usage_headers).json()
     assert (credits["balance"], credits["used"]) == (7, 3)
+    listed = client.get("/v1/customers/user_1/usage", headers=usage_headers).json()["items"]
+    assert [(i["event_id"], i["credits"], i["status"], i["refund_of"]) for i in listed] == [
+        (compensated.json()["compensation_event_id"], -1, "pending", partial),
+        (partial, 4, "pending", None),
+        (whole, 3, "cancelled", None),
+    ]
 
 
 def test_refusals_have_codes_and_change_nothing(
