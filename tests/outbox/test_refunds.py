@@ -329,3 +329,35 @@ def test_status_counts_refunds_and_the_compensations_polar_has_not_accepted(
     assert stats.credits_undelivered == 5  # the usage; a cancelled row is no money at risk
     assert stats.compensations_undelivered == 2
     assert stats.credits_refunded == 5
+
+
+def test_refunds_and_debits_on_sqlite_too(sqlite_engine: Engine) -> None:
+    """`outbox dev` runs on SQLite: the guarded upsert and the debit's floor hold there too."""
+    with session_scope(sqlite_engine) as session:
+        customer = make_customer(session, credits=10)
+        usage = record_usage(session, customer, 4)
+        refund_usage(session, usage.event_id, 3, reason="r")
+        with pytest.raises(RefundExceedsUsage):
+            refund_usage(session, usage.event_id, 2, reason="r")
+        assert debit_credits(session, customer, 9, "r").balance == 0
+        with pytest.raises(InsufficientCredits):
+            debit_credits(session, customer, 1, "r")
+        assert get_credits(session, customer).granted == 1
+        assert ledger_balance(session, customer) == 0
+
+
+def test_the_metrics_count_refunds_and_pending_compensations(clean_tables: Engine) -> None:
+    from outbox.ops.collector import OutboxCollector
+
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=10)
+        usage = record_usage(session, customer, 4)
+        refund_usage(session, usage.event_id, 3, reason="r")
+    gauges = {
+        family.name: family.samples[0].value
+        for family in OutboxCollector(clean_tables).collect()
+        if family.samples and not family.samples[0].labels
+    }
+    assert gauges["outbox_credits_undelivered"] == 4
+    assert gauges["outbox_compensations_undelivered"] == 3
+    assert gauges["outbox_credits_refunded"] == 3
