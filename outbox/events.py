@@ -29,7 +29,6 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    or_,
     select,
     update,
 )
@@ -170,6 +169,7 @@ def mark_delivered_if_claimed(
         .where(_claimed_by(owner, ids))
         .values(
             status=EventStatus.DELIVERED,
+            maybe_at_polar=True,
             delivered_at=now,
             lease_owner=None,
             lease_expires_at=None,
@@ -201,12 +201,20 @@ def _settle_each_if_claimed(
 
 
 def fail_if_claimed(
-    session: Session, *, errors: Mapping[int, str], owner: str, now: datetime
+    session: Session,
+    *,
+    errors: Mapping[int, str],
+    owner: str,
+    now: datetime,
+    maybe_at_polar: bool = False,
 ) -> int:
-    """inflight → failed with Polar's message per row (a permanent error), if still claimed."""
+    """inflight → failed with Polar's message per row (a permanent error), if still claimed.
+    `maybe_at_polar` when the last send's outcome is unknown (attempts exhausted), not when
+    Polar refused the row."""
     if not errors:
         return 0
     params = [{"b_id": row_id, "b_error": _clip(msg)} for row_id, msg in errors.items()]
+    seen = {"maybe_at_polar": True} if maybe_at_polar else {}
     return _settle_each_if_claimed(
         session,
         owner,
@@ -215,6 +223,7 @@ def fail_if_claimed(
         attempts=EVENTS.c.attempts + 1,
         last_error=bindparam("b_error"),
         updated_at=now,
+        **seen,
     )
 
 
@@ -256,6 +265,9 @@ def retry_later_if_claimed(
             }
         )
     moved = 0
+    # A counted attempt is a send with an unknown outcome: Polar may hold the rows. Refusals
+    # Polar answered (429, a future timestamp, bad credentials) count none.
+    seen = {"maybe_at_polar": True} if count_attempt else {}
     if retried:
         moved = _settle_each_if_claimed(
             session,
@@ -266,6 +278,7 @@ def retry_later_if_claimed(
             next_attempt_at=bindparam("b_next"),
             last_error=_clip(error),
             updated_at=now,
+            **seen,
         )
     failed = 0
     if exhausted:
@@ -274,7 +287,7 @@ def retry_later_if_claimed(
 
 
 def _fail_exhausted(session: Session, errors: Mapping[int, str], owner: str, now: datetime) -> int:
-    return fail_if_claimed(session, errors=errors, owner=owner, now=now)
+    return fail_if_claimed(session, errors=errors, owner=owner, now=now, maybe_at_polar=True)
 
 
 def rescue_expired_leases(session: Session, *, now: datetime, max_attempts: int) -> int:
@@ -293,6 +306,7 @@ def rescue_expired_leases(session: Session, *, now: datetime, max_attempts: int)
         .where(OutboxEvent.id.in_(select(expired.c.id)))
         .values(
             status=case((gives_up, EventStatus.FAILED), else_=EventStatus.PENDING),
+            maybe_at_polar=True,  # its worker may have sent it before it was lost
             attempts=OutboxEvent.attempts + 1,
             next_attempt_at=now,
             last_error=case(
@@ -335,14 +349,14 @@ def release_if_claimed(
 # Corrections (docs/explanation/corrections.md): a usage refunded whole before Polar can have
 # seen it is cancelled; otherwise a compensating event joins the outbox.
 
-# Polar cannot hold these rows: never claimed since written or since a refusal Polar answered
-# (429, a future timestamp, bad credentials spend no attempt), or failed. A pending row that
-# spent an attempt was sent with an unknown outcome (a timeout, a 5xx, a lost worker): Polar
-# may hold it, so it is compensated, never cancelled. Inflight rows are leased: the claim
-# holder may be sending them right now.
-_CANCELLABLE = or_(
-    EVENTS.c.status == EventStatus.FAILED,
-    and_(EVENTS.c.status == EventStatus.PENDING, EVENTS.c.attempts == 0),
+# Polar cannot hold these rows: pending or failed, and no send of them ever ended without a
+# refusal from Polar (`maybe_at_polar`: set on delivery, on a send with an unknown outcome — a
+# timeout, a 5xx, a lost worker, attempts exhausted — and never cleared; a replay or
+# reconcile's re-queue keeps it). Inflight rows are leased: the claim holder may be sending
+# them right now.
+_CANCELLABLE = and_(
+    EVENTS.c.status.in_([EventStatus.PENDING, EventStatus.FAILED]),
+    EVENTS.c.maybe_at_polar.is_(False),
 )
 
 
@@ -578,6 +592,7 @@ def recreate_pending(
             name=name,
             credits=credits,
             refund_of=refund_of,
+            maybe_at_polar=True,  # it had been delivered
             event_metadata=metadata or {},
             occurred_at=occurred_at,
             status=EventStatus.PENDING,

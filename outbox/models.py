@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -235,6 +237,10 @@ class OutboxEvent(Base):
     # A compensating event: the outbox id of the usage it corrects (NULL for a usage). Not a
     # foreign key: `outbox prune` deletes delivered usages.
     refund_of: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Set once a send of the row ended without Polar refusing it (accepted, or an unknown
+    # outcome: a timeout, a 5xx, a lost worker, attempts exhausted); never cleared. Until then
+    # Polar cannot hold the row, and a whole refund may cancel it (outbox.events).
+    maybe_at_polar: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
 
 
 class UsageRefund(Base):

@@ -168,8 +168,8 @@ def refund_usage(
     """Give back `credits` (default: all not yet refunded) of a usage, in the caller's
     transaction (no commit).
 
-    A whole refund of a row Polar cannot hold yet (pending and never sent with an unknown
-    outcome, or failed) cancels it; anything else enqueues a compensating event. Raises
+    A whole refund of a row Polar cannot hold (pending or failed, and no send of it ended
+    without a refusal from Polar) cancels it; anything else enqueues a compensating event. Raises
     `InvalidRequest` (bad input), `EventNotFound`, `NotRefundable` (a compensating event) and
     `RefundExceedsUsage` (more than is left of the usage, a concurrent refund included).
     """

@@ -122,17 +122,18 @@ def test_a_usage_in_flight_is_compensated_never_cancelled(db: Session) -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "attempts", "action"),
+    ("status", "maybe_at_polar", "action"),
     [
-        ("pending", 0, "cancelled"),
-        ("failed", 3, "cancelled"),
-        # Sent once with an unknown outcome (a timeout, a 5xx): Polar may hold it.
-        ("pending", 1, "compensated"),
-        ("delivered", 0, "compensated"),
+        ("pending", False, "cancelled"),  # never sent, or refused by Polar (429, skew, 401)
+        ("failed", False, "cancelled"),  # Polar refused it (a 422 naming it)
+        # A send with an unknown outcome (a timeout, a 5xx, a lost worker): Polar may hold it.
+        ("pending", True, "compensated"),
+        ("failed", True, "compensated"),  # attempts exhausted, or replayed and failed again
+        ("delivered", True, "compensated"),
     ],
 )
 def test_what_a_whole_refund_does_depends_on_whether_polar_may_hold_the_usage(
-    db: Session, status: str, attempts: int, action: str
+    db: Session, status: str, maybe_at_polar: bool, action: str
 ) -> None:
     customer = make_customer(db, credits=10)
     usage = record_usage(db, customer, 2)
@@ -141,7 +142,7 @@ def test_what_a_whole_refund_does_depends_on_whether_polar_may_hold_the_usage(
         .where(OutboxEvent.id == usage.event_id)
         .values(
             status=status,
-            attempts=attempts,
+            maybe_at_polar=maybe_at_polar,
             delivered_at=utcnow() if status == "delivered" else None,
         )
     )
@@ -150,6 +151,78 @@ def test_what_a_whole_refund_does_depends_on_whether_polar_may_hold_the_usage(
     expected = "cancelled" if action == "cancelled" else status
     assert row(db, usage.event_id).status == expected
     assert get_credits(db, customer).balance == 10
+
+
+def test_every_send_that_polar_did_not_refuse_marks_the_row_maybe_at_polar(db: Session) -> None:
+    """What makes a whole refund compensate instead of cancel, transition by transition."""
+    import random
+
+    customer = make_customer(db, credits=100)
+    ids = [record_usage(db, customer, 1).event_id for _ in range(6)]
+    now = utcnow() + timedelta(seconds=1)
+
+    def claim(owner: str) -> list[events.ClaimedEvent]:
+        return events.claim_batch(
+            db, owner=owner, limit=100, now=now, lease_seconds=60, hold_back_until=now
+        )
+
+    def flags() -> dict[int, bool]:
+        return {i: row(db, i).maybe_at_polar for i in ids}
+
+    batch = claim("w:1")
+    rng = random.Random(1)
+    # Refusals Polar answered (429, a timestamp in its future): no attempt, nothing marked.
+    events.retry_later_if_claimed(
+        db,
+        events=batch,
+        owner="w:1",
+        now=now,
+        error="429",
+        rng=rng,
+        max_attempts=5,
+        count_attempt=False,
+        backoff_base=0,
+        backoff_cap=0,
+    )
+    events.release_if_claimed(db, ids=[], owner="w:1", now=now, delay_seconds=0)
+    assert not any(flags().values())
+    batch = {e.id: e for e in claim("w:2")}
+    events.fail_if_claimed(db, errors={ids[0]: "422 naming it"}, owner="w:2", now=now)
+    events.retry_later_if_claimed(
+        db,
+        events=[batch[ids[1]]],
+        owner="w:2",
+        now=now,
+        error="timeout",
+        rng=rng,
+        max_attempts=5,
+        backoff_base=0,
+        backoff_cap=0,
+    )
+    events.retry_later_if_claimed(
+        db,
+        events=[batch[ids[2]]],
+        owner="w:2",
+        now=now,
+        error="5xx",
+        rng=rng,
+        max_attempts=1,
+        backoff_base=0,
+        backoff_cap=0,
+    )  # attempts exhausted: failed
+    events.mark_delivered_if_claimed(db, ids=[ids[3]], owner="w:2", now=now)
+    events.rescue_expired_leases(db, now=now + timedelta(seconds=61), max_attempts=5)
+    assert flags() == {
+        ids[0]: False,  # refused by Polar
+        ids[1]: True,
+        ids[2]: True,
+        ids[3]: True,
+        ids[4]: True,  # rescued: its worker may have sent it
+        ids[5]: True,
+    }
+    assert row(db, ids[2]).status == "failed"
+    assert refund_usage(db, ids[0], reason="r").action == "cancelled"
+    assert refund_usage(db, ids[2], reason="r").action == "compensated"
 
 
 def test_a_pruned_usage_is_refunded_by_a_compensating_event(db: Session) -> None:

@@ -8,7 +8,8 @@ Create Date: 2026-12-06 05:30:00
 docs/explanation/corrections.md. An outbox row may now be `cancelled` (a usage refunded whole
 before any claim) and may carry negative credits, but only as a compensating event pointing at
 its usage (`refund_of`). The ledger gains `refund` (pointing at the usage) and `debit` entries.
-`usage_refunds` holds, per refunded usage, the credits given back so far; its CHECK keeps them
+`maybe_at_polar` marks a row once a send of it ended without a refusal from Polar (only rows
+without it may be cancelled). `usage_refunds` holds, per refunded usage, the credits given back so far; its CHECK keeps them
 within the usage's credits whatever the concurrency.
 
 On SQLite the two altered tables are copied (batch mode); the ledger's append-only triggers go
@@ -70,6 +71,9 @@ def _create_sqlite_ledger_triggers() -> None:
 def upgrade() -> None:
     with op.batch_alter_table("outbox_events") as batch:
         batch.add_column(sa.Column("refund_of", sa.BigInteger(), nullable=True))
+        batch.add_column(
+            sa.Column("maybe_at_polar", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
         batch.drop_constraint(op.f("ck_outbox_events_status_known"), type_="check")
         batch.create_check_constraint(
             op.f("ck_outbox_events_status_known"), _in("status", EVENT_STATUSES)
@@ -83,6 +87,13 @@ def upgrade() -> None:
             op.f("ck_outbox_events_only_a_usage_is_cancelled"),
             "refund_of IS NULL OR status <> 'cancelled'",
         )
+
+    # Rows sent before this revision: whatever may have reached Polar is marked (a retry, a
+    # delivery, a lease, a replay), so that no refund cancels it.
+    op.execute(
+        "UPDATE outbox_events SET maybe_at_polar = true WHERE attempts > 0"
+        " OR status IN ('inflight', 'delivered') OR last_replay_id IS NOT NULL"
+    )
 
     _drop_sqlite_ledger_triggers()
     with op.batch_alter_table("ledger_entries") as batch:
@@ -168,4 +179,5 @@ def downgrade() -> None:
         batch.create_check_constraint(
             op.f("ck_outbox_events_status_known"), _in("status", OLD_EVENT_STATUSES)
         )
+        batch.drop_column("maybe_at_polar")
         batch.drop_column("refund_of")

@@ -95,6 +95,28 @@ def test_a_compensating_event_keeps_its_external_id_through_retries(
     assert set(emulator.state.by_external_id) == ids
 
 
+def test_a_whole_refund_after_a_send_polar_stored_but_did_not_answer_is_compensated(
+    clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
+) -> None:
+    """Polar stores the batch and the answer is lost: the rows go back to pending, and Polar
+    holds them. A whole refund must not cancel them (Polar would bill what was given back)."""
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=100)
+        usages = [record_usage(session, customer, 2) for _ in range(5)]
+    emulator.configure(accept_then_drop_rate=1.0)
+    deliverer = make_deliverer(clean_tables, make_settings(pg_url, emulator))
+    deliverer.deliver_batch()
+    assert counts(clean_tables) == {"pending": 5}
+    assert polar_net(emulator) == {customer: 10}  # stored, unanswered
+    with session_scope(clean_tables) as session:
+        actions = {refund_usage(session, u.event_id, reason="r").action for u in usages}
+    assert actions == {"compensated"}
+    emulator.configure(accept_then_drop_rate=0.0)
+    drain_until_settled(deliverer, clean_tables)
+    assert counts(clean_tables) == {"delivered": 10}
+    assert polar_net(emulator) == {} == nonzero(ledger_net_usage(clean_tables))
+
+
 def test_a_refund_racing_a_delivery_either_cancels_or_compensates_never_both_nor_neither(
     clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
 ) -> None:
