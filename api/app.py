@@ -19,7 +19,7 @@ from api.deps import TokenCache
 from api.errors import install_error_handlers
 from api.middleware import HeaderLimit
 from api.openapi import install_openapi
-from api.routes import admin, customers, health, holds, usage, webhooks
+from api.routes import admin, customers, health, holds, refunds, usage, webhooks
 from api.schemas import error_body
 from outbox.db import make_request_engine, session_factory
 from outbox.migrate import SchemaCache
@@ -150,6 +150,7 @@ def create_app(
         )
     install_error_handlers(app)
     app.include_router(usage.router)
+    app.include_router(refunds.router)
     app.include_router(customers.router)
     app.include_router(holds.router)
     app.include_router(webhooks.router)

@@ -31,6 +31,8 @@ STATUS_BY_ERROR: dict[type[errors.OutboxError], int] = {
     errors.HoldClosed: 409,
     errors.EventNotFound: 404,
     errors.NotReplayable: 409,
+    errors.NotRefundable: 409,
+    errors.RefundExceedsUsage: 409,
 }
 
 CODE_BY_STATUS = {

@@ -51,6 +51,7 @@ def _links(spec: dict[str, Any]) -> None:
     release = ids[("post", "/v1/holds/{hold_id}/release")]
     spend = ids[("post", "/v1/usage")]
     reserve = ids[("post", "/v1/holds")]
+    refund = ids[("post", "/v1/usage/{event_id}/refunds")]
     granted = "$request.path.customer_id"
     customer = "$response.body#/customer_id"
 
@@ -68,7 +69,13 @@ def _links(spec: dict[str, Any]) -> None:
             "spend": {"operationId": spend, "requestBody": {"customer_id": customer}},
             "hold": {"operationId": reserve, "requestBody": {"customer_id": customer}},
         },
-        ("post", "/v1/usage", "201"): of_customer("$request.body#/customer_id"),
+        ("post", "/v1/usage", "201"): {
+            **of_customer("$request.body#/customer_id"),
+            "refund": {
+                "operationId": refund,
+                "parameters": {"event_id": "$response.body#/event_id"},
+            },
+        },
         ("post", "/v1/holds", "201"): {
             **of_customer("$request.body#/customer_id"),
             "capture": {"operationId": capture, "parameters": {"hold_id": hold}},

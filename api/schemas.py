@@ -176,6 +176,50 @@ class GrantOut(BaseModel):
     balance: int
 
 
+# Corrections (api/routes/refunds.py, api/routes/customers.py; docs/explanation/corrections.md)
+
+
+class RefundIn(Strict):
+    credits: StrictInt | None = Field(
+        None,
+        ge=1,
+        le=MAX_CREDITS,
+        description="Credits to give back; default: everything not yet refunded.",
+    )
+    reason: StrictStr = Field(
+        min_length=1,
+        max_length=MAX_REASON_LENGTH,
+        examples=["the generation failed"],
+        json_schema_extra=NO_NUL_SCHEMA,
+    )
+
+
+class RefundOut(BaseModel):
+    refund_id: int = Field(description="The refund's ledger entry.")
+    event_id: int = Field(description="The usage refunded.")
+    credits: int
+    balance: int
+    action: Literal["cancelled", "compensated"] = Field(
+        description="`cancelled`: the usage was refunded whole before Polar could hold it, "
+        "nothing reaches Polar; `compensated`: a compensating event (negative credits) is on "
+        "its way to Polar."
+    )
+    compensation_event_id: int | None
+    compensation_external_id: str | None
+
+
+class DebitIn(Strict):
+    credits: StrictInt = Field(ge=1, le=MAX_GRANT_CREDITS)
+    reason: StrictStr = Field(
+        min_length=1, max_length=MAX_REASON_LENGTH, json_schema_extra=NO_NUL_SCHEMA
+    )
+
+
+class DebitOut(BaseModel):
+    debit_id: int
+    balance: int
+
+
 class CreditsOut(BaseModel):
     customer_id: str
     balance: int
@@ -187,13 +231,16 @@ class CreditsOut(BaseModel):
 class UsageEventOut(BaseModel):
     event_id: int
     external_id: str
-    credits: int
+    credits: int = Field(description="Negative for a compensating event (a refund).")
     metadata: dict[str, MetadataValue]
     status: str
     attempts: int
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+    refund_of: int | None = Field(
+        None, description="A compensating event (a refund): the usage it corrects."
+    )
 
 
 class UsagePage(BaseModel):
@@ -260,7 +307,14 @@ class StatsOut(BaseModel):
     counts: dict[str, int]
     oldest_pending_seconds: float
     delivered_last_minute: int
-    credits_undelivered: int
+    credits_undelivered: int = Field(
+        description="Usage credits committed but not yet accepted by Polar (money at risk)."
+    )
+    compensations_undelivered: int = Field(
+        description="Credits refunded whose compensating events Polar has not accepted yet "
+        "(Polar still bills them)."
+    )
+    credits_refunded: int = Field(description="Every credit given back by a refund so far.")
 
 
 class EventOut(BaseModel):
@@ -278,6 +332,9 @@ class EventOut(BaseModel):
     last_replay_id: int | None
     created_at: datetime
     delivered_at: datetime | None
+    refund_of: int | None = Field(
+        None, description="A compensating event (a refund): the usage it corrects."
+    )
 
 
 class EventPage(BaseModel):

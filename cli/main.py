@@ -291,21 +291,103 @@ def token_revoke(
     out.print(f"token {token_id} revoked")
 
 
+IdempotencyKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--idempotency-key",
+        help="Run it again with the same key and nothing more happens: the first result is "
+        "shown (the key is per customer).",
+    ),
+]
+
+
 @app.command()
 def grant(
     customer: Annotated[str, typer.Argument(help="The customer id (Polar external id).")],
     credits: Annotated[int, typer.Argument(help="Credits to add (>= 1).")],
     reason: Annotated[str, typer.Option(help="Why (kept in the ledger).")],
+    idempotency_key: IdempotencyKeyOption = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Grant credits to a customer (created if new)."""
     from outbox.ledger import grant_credits
 
-    result = with_session(lambda s: grant_credits(s, customer, credits, reason))
+    result = with_session(lambda s: grant_credits(s, customer, credits, reason, idempotency_key))
     if json_out:
-        print_json({"grant_id": result.grant_id, "balance": result.balance})
+        print_json(
+            {"grant_id": result.grant_id, "balance": result.balance, "replayed": result.replayed}
+        )
+    elif result.replayed:
+        out.print(
+            f"already granted with this key (grant {result.grant_id}): nothing added; "
+            f"balance then {result.balance}"
+        )
     else:
         out.print(f"granted {credits} credits to {customer}: balance {result.balance}")
+
+
+@app.command()
+def refund(
+    event_id: Annotated[
+        int,
+        typer.Argument(help="The usage's event id.", metavar="EVENT_ID", min=1, max=MAX_ID),
+    ],
+    reason: Annotated[str, typer.Option(help="Why (kept in the ledger).")],
+    credits: Annotated[
+        int | None,
+        typer.Option(help="Credits to give back (default: all not yet refunded).", min=1),
+    ] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Give back a usage's credits: cancelled if Polar cannot hold it yet, otherwise a
+    compensating event (negative credits) follows it to Polar (docs/explanation/corrections.md)."""
+    from outbox.refunds import refund_usage
+
+    settings = settings_or_exit()
+    result = with_session(
+        lambda s: refund_usage(s, event_id, credits, reason=reason, settings=settings)
+    )
+    if json_out:
+        print_json(result.as_dict())
+        return
+    if result.action == "cancelled":
+        what = "the usage was cancelled: nothing reaches Polar"
+    else:
+        what = (
+            f"compensating event {result.compensation_event_id} "
+            f"({result.compensation_external_id}) queued for Polar"
+        )
+    out.print(
+        f"refunded {result.credits} credits of usage {event_id}: balance {result.balance}; {what}",
+        highlight=False,
+        markup=False,
+    )
+
+
+@app.command()
+def debit(
+    customer: Annotated[str, typer.Argument(help="The customer id (Polar external id).")],
+    credits: Annotated[int, typer.Argument(help="Credits to take back (>= 1).")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the ledger).")],
+    idempotency_key: IdempotencyKeyOption = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Take credits back from a customer's balance (never below zero: refused if the balance
+    does not cover them)."""
+    from outbox.ledger import debit_credits
+
+    result = with_session(lambda s: debit_credits(s, customer, credits, reason, idempotency_key))
+    if json_out:
+        print_json(
+            {"debit_id": result.grant_id, "balance": result.balance, "replayed": result.replayed}
+        )
+    elif result.replayed:
+        out.print(
+            f"already debited with this key (debit {result.grant_id}): nothing taken; "
+            f"balance then {result.balance}"
+        )
+    else:
+        out.print(f"debited {credits} credits from {customer}: balance {result.balance}")
 
 
 @app.command()
@@ -415,6 +497,8 @@ def status(json_out: JsonFlag = False) -> None:
     table.add_row("oldest pending (s)", f"{stats.oldest_pending_seconds:.1f}")
     table.add_row("delivered last minute", str(stats.delivered_last_minute))
     table.add_row("credits undelivered", str(stats.credits_undelivered))
+    table.add_row("compensations undelivered", str(stats.compensations_undelivered))
+    table.add_row("credits refunded", str(stats.credits_refunded))
     out.print(table)
     if stats.counts["failed"]:
         out.print("see `outbox failed`, then `outbox replay --all-failed` once the cause is fixed")

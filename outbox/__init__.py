@@ -2,7 +2,7 @@
 
 The public library API (safe to call inside your own SQLAlchemy transaction):
 
-    from outbox import record_usage, grant_credits
+    from outbox import record_usage, grant_credits, refund_usage, debit_credits
 """
 
 from outbox.errors import (
@@ -11,9 +11,12 @@ from outbox.errors import (
     IdempotencyConflict,
     InsufficientCredits,
     InvalidRequest,
+    NotRefundable,
     OutboxError,
+    RefundExceedsUsage,
 )
-from outbox.ledger import GrantResult, UsageResult, grant_credits, record_usage
+from outbox.ledger import GrantResult, UsageResult, debit_credits, grant_credits, record_usage
+from outbox.refunds import RefundResult, refund_usage
 
 __all__ = [
     "ConfigError",
@@ -22,8 +25,13 @@ __all__ = [
     "IdempotencyConflict",
     "InsufficientCredits",
     "InvalidRequest",
+    "NotRefundable",
     "OutboxError",
+    "RefundExceedsUsage",
+    "RefundResult",
     "UsageResult",
+    "debit_credits",
     "grant_credits",
     "record_usage",
+    "refund_usage",
 ]

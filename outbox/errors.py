@@ -103,3 +103,15 @@ class PolarUnavailable(OutboxError):
     """Polar could not answer (an error, a refusal or no answer)."""
 
     code = "polar_unavailable"
+
+
+class NotRefundable(OutboxError):
+    """This event is a refund (a compensating event): only a usage can be refunded."""
+
+    code = "not_refundable"
+
+
+class RefundExceedsUsage(OutboxError):
+    """The refund exceeds the usage's credits not yet refunded."""
+
+    code = "refund_exceeds_usage"

@@ -20,11 +20,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, and_, bindparam, case, delete, func, select, update
+from sqlalchemy import (
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from outbox.db import session_scope
-from outbox.models import OutboxEvent, utcnow
+from outbox.models import Base, OutboxEvent, utcnow
 from outbox.pagination import check_limit, decode_cursor, encode_cursor
 from outbox.policy import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, next_attempt_at
 from outbox.states import EventStatus
@@ -32,6 +43,7 @@ from outbox.validation import check_customer_id
 
 MAX_ERROR_LENGTH = 2000
 EVENTS = cast(Table, OutboxEvent.__table__)
+_usage_refunds = Base.metadata.tables["usage_refunds"]  # read for the stats only
 
 
 @dataclass(frozen=True)
@@ -157,6 +169,7 @@ def mark_delivered_if_claimed(
         .where(_claimed_by(owner, ids))
         .values(
             status=EventStatus.DELIVERED,
+            maybe_at_polar=True,
             delivered_at=now,
             lease_owner=None,
             lease_expires_at=None,
@@ -188,12 +201,20 @@ def _settle_each_if_claimed(
 
 
 def fail_if_claimed(
-    session: Session, *, errors: Mapping[int, str], owner: str, now: datetime
+    session: Session,
+    *,
+    errors: Mapping[int, str],
+    owner: str,
+    now: datetime,
+    maybe_at_polar: bool = False,
 ) -> int:
-    """inflight → failed with Polar's message per row (a permanent error), if still claimed."""
+    """inflight → failed with Polar's message per row (a permanent error), if still claimed.
+    `maybe_at_polar` when the last send's outcome is unknown (attempts exhausted), not when
+    Polar refused the row."""
     if not errors:
         return 0
     params = [{"b_id": row_id, "b_error": _clip(msg)} for row_id, msg in errors.items()]
+    seen = {"maybe_at_polar": True} if maybe_at_polar else {}
     return _settle_each_if_claimed(
         session,
         owner,
@@ -202,6 +223,7 @@ def fail_if_claimed(
         attempts=EVENTS.c.attempts + 1,
         last_error=bindparam("b_error"),
         updated_at=now,
+        **seen,
     )
 
 
@@ -243,6 +265,9 @@ def retry_later_if_claimed(
             }
         )
     moved = 0
+    # A counted attempt is a send with an unknown outcome: Polar may hold the rows. Refusals
+    # Polar answered (429, a future timestamp, bad credentials) count none.
+    seen = {"maybe_at_polar": True} if count_attempt else {}
     if retried:
         moved = _settle_each_if_claimed(
             session,
@@ -253,6 +278,7 @@ def retry_later_if_claimed(
             next_attempt_at=bindparam("b_next"),
             last_error=_clip(error),
             updated_at=now,
+            **seen,
         )
     failed = 0
     if exhausted:
@@ -261,7 +287,7 @@ def retry_later_if_claimed(
 
 
 def _fail_exhausted(session: Session, errors: Mapping[int, str], owner: str, now: datetime) -> int:
-    return fail_if_claimed(session, errors=errors, owner=owner, now=now)
+    return fail_if_claimed(session, errors=errors, owner=owner, now=now, maybe_at_polar=True)
 
 
 def rescue_expired_leases(session: Session, *, now: datetime, max_attempts: int) -> int:
@@ -280,6 +306,7 @@ def rescue_expired_leases(session: Session, *, now: datetime, max_attempts: int)
         .where(OutboxEvent.id.in_(select(expired.c.id)))
         .values(
             status=case((gives_up, EventStatus.FAILED), else_=EventStatus.PENDING),
+            maybe_at_polar=True,  # its worker may have sent it before it was lost
             attempts=OutboxEvent.attempts + 1,
             next_attempt_at=now,
             last_error=case(
@@ -319,6 +346,75 @@ def release_if_claimed(
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+# Corrections (docs/explanation/corrections.md): a usage refunded whole before Polar can have
+# seen it is cancelled; otherwise a compensating event joins the outbox.
+
+# Polar cannot hold these rows: pending or failed, and no send of them ever ended without a
+# refusal from Polar (`maybe_at_polar`: set on delivery, on a send with an unknown outcome — a
+# timeout, a 5xx, a lost worker, attempts exhausted — and never cleared; a replay or
+# reconcile's re-queue keeps it). Inflight rows are leased: the claim holder may be sending
+# them right now.
+_CANCELLABLE = and_(
+    EVENTS.c.status.in_([EventStatus.PENDING, EventStatus.FAILED]),
+    EVENTS.c.maybe_at_polar.is_(False),
+)
+
+
+def cancel_if_unsent(session: Session, event_id: int, *, now: datetime, note: str) -> bool:
+    """A usage's row → cancelled, only if Polar cannot hold it (`_CANCELLABLE`) and it is not
+    a compensating event; whether it moved. A row being claimed right now is locked: this waits
+    for the claim and then finds it inflight (no match); a row this locks is skipped by claims
+    and, once cancelled, never claimed, replayed nor re-queued."""
+    moved = session.execute(
+        update(EVENTS)
+        .where(EVENTS.c.id == event_id, EVENTS.c.refund_of.is_(None), _CANCELLABLE)
+        .values(status=EventStatus.CANCELLED, last_error=_clip(note), updated_at=now)
+        .returning(EVENTS.c.id)
+    ).first()
+    return moved is not None
+
+
+def new_refund_external_id() -> str:
+    """A compensating event's own `external_id`, minted once when its row is written."""
+    return f"refund_{uuid.uuid4().hex}"
+
+
+def enqueue_compensation(
+    session: Session,
+    *,
+    usage_event_id: int,
+    customer_id: str,
+    credits: int,
+    metadata: dict[str, Any],
+    default_name: str,
+    now: datetime,
+) -> tuple[int, str]:
+    """Write a compensating event for a usage: the usage's event name (`default_name` if its
+    row was pruned), `-credits`, timestamped `now`, pending like any row. Its id and
+    `external_id`."""
+    external_id = new_refund_external_id()
+    usage_name = select(EVENTS.c.name).where(EVENTS.c.id == usage_event_id).scalar_subquery()
+    event_id = session.execute(
+        insert(EVENTS)
+        .values(
+            external_id=external_id,
+            customer_id=customer_id,
+            name=func.coalesce(usage_name, default_name),
+            credits=-credits,
+            metadata=metadata,
+            occurred_at=now,
+            status=EventStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
+            refund_of=usage_event_id,
+        )
+        .returning(EVENTS.c.id)
+    ).scalar_one()
+    return int(event_id), external_id
+
+
 # The operator's side: status, listings, replay, reconcile's re-queue, pruning.
 
 UNDELIVERED = (EventStatus.PENDING, EventStatus.INFLIGHT, EventStatus.FAILED)
@@ -332,6 +428,8 @@ class OutboxStats:
     oldest_pending_seconds: float
     delivered_last_minute: int
     credits_undelivered: int
+    compensations_undelivered: int = 0
+    credits_refunded: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -339,13 +437,16 @@ class OutboxStats:
             "oldest_pending_seconds": self.oldest_pending_seconds,
             "delivered_last_minute": self.delivered_last_minute,
             "credits_undelivered": self.credits_undelivered,
+            "compensations_undelivered": self.compensations_undelivered,
+            "credits_refunded": self.credits_refunded,
         }
 
 
 def outbox_stats(session: Session, *, now: datetime | None = None) -> OutboxStats:
     """Counts by status, the age of the oldest undelivered (pending or inflight) event, the
-    deliveries of the last minute, and the credits committed but not yet accepted by Polar
-    (pending + inflight + failed: the money at risk)."""
+    deliveries of the last minute, the money at risk: usage credits committed but not yet
+    accepted by Polar (pending + inflight + failed) and credits given back whose compensating
+    events Polar has not accepted yet (Polar still bills them); and every credit refunded."""
     now = now or utcnow()
     counts = {status.value: 0 for status in EventStatus}
     for status, count in session.execute(
@@ -365,11 +466,14 @@ def outbox_stats(session: Session, *, now: datetime | None = None) -> OutboxStat
             OutboxEvent.delivered_at >= now - timedelta(minutes=1),
         )
     )
-    undelivered = session.scalar(
-        select(func.coalesce(func.sum(OutboxEvent.credits), 0)).where(
-            OutboxEvent.status.in_(UNDELIVERED)
-        )
-    )
+    is_usage = OutboxEvent.refund_of.is_(None)
+    undelivered, compensations = session.execute(
+        select(
+            func.coalesce(func.sum(case((is_usage, OutboxEvent.credits), else_=0)), 0),
+            func.coalesce(func.sum(case((is_usage, 0), else_=-OutboxEvent.credits)), 0),
+        ).where(OutboxEvent.status.in_(UNDELIVERED))
+    ).one()
+    refunded = session.scalar(select(func.coalesce(func.sum(_usage_refunds.c.refunded), 0)))
     return OutboxStats(
         counts=counts,
         oldest_pending_seconds=round(max(0.0, (now - oldest).total_seconds()), 3)
@@ -377,6 +481,8 @@ def outbox_stats(session: Session, *, now: datetime | None = None) -> OutboxStat
         else 0.0,
         delivered_last_minute=int(delivered_last_minute or 0),
         credits_undelivered=int(undelivered or 0),
+        compensations_undelivered=int(compensations or 0),
+        credits_refunded=int(refunded or 0),
     )
 
 
@@ -473,9 +579,11 @@ def recreate_pending(
     occurred_at: datetime,
     now: datetime,
     note: str,
+    metadata: dict[str, Any] | None = None,
+    refund_of: int | None = None,
 ) -> None:
     """A pruned row written again, pending, from its ledger entry (same id, same external_id;
-    the caller's metadata went with the row)."""
+    the caller's metadata went with the row: only ours is written again, `metadata`)."""
     session.add(
         OutboxEvent(
             id=event_id,
@@ -483,7 +591,9 @@ def recreate_pending(
             customer_id=customer_id,
             name=name,
             credits=credits,
-            event_metadata={},
+            refund_of=refund_of,
+            maybe_at_polar=True,  # it had been delivered
+            event_metadata=metadata or {},
             occurred_at=occurred_at,
             status=EventStatus.PENDING,
             attempts=0,

@@ -274,6 +274,7 @@ def append_ledger_entry(
     hold_id: int | None = None,
     reason: str | None = None,
     idempotency_key: str | None = None,
+    refund_of: int | None = None,
 ) -> int:
     """Append one ledger entry (the ledger is append-only, in the database too)."""
     entry_id = session.execute(
@@ -288,6 +289,7 @@ def append_ledger_entry(
             "hold_id": hold_id,
             "reason": reason,
             "idempotency_key": idempotency_key,
+            "refund_of": refund_of,
             "created_at": now,
         },
     ).scalar_one()
@@ -603,3 +605,53 @@ def revoke_credits(
         from_holds=from_holds,
         shortfall=shortfall,
     )
+
+
+def debit_credits(
+    session: Session,
+    customer_id: str,
+    credits: int,
+    reason: str,
+    idempotency_key: str | None = None,
+) -> GrantResult:
+    """An operator takes `credits` back from the customer's balance (a `debit` entry with the
+    reason), in the caller's transaction; never below zero: `InsufficientCredits` if the
+    balance does not cover them (nothing changes), `CustomerNotFound` for an unknown customer.
+    With an `idempotency_key` already used for this customer's debits, returns the first
+    result (`replayed=True`). Returns the debit entry id (as `grant_id`) and the balance."""
+    customer_id = check_customer_id(customer_id)
+    credits = check_credits(credits, maximum=MAX_GRANT_CREDITS)
+    clean_reason = check_text(reason, field="reason", max_length=MAX_REASON_LENGTH, required=True)
+    idempotency_key = check_idempotency_key(idempotency_key, field="idempotency_key")
+    now = utcnow()
+    if idempotency_key is not None:
+        if get_customer_for_update(session, customer_id) is None:
+            raise CustomerNotFound(customer_id=customer_id)
+        entry = _entry_by_key(session, customer_id, LedgerKind.DEBIT, idempotency_key, credits)
+        if entry is not None:
+            return GrantResult(grant_id=entry.id, balance=entry.balance_after, replayed=True)
+    balance = session.execute(
+        update(Customer)
+        .where(Customer.id == customer_id, Customer.balance >= credits)
+        .values(
+            balance=Customer.balance - credits,
+            granted=func.greatest(Customer.granted - credits, 0)
+            if _is_postgresql(session)
+            else func.max(Customer.granted - credits, 0),
+            updated_at=now,
+        )
+        .returning(Customer.balance)
+    ).scalar_one_or_none()
+    if balance is None:
+        raise refusal(session, customer_id, credits)
+    entry_id = append_ledger_entry(
+        session,
+        customer_id=customer_id,
+        kind=LedgerKind.DEBIT,
+        delta=-credits,
+        balance_after=int(balance),
+        now=now,
+        reason=clean_reason,
+        idempotency_key=idempotency_key,
+    )
+    return GrantResult(grant_id=entry_id, balance=int(balance))

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -103,10 +105,17 @@ class LedgerEntry(Base):
     __table_args__ = (
         CheckConstraint(_in("kind", LedgerKind), name="kind_known"),
         CheckConstraint(
-            "(kind IN ('grant', 'release', 'capture') AND delta > 0)"
-            " OR (kind IN ('usage', 'hold') AND delta < 0)"
+            "(kind IN ('grant', 'release', 'capture', 'refund') AND delta > 0)"
+            " OR (kind IN ('usage', 'hold', 'debit') AND delta < 0)"
             " OR (kind = 'revoke' AND delta <= 0)",
             name="delta_sign_matches_kind",
+        ),
+        # A refund points at the usage it refunds, and at its compensating event if it has
+        # one (none when the usage was cancelled before Polar could see it).
+        CheckConstraint("(kind = 'refund') = (refund_of IS NOT NULL)", name="refund_has_usage"),
+        CheckConstraint(
+            "kind <> 'refund' OR ((event_id IS NULL) = (external_id IS NULL))",
+            name="refund_event_complete",
         ),
         CheckConstraint("balance_after >= 0", name="balance_after_non_negative"),
         CheckConstraint(
@@ -114,6 +123,13 @@ class LedgerEntry(Base):
             name="usage_has_event",
         ),
         Index("ix_ledger_entries_customer_id_id", "customer_id", "id"),
+        # A usage (or a compensating event) found by its outbox id, even after `outbox prune`.
+        Index(
+            "ix_ledger_entries_event_id",
+            "event_id",
+            postgresql_where=text("event_id IS NOT NULL"),
+            sqlite_where=text("event_id IS NOT NULL"),
+        ),
         Index(
             "uq_ledger_entries_customer_kind_idempotency_key",
             "customer_id",
@@ -141,6 +157,8 @@ class LedgerEntry(Base):
     hold_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # A refund: the outbox id of the usage it gives credits back for.
+    refund_of: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 
@@ -150,7 +168,15 @@ class OutboxEvent(Base):
     __tablename__ = "outbox_events"
     __table_args__ = (
         CheckConstraint(_in("status", EventStatus), name="status_known"),
-        CheckConstraint("credits >= 1", name="credits_positive"),
+        # A usage bills credits >= 1; only a compensating event (which points at its usage)
+        # carries negative credits (docs/explanation/corrections.md).
+        CheckConstraint(
+            "(refund_of IS NULL AND credits >= 1) OR (refund_of IS NOT NULL AND credits <= -1)",
+            name="credits_sign_matches_kind",
+        ),
+        CheckConstraint(
+            "refund_of IS NULL OR status <> 'cancelled'", name="only_a_usage_is_cancelled"
+        ),
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
         CheckConstraint(
             "(status = 'inflight') = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)",
@@ -210,6 +236,31 @@ class OutboxEvent(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_replay_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # A compensating event: the outbox id of the usage it corrects (NULL for a usage). Not a
+    # foreign key: `outbox prune` deletes delivered usages.
+    refund_of: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Set once a send of the row ended without Polar refusing it (accepted, or an unknown
+    # outcome: a timeout, a 5xx, a lost worker, attempts exhausted); never cleared. Until then
+    # Polar cannot hold the row, and a whole refund may cancel it (outbox.events).
+    maybe_at_polar: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
+
+
+class UsageRefund(Base):
+    """How much of one usage was refunded: one row per refunded usage, kept within the
+    usage's credits by the database (the guard of `outbox.refunds.refund_usage`)."""
+
+    __tablename__ = "usage_refunds"
+    __table_args__ = (
+        CheckConstraint("credits >= 1", name="credits_positive"),
+        CheckConstraint("refunded >= 1 AND refunded <= credits", name="refunded_within_usage"),
+    )
+
+    event_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    customer_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    credits: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    refunded: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 
 class IdempotencyRecord(Base):

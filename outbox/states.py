@@ -8,6 +8,9 @@ class EventStatus(StrEnum):
     INFLIGHT = "inflight"
     DELIVERED = "delivered"
     FAILED = "failed"
+    # A usage refunded whole before any claim (docs/explanation/corrections.md): terminal,
+    # never claimed, replayed nor reconciled; nothing of it reaches Polar.
+    CANCELLED = "cancelled"
 
 
 class LedgerKind(StrEnum):
@@ -17,6 +20,8 @@ class LedgerKind(StrEnum):
     CAPTURE = "capture"
     RELEASE = "release"
     REVOKE = "revoke"
+    REFUND = "refund"  # credits of a usage given back (`outbox.refunds.refund_usage`)
+    DEBIT = "debit"  # an operator takes credits back (`outbox.refunds.debit_credits`)
 
 
 class HoldStatus(StrEnum):

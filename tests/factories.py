@@ -56,3 +56,15 @@ def wait_for_a_lock_wait(engine: Engine, timeout: float = 20.0) -> None:
                 return
             time.sleep(0.02)
     raise AssertionError("the second request never waited for the first one's lock")
+
+
+def ledger_net_usage(engine: Engine) -> dict[str, int]:
+    """Credits billed per customer according to the ledger, refunds deducted (usage - refunds):
+    what Polar's meter must sum once every event and compensating event is delivered."""
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(LedgerEntry.customer_id, -func.sum(LedgerEntry.delta))
+            .where(LedgerEntry.kind.in_(["usage", "refund"]))
+            .group_by(LedgerEntry.customer_id)
+        )
+        return {customer: int(total) for customer, total in rows}

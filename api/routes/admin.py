@@ -86,6 +86,7 @@ def get_events(
                 last_replay_id=row.last_replay_id,
                 created_at=row.created_at,
                 delivered_at=row.delivered_at,
+                refund_of=row.refund_of,
             )
             for row in rows
         ],

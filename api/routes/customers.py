@@ -16,6 +16,8 @@ from api.schemas import (
     CreditsOut,
     Cursor,
     CustomerIdPath,
+    DebitIn,
+    DebitOut,
     ErrorOut,
     GrantIn,
     GrantOut,
@@ -25,9 +27,14 @@ from api.schemas import (
 )
 from outbox.events import list_events
 from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
-from outbox.ledger import get_credits, grant_credits
+from outbox.ledger import debit_credits, get_credits, grant_credits
 from outbox.models import OutboxEvent
-from outbox.validation import check_customer_id, check_idempotency_key
+from outbox.validation import (
+    MAX_REASON_LENGTH,
+    check_customer_id,
+    check_idempotency_key,
+    check_text,
+)
 
 router = APIRouter(prefix="/v1/customers", tags=["customers"])
 
@@ -85,6 +92,7 @@ def usage_event_out(event: OutboxEvent) -> UsageEventOut:
         last_error=event.last_error,
         created_at=event.created_at,
         delivered_at=event.delivered_at,
+        refund_of=event.refund_of,
     )
 
 
@@ -138,6 +146,48 @@ def post_grant(
         key=key,
         fingerprint=request_fingerprint(
             "POST", f"/v1/customers/{customer_id}/grants", body.model_dump(mode="json")
+        ),
+        action=action,
+        error_response=response_for,
+    )
+    return JSONResponse(response.body, status_code=response.status_code)
+
+
+@router.post(
+    "/{customer_id:customer}/debits",
+    status_code=201,
+    response_model=DebitOut,
+    responses={
+        **ERROR_RESPONSES,
+        402: {"model": ErrorOut, "description": "insufficient_credits: never below zero"},
+        404: {"model": ErrorOut, "description": "customer_not_found"},
+        409: {"model": ErrorOut, "description": "idempotency_key_reused"},
+    },
+)
+def post_debit(
+    customer_id: CustomerId,
+    body: DebitIn,
+    request: Request,
+    session: SessionDep,
+    token: AdminToken,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Admin: take credits back from a customer's balance, with a reason; refused (402) if the
+    balance does not cover them (docs/explanation/corrections.md)."""
+    check_customer_id(customer_id)
+    check_text(body.reason, field="reason", max_length=MAX_REASON_LENGTH, required=True)
+    key = check_idempotency_key(idempotency_key)
+
+    def action() -> StoredResponse:
+        result = debit_credits(session, customer_id, body.credits, body.reason)
+        return StoredResponse(201, {"debit_id": result.grant_id, "balance": result.balance})
+
+    response = run_idempotent(
+        session,
+        token_id=token.id,
+        key=key,
+        fingerprint=request_fingerprint(
+            "POST", f"/v1/customers/{customer_id}/debits", body.model_dump(mode="json")
         ),
         action=action,
         error_response=response_for,

@@ -87,7 +87,9 @@ class BatchReport:
 
 def to_polar_event(event: ClaimedEvent, settings: Settings) -> dict[str, object]:
     """The Polar event for a claimed row: name, external ids, timestamp, metadata
-    (docs/glossary.md, "usage event")."""
+    (docs/glossary.md, "usage event"). A compensating event goes as written: its negative
+    credits, its own external_id, the usage's external_id under `refund_of` in its metadata
+    (docs/explanation/corrections.md)."""
     return build_event(
         name=event.name,
         customer_id=event.customer_id,

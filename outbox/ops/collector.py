@@ -61,9 +61,20 @@ class OutboxCollector(Collector):
         )
         yield GaugeMetricFamily(
             "outbox_credits_undelivered",
-            "Credits committed but not yet accepted by Polar (pending+inflight+failed): "
+            "Usage credits committed but not yet accepted by Polar (pending+inflight+failed): "
             "money at risk.",
             value=stats.credits_undelivered,
+        )
+        yield GaugeMetricFamily(
+            "outbox_compensations_undelivered",
+            "Credits refunded whose compensating events Polar has not accepted yet "
+            "(pending+inflight+failed): Polar still bills them.",
+            value=stats.compensations_undelivered,
+        )
+        yield GaugeMetricFamily(
+            "outbox_credits_refunded",
+            "Credits given back by refunds, in all.",
+            value=stats.credits_refunded,
         )
         yield GaugeMetricFamily(
             "outbox_delivered_last_minute",

@@ -8,6 +8,11 @@
 2. Narrowing. A differing day is re-read per hour; a differing hour of a group is bisected by
    customers: one request for one half, the other half is the parent minus it. A difference
    costs about log2(customers per group) requests.
+Refunds (docs/explanation/corrections.md) count net: a compensating event is one more event,
+with negative credits in the bucket of its own timestamp, matched by its own identity; a usage
+cancelled before Polar could hold it counts for nothing (neither expected nor missing), and its
+refund has no event.
+
 3. Events, only in a narrowed (customer, hour). Polar's events are listed and matched by
    identity: `metadata.usage_external_id` (our `external_id`, globally unique) with the
    customer; events delivered before that key existed (without it, or with a caller's own
@@ -38,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from outbox import events
@@ -46,6 +51,7 @@ from outbox.errors import PolarUnavailable, ReconcileDeadline
 from outbox.models import Customer, LedgerEntry, OutboxEvent, utcnow
 from outbox.polar.gateway import USAGE_KEY_FIELD, Outcome, build_event, describe_failure
 from outbox.polar.meters import find_meter
+from outbox.refunds import REFUND_OF_KEY
 from outbox.settings import Settings
 from outbox.states import EventStatus, LedgerKind
 from outbox.validation import check_customer_id
@@ -181,6 +187,8 @@ def _number(value: float) -> int | float:
 
 @dataclass(frozen=True)
 class _Usage:
+    """A usage, or a compensating event (negative credits, `refund_of` its usage's id)."""
+
     event_id: int
     customer_id: str
     credits: int
@@ -188,6 +196,7 @@ class _Usage:
     occurred_at: datetime
     status: str | None  # None: the outbox row was pruned (it had been delivered)
     metadata: dict[str, Any]
+    refund_of: int | None = None
 
 
 def _floor(moment: datetime, interval: str) -> datetime:
@@ -204,6 +213,9 @@ def _step(interval: str) -> timedelta:
 def _ledger_usage(
     session: Session, customer_id: str | None, since: datetime, until: datetime
 ) -> list[_Usage]:
+    """The window's usages and compensating events (a refund's entry with an event), as
+    Polar should hold them: credits = -delta, so a compensation's are negative. Cancelled
+    usages are left out: nothing of them may reach Polar."""
     query = (
         select(
             LedgerEntry.event_id,
@@ -211,14 +223,19 @@ def _ledger_usage(
             LedgerEntry.delta,
             LedgerEntry.external_id,
             LedgerEntry.created_at,
+            LedgerEntry.refund_of,
             OutboxEvent.status,
             OutboxEvent.event_metadata,
         )
         .outerjoin(OutboxEvent, OutboxEvent.id == LedgerEntry.event_id)
         .where(
-            LedgerEntry.kind == LedgerKind.USAGE,
+            or_(
+                LedgerEntry.kind == LedgerKind.USAGE,
+                and_(LedgerEntry.kind == LedgerKind.REFUND, LedgerEntry.event_id.is_not(None)),
+            ),
             LedgerEntry.created_at >= since,
             LedgerEntry.created_at < until,
+            or_(OutboxEvent.status.is_(None), OutboxEvent.status != EventStatus.CANCELLED),
         )
         .order_by(LedgerEntry.id)
     )
@@ -234,6 +251,7 @@ def _ledger_usage(
             occurred_at=row.created_at,
             status=row.status,
             metadata=dict(row.event_metadata or {}),
+            refund_of=row.refund_of,
         )
         for row in session.execute(query)
     ]
@@ -784,6 +802,9 @@ def _requeue(
     recreated = []
     for usage in missing:
         if usage.status is None and usage.external_id:
+            metadata = {}
+            if usage.refund_of is not None:  # a compensation names its usage again
+                metadata[REFUND_OF_KEY] = _usage_external_id(session, usage.refund_of)
             events.recreate_pending(
                 session,
                 event_id=usage.event_id,
@@ -794,7 +815,19 @@ def _requeue(
                 occurred_at=usage.occurred_at,
                 now=now,
                 note=RECREATED_NOTE,
+                metadata=metadata,
+                refund_of=usage.refund_of,
             )
             recreated.append(usage.event_id)
     session.flush()
     return existing, recreated
+
+
+def _usage_external_id(session: Session, event_id: int) -> str:
+    """A usage's `external_id`, from its ledger entry (kept when its row is pruned)."""
+    external_id = session.scalar(
+        select(LedgerEntry.external_id).where(
+            LedgerEntry.event_id == event_id, LedgerEntry.kind == LedgerKind.USAGE
+        )
+    )
+    return str(external_id or "")

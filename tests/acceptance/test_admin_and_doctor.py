@@ -54,13 +54,21 @@ def test_admin_stats_events_and_replay(
         assert client.get(path, headers=bearer(tokens["usage"])).status_code == 403
         assert client.get(path).status_code == 401
     stats = client.get("/v1/admin/outbox/stats", headers=bearer(tokens["admin"])).json()
-    assert stats["counts"] == {"pending": 2, "inflight": 0, "delivered": 0, "failed": 2}
+    assert stats["counts"] == {
+        "pending": 2,
+        "inflight": 0,
+        "delivered": 0,
+        "failed": 2,
+        "cancelled": 0,
+    }
     assert stats["credits_undelivered"] == 8
     assert set(stats) == {
         "counts",
         "oldest_pending_seconds",
         "delivered_last_minute",
         "credits_undelivered",
+        "compensations_undelivered",
+        "credits_refunded",
     }
 
     failed = client.get(

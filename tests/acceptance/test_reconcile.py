@@ -574,3 +574,58 @@ def test_a_failed_event_is_sent_to_replay_not_to_fix(
     assert result.exit_code == 1, result.output
     assert "outbox replay" in result.stdout and f"[{failed_id}]" in result.stdout
     assert "--fix to re-queue" not in result.stdout
+
+
+def test_refunds_reconcile_net_and_a_lost_compensation_is_found_and_billed_once(
+    env: None,
+    clean_tables: Engine,
+    pg_url: str,
+    emulator: polar_emulator.RunningEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Compensating events are matched by identity like any event, totals are net (usage -
+    refunds), a cancelled usage is not missing; a compensation Polar lost is re-queued (or
+    re-created, pruned) with the same external_id and billed once."""
+    from outbox.refunds import REFUND_OF_KEY, refund_usage
+
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=100)
+        whole = record_usage(session, customer, 7)
+        partial = record_usage(session, customer, 5)
+        cancelled = record_usage(session, customer, 4)
+        part = refund_usage(session, partial.event_id, 2, reason="partial")
+        assert refund_usage(session, cancelled.event_id, reason="r").action == "cancelled"
+    deliver_all(pg_url, clean_tables)
+    with session_scope(clean_tables) as session:
+        late = refund_usage(session, whole.event_id, reason="after delivery")
+    deliver_all(pg_url, clean_tables)
+    assert emulator.state.totals() == {customer: 3}
+
+    code, report = reconcile(monkeypatch, pg_url)
+    assert code == 0, report
+    assert report["totals"]["ledger_credits"] == report["totals"]["polar_credits"] == 3
+    assert report["totals"]["missing"] == report["totals"]["in_flight"] == 0
+
+    assert late.compensation_external_id is not None
+    assert emulator.state.delete(late.compensation_external_id)  # Polar lost it
+    code, report = reconcile(monkeypatch, pg_url, "--fix")
+    assert code == 1 and report["requeued"] == [late.compensation_event_id], report
+    deliver_all(pg_url, clean_tables)
+    assert emulator.state.totals() == {customer: 3}
+    assert reconcile(monkeypatch, pg_url)[0] == 0
+
+    # A pruned compensation that Polar lost is written again from the ledger.
+    assert part.compensation_event_id is not None and part.compensation_external_id is not None
+    with session_scope(clean_tables) as session:
+        session.execute(delete(OutboxEvent).where(OutboxEvent.id == part.compensation_event_id))
+    assert emulator.state.delete(part.compensation_external_id)
+    assert emulator.state.totals() == {customer: 5}
+    code, report = reconcile(monkeypatch, pg_url, "--fix")
+    assert code == 1 and report["recreated"] == [part.compensation_event_id], report
+    with session_scope(clean_tables) as session:
+        row = session.get(OutboxEvent, part.compensation_event_id)
+        assert row is not None and (row.credits, row.refund_of) == (-2, partial.event_id)
+        assert row.event_metadata == {REFUND_OF_KEY: partial.external_id}
+    deliver_all(pg_url, clean_tables)
+    assert emulator.state.totals() == {customer: 3}
+    assert reconcile(monkeypatch, pg_url)[0] == 0

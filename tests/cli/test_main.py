@@ -43,6 +43,8 @@ def test_every_command_has_help() -> None:
         ["db", "upgrade"],
         ["token", "create"],
         ["grant"],
+        ["refund"],
+        ["debit"],
         ["serve"],
         ["worker"],
         ["dev"],
@@ -58,6 +60,43 @@ def test_every_command_has_help() -> None:
         code, out, _ = run(*command, "--help")
         assert code == 0, command
         assert "Usage" in out, command
+
+
+def test_grant_with_a_key_refund_and_debit(cli_db: Engine) -> None:
+    for _ in range(2):  # a retried grant with the same key grants once
+        code, out, _ = run("grant", "bob", "10", "--reason", "r", "--idempotency-key", "g1")
+        assert code == 0, out
+    code, out, _ = run("grant", "bob", "10", "--reason", "r", "--idempotency-key", "g1", "--json")
+    assert code == 0 and json.loads(out) == {"grant_id": 1, "balance": 10, "replayed": True}
+    with session_scope(cli_db) as session:
+        usage = record_usage(session, "bob", 4)
+
+    code, out, _ = run("refund", str(usage.event_id), "--credits", "1", "--reason", "goodwill")
+    assert code == 0 and "compensating event" in out, out
+    code, out, _ = run("refund", str(usage.event_id), "--reason", "the rest", "--json")
+    body = json.loads(out)
+    assert code == 0 and (body["credits"], body["balance"], body["action"]) == (
+        3,
+        10,
+        "compensated",
+    )
+    code, _, err = run("refund", str(usage.event_id), "--reason", "again")
+    assert code == 2 and "already refunded" in err
+    code, _, err = run("refund", str(body["compensation_event_id"]), "--reason", "r")
+    assert code == 2 and "only a usage can be refunded" in err
+    code, _, err = run("refund", "999999", "--reason", "r")
+    assert code == 2 and "no such usage event" in err
+    code, _, err = run("refund", str(usage.event_id))
+    assert code == 2 and "--reason" in err
+
+    code, out, _ = run("debit", "bob", "3", "--reason", "duplicate grant", "--json")
+    assert code == 0 and json.loads(out)["balance"] == 7
+    code, _, err = run("debit", "bob", "8", "--reason", "too much")
+    assert code == 2 and "enough credits" in err
+    code, _, err = run("debit", "bob", "1", "--reason", "")
+    assert code == 2 and "reason" in err
+    code, out, _ = run("status", "--json")
+    assert json.loads(out)["credits_refunded"] == 4
 
 
 def test_grant_status_failed_replay_round_trip(cli_db: Engine) -> None:

@@ -406,6 +406,97 @@ def test_meter_quantities_sum_per_hour_and_per_customer(target: Target) -> None:
     pin("meter_quantities", {"everyone": everyone, "alice": alice, "both": both}, target)
 
 
+# -- corrections: negative events (docs/explanation/corrections.md) --------------------------
+
+
+def test_negative_events_are_accepted_deduplicated_and_summed(target: Target) -> None:
+    """A compensating event: credits_used < 0 is accepted, deduplicated by external_id like
+    any event, and the meter's quantities sum it (not clamped: a customer whose only event is
+    negative sums below zero)."""
+    start = window(target)
+    usage = event(target, 1) | {"metadata": {"credits_used": 5, "usage_id": "1"}}
+    compensation = event(
+        target,
+        2,
+        timestamp=(start + timedelta(minutes=70)).isoformat(),
+        metadata={"credits_used": -2, "usage_id": "2", "refund_of": usage["external_id"]},
+    )
+    only_negative = event(
+        target,
+        3,
+        external_customer_id=f"{target.run}-bob",
+        metadata={"credits_used": -3, "usage_id": "3", "refund_of": f"{target.run}-0"},
+    )
+    first = ingest(target, [usage, compensation, only_negative])
+    again = ingest(target, [compensation])
+    assert first["body"] == {"inserted": 3, "duplicates": 0}
+    assert again["body"] == {"inserted": 0, "duplicates": 1}
+    end = start + timedelta(hours=1, minutes=59)
+    alice = quantities(target, start, end, external_customer_id=f"{target.run}-alice")
+    if alice is None:
+        pytest.xfail(NO_QUANTITIES)
+    bob = quantities(target, start, end, external_customer_id=f"{target.run}-bob")
+    both = quantities(
+        target, start, end, external_customer_id=[f"{target.run}-alice", f"{target.run}-bob"]
+    )
+    assert (alice["total"], bob["total"], both["total"]) == (3, -3, 0)
+    pin("ingest_negative", {"first": first, "again": again}, target)
+    pin("meter_quantities_negative", {"alice": alice, "bob": bob, "both": both}, target)
+
+
+def test_the_outbox_delivers_refunds_and_the_meter_sums_the_ledgers_net(
+    target: Target, clean_tables: Engine, pg_url: str
+) -> None:
+    """A usage, a partial refund, a whole refund of another usage after its delivery (a
+    compensating event) and one before it (cancelled, never sent): the meter's quantities per
+    customer equal the ledger's usage minus refunds."""
+    from outbox.refunds import refund_usage
+    from tests.factories import ledger_net_usage
+
+    alice, bob = f"{target.run}-alice", f"{target.run}-bob"
+    settings = load_settings(
+        database_url=pg_url,
+        polar_access_token=target.token,
+        polar_base_url=target.url,
+        polar_timeout_seconds=30,
+        outbox_clock_margin_seconds=1,
+    )
+    gateway = PolarGateway(settings, budget=LocalRateBudget(10_000))
+    deliverer = Deliverer(sessionmaker(bind=clean_tables), gateway, settings, worker_id="ct")
+
+    def deliver() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            drain(deliverer, max_seconds=5, max_sleep=1.0)
+            with session_scope(clean_tables) as session:
+                statuses = set(session.scalars(select(OutboxEvent.status)))
+            if statuses <= {"delivered", "cancelled"}:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"not delivered in time: {statuses}")
+
+    started = datetime.now(UTC)
+    with session_scope(clean_tables) as session:
+        make_customer(session, credits=100, customer_id=alice)
+        make_customer(session, credits=100, customer_id=bob)
+        partial = record_usage(session, alice, 5)
+        whole = record_usage(session, bob, 4)
+        never_sent = record_usage(session, bob, 3)
+        assert refund_usage(session, partial.event_id, 2, reason="ct").action == "compensated"
+        assert refund_usage(session, never_sent.event_id, reason="ct").action == "cancelled"
+    deliver()
+    with session_scope(clean_tables) as session:
+        assert refund_usage(session, whole.event_id, reason="ct").action == "compensated"
+    deliver()
+    gateway.close()
+    end = datetime.now(UTC) + timedelta(minutes=1)
+    net = ledger_net_usage(clean_tables)
+    assert net == {alice: 3, bob: 0}
+    start = started - timedelta(minutes=1)
+    assert billed(target, start, end, alice) == 3 == net[alice]
+    assert billed(target, start, end, bob) == 0 == net[bob]
+
+
 # -- reading events back ---------------------------------------------------------------------
 
 

@@ -247,3 +247,79 @@ def test_sqlite_event_ids_pruned_before_the_upgrade_are_not_given_again(tmp_path
     assert "AUTOINCREMENT" in table and "ck_outbox_events_lease_iff_inflight" in table
     engine.dispose()
     fresh.dispose()
+
+
+BEFORE_REFUNDS = "8b2f4d6a1c3e"
+
+
+def test_rows_that_may_be_at_polar_before_the_refunds_revision_are_never_cancelled(
+    empty_url: str,
+) -> None:
+    """Rows written before the refunds revision: those a send may have put at Polar (retried,
+    leased, delivered, replayed) are marked, so a refund compensates them; the ledger's append
+    only guard survives SQLite's table copy."""
+    upgrade(empty_url, BEFORE_REFUNDS)
+    engine = sa.create_engine(empty_url, poolclass=sa.pool.NullPool)
+    when = "2026-12-01 00:00:00+00:00"
+    rows = {  # external_id: (status, attempts, lease, delivered_at, last_replay_id)
+        "never_sent": ("pending", 0, None, None, None),
+        "retried": ("pending", 2, None, None, None),
+        "leased": ("inflight", 0, when, None, None),
+        "delivered": ("delivered", 0, None, when, None),
+        "replayed": ("pending", 0, None, None, 7),
+        "refused": ("failed", 1, None, None, None),
+    }
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO customers (id, balance, held, granted, used, created_at, updated_at)"
+                " VALUES ('c1', 0, 0, 0, 0, :when, :when)"
+            ),
+            {"when": when},
+        )
+        for n, (external_id, (status, attempts, lease, delivered, replay)) in enumerate(
+            rows.items(), 1
+        ):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO outbox_events (id, external_id, customer_id, name, credits,"
+                    " metadata, occurred_at, status, attempts, next_attempt_at, lease_owner,"
+                    " lease_expires_at, created_at, updated_at, delivered_at, last_replay_id)"
+                    " VALUES (:id, :external_id, 'c1', 'ai_generation', 1, '{}', :when, :status,"
+                    " :attempts, :when, :owner, :lease, :when, :when, :delivered, :replay)"
+                ),
+                {
+                    "id": n,
+                    "external_id": external_id,
+                    "when": when,
+                    "status": status,
+                    "attempts": attempts,
+                    "owner": "w" if lease else None,
+                    "lease": lease,
+                    "delivered": delivered,
+                    "replay": replay,
+                },
+            )
+    upgrade(empty_url)
+    with engine.begin() as conn:
+        marked = dict(
+            conn.execute(sa.text("SELECT external_id, maybe_at_polar FROM outbox_events")).all()
+        )
+    assert {k: bool(v) for k, v in marked.items()} == {
+        "never_sent": False,
+        "retried": True,
+        "leased": True,
+        "delivered": True,
+        "replayed": True,
+        "refused": True,  # attempts spent: a 422 or exhausted retries, unknown here
+    }
+    with pytest.raises(sa.exc.DBAPIError, match="append-only"), engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO ledger_entries (customer_id, kind, delta, balance_after, created_at)"
+                " VALUES ('c1', 'grant', 1, 1, :when)"
+            ),
+            {"when": when},
+        )
+        conn.execute(sa.text("DELETE FROM ledger_entries"))
+    engine.dispose()

@@ -138,8 +138,77 @@ def test_duplicate_external_id_is_refused(conn: Connection) -> None:
 
 @pytest.mark.parametrize("credits", [0, -1])
 def test_outbox_credits_below_one_are_refused(conn: Connection, credits: int) -> None:
-    with pytest.raises(IntegrityError, match="ck_outbox_events_credits_positive"):
+    with pytest.raises(IntegrityError, match="ck_outbox_events_credits_sign_matches_kind"):
         insert_event(conn, credits=credits)
+
+
+def test_only_a_compensating_event_pointing_at_its_usage_carries_negative_credits(
+    conn: Connection,
+) -> None:
+    insert_event(conn, external_id="usage_1", credits=3)
+    insert_event(conn, external_id="refund_1", credits=-2, refund_of=1)  # valid
+    for values in (
+        {"credits": 0, "refund_of": 1},  # a compensation gives back at least one credit
+        {"credits": 2, "refund_of": 1},  # ... never adds credits
+        {"credits": -2, "refund_of": None},  # negative credits without a usage
+    ):
+        with pytest.raises(IntegrityError, match="ck_outbox_events_credits_sign_matches_kind"):
+            insert_event(conn, external_id="refund_x", **values)
+    assert count(conn, "outbox_events") == 2
+
+
+def test_a_usage_may_be_cancelled_but_a_compensating_event_may_not(conn: Connection) -> None:
+    insert_event(conn, external_id="usage_1", status="cancelled")  # valid
+    with pytest.raises(IntegrityError, match="ck_outbox_events_only_a_usage_is_cancelled"):
+        insert_event(conn, external_id="refund_1", credits=-1, refund_of=1, status="cancelled")
+
+
+def test_refund_and_debit_entries_are_checked(conn: Connection) -> None:
+    insert_customer(conn)
+    insert_entry(conn)  # the usage
+    insert_entry(conn, kind="refund", delta=1, balance_after=10, refund_of=1)  # cancelled
+    insert_entry(
+        conn,
+        kind="refund",
+        delta=1,
+        balance_after=10,
+        refund_of=1,
+        event_id=2,
+        external_id="refund_1",
+    )  # compensated
+    insert_entry(conn, kind="debit", delta=-1, balance_after=9, event_id=None, external_id=None)
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"kind": "refund", "delta": -1, "refund_of": 1}, "delta_sign_matches_kind"),
+        ({"kind": "refund", "delta": 1, "refund_of": None}, "refund_has_usage"),
+        ({"kind": "usage", "delta": -1, "refund_of": 1}, "refund_has_usage"),
+        ({"kind": "refund", "delta": 1, "refund_of": 1, "external_id": None}, "event_complete"),
+        ({"kind": "debit", "delta": 1}, "delta_sign_matches_kind"),
+    ]
+    for values, constraint in bad:
+        with pytest.raises(IntegrityError, match=constraint):
+            insert_entry(conn, **values)
+    assert count(conn, "ledger_entries") == 4
+
+
+def test_a_usage_is_never_refunded_beyond_its_credits(conn: Connection) -> None:
+    """The database's own guard of refund_usage: with no Python check and no WHERE clause,
+    refunded can reach the usage's credits and never pass them."""
+    attempt(
+        conn,
+        "INSERT INTO usage_refunds (event_id, customer_id, credits, refunded, created_at,"
+        " updated_at) VALUES (1, 'c1', 3, 1, :when, :when)",
+        when=WHEN,
+    )
+    attempt(conn, "UPDATE usage_refunds SET refunded = refunded + 2 WHERE event_id = 1")  # = 3
+    with pytest.raises(IntegrityError, match="ck_usage_refunds_refunded_within_usage"):
+        attempt(conn, "UPDATE usage_refunds SET refunded = refunded + 1 WHERE event_id = 1")
+    with pytest.raises(IntegrityError, match="ck_usage_refunds_refunded_within_usage"):
+        attempt(
+            conn,
+            "INSERT INTO usage_refunds (event_id, customer_id, credits, refunded, created_at,"
+            " updated_at) VALUES (2, 'c1', 3, 4, :when, :when)",
+            when=WHEN,
+        )
     assert count(conn, "outbox_events") == 0
 
 

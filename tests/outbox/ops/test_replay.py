@@ -40,7 +40,13 @@ def test_stats_count_statuses_lag_and_money_at_risk(db: Session) -> None:
     fail_events(db, [events[0]])
     deliver_events(db, [events[1]], utcnow())
     stats = outbox_stats(db, now=utcnow() + timedelta(seconds=30))
-    assert stats.counts == {"pending": 2, "inflight": 0, "delivered": 1, "failed": 1}
+    assert stats.counts == {
+        "pending": 2,
+        "inflight": 0,
+        "delivered": 1,
+        "failed": 1,
+        "cancelled": 0,
+    }
     assert stats.credits_undelivered == 1 + 3 + 4
     assert stats.delivered_last_minute == 1
     assert 29 <= stats.oldest_pending_seconds <= 60
