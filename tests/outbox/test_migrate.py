@@ -20,7 +20,6 @@ from outbox.migrate import alembic_config, upgrade
 from outbox.settings import load_settings
 from outbox.webhooks import receive_webhook
 from tests.conftest import TEST_DATABASE_URL, service_missing
-from tests.factories import make_customer
 from tests.polar_webhooks import CYCLE_1, CYCLE_2, credited, encode, revoked
 
 BEFORE_WEBHOOK_BODIES = "c499b4e2ea0e"
@@ -217,10 +216,37 @@ def test_sqlite_event_ids_pruned_before_the_upgrade_are_not_given_again(tmp_path
     url = f"sqlite:///{tmp_path}/dev.db"
     upgrade(url, BEFORE_AUTOINCREMENT)
     engine = make_engine(url)
-    with session_scope(engine) as session:
-        customer = make_customer(session, credits=10)
-        ids = [record_usage(session, customer, 1).event_id for _ in range(3)]
+    # Rows as that schema has them (today's models have columns it lacks): three usages.
+    customer, when = "cust_dev", "2026-12-01 00:00:00+00:00"
     with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO customers (id, balance, held, granted, used, created_at, updated_at)"
+                " VALUES (:c, 7, 0, 10, 3, :when, :when)"
+            ),
+            {"c": customer, "when": when},
+        )
+        ids = []
+        for n in range(3):
+            ids.append(
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO outbox_events (external_id, customer_id, name, credits,"
+                        " metadata, occurred_at, status, attempts, next_attempt_at, created_at,"
+                        " updated_at) VALUES (:x, :c, 'ai_generation', 1, '{}', :when,"
+                        " 'pending', 0, :when, :when, :when) RETURNING id"
+                    ),
+                    {"x": f"ext_{n}", "c": customer, "when": when},
+                ).scalar_one()
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO ledger_entries (customer_id, kind, delta, balance_after,"
+                    " event_id, external_id, created_at) VALUES (:c, 'usage', -1, :b, :e, :x,"
+                    " :when)"
+                ),
+                {"c": customer, "b": 9 - n, "e": ids[-1], "x": f"ext_{n}", "when": when},
+            )
         conn.exec_driver_sql(f"DELETE FROM outbox_events WHERE id >= {ids[1]}")  # pruned
     engine.dispose()
     upgrade(url)
@@ -249,7 +275,7 @@ def test_sqlite_event_ids_pruned_before_the_upgrade_are_not_given_again(tmp_path
     fresh.dispose()
 
 
-BEFORE_REFUNDS = "8b2f4d6a1c3e"
+BEFORE_REFUNDS = "3f6a9c2e7b15"
 
 
 def test_rows_that_may_be_at_polar_before_the_refunds_revision_are_never_cancelled(

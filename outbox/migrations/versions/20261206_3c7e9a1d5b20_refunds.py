@@ -68,8 +68,28 @@ def _create_sqlite_ledger_triggers() -> None:
             op.execute(statement)
 
 
+def _keep_sqlite_event_ids() -> None:
+    """SQLite copies outbox_events: its counter starts past every id ever used again (ids
+    must never be reused, revision 3f6a9c2e7b1d)."""
+    if not _sqlite():
+        return
+    op.execute(
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'outbox_events', 0 "
+        "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'outbox_events')"
+    )
+    op.execute(
+        "UPDATE sqlite_sequence SET seq = max(seq,"
+        " (SELECT coalesce(max(id), 0) FROM outbox_events),"
+        " (SELECT coalesce(max(event_id), 0) FROM ledger_entries),"
+        " (SELECT coalesce(max(event_id), 0) FROM holds))"
+        " WHERE name = 'outbox_events'"
+    )
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("outbox_events") as batch:
+    with op.batch_alter_table(
+        "outbox_events", table_kwargs={"sqlite_autoincrement": True}
+    ) as batch:
         batch.add_column(sa.Column("refund_of", sa.BigInteger(), nullable=True))
         batch.add_column(
             sa.Column("maybe_at_polar", sa.Boolean(), server_default=sa.false(), nullable=False)
@@ -113,6 +133,7 @@ def upgrade() -> None:
             "kind <> 'refund' OR ((event_id IS NULL) = (external_id IS NULL))",
         )
     _create_sqlite_ledger_triggers()
+    _keep_sqlite_event_ids()
     op.create_index(
         "ix_ledger_entries_event_id",
         "ledger_entries",
@@ -171,7 +192,9 @@ def downgrade() -> None:
         )
         batch.drop_column("refund_of")
     _create_sqlite_ledger_triggers()
-    with op.batch_alter_table("outbox_events") as batch:
+    with op.batch_alter_table(
+        "outbox_events", table_kwargs={"sqlite_autoincrement": True}
+    ) as batch:
         batch.drop_constraint(op.f("ck_outbox_events_only_a_usage_is_cancelled"), type_="check")
         batch.drop_constraint(op.f("ck_outbox_events_credits_sign_matches_kind"), type_="check")
         batch.create_check_constraint(op.f("ck_outbox_events_credits_positive"), "credits >= 1")
@@ -181,3 +204,4 @@ def downgrade() -> None:
         )
         batch.drop_column("maybe_at_polar")
         batch.drop_column("refund_of")
+    _keep_sqlite_event_ids()
