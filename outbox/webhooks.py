@@ -368,3 +368,15 @@ def revoke_cycle(session: Session, move: GrantCredit) -> str:
         session, row.customer_id, row.units, _reason(move), idempotency_key=_key(move, "revoke")
     )
     return f"revoked up to {row.units} credits of {row.customer_id}: balance {result.balance}"
+
+
+def list_received(
+    session: Session, *, before: int | None = None, limit: int = 50
+) -> list[WebhookEvent]:
+    """Received webhooks, newest first (older ones: `before` an id); bodies are not loaded."""
+    from sqlalchemy.orm import defer
+
+    query = select(WebhookEvent).options(defer(WebhookEvent.body)).order_by(WebhookEvent.id.desc())
+    if before is not None:
+        query = query.where(WebhookEvent.id < before)
+    return list(session.scalars(query.limit(limit)))

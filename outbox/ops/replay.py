@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outbox import events
+from outbox import audit, events
 from outbox.errors import EventNotFound, InvalidRequest, NotReplayable
 from outbox.models import Replay, utcnow
 from outbox.states import EventStatus
@@ -112,6 +112,18 @@ def replay(
     session.add(record)
     session.flush()
     events.requeue_if_failed(session, result.event_ids, replay_id=record.id, now=now)
+    audit.record(
+        session,
+        actor=actor,
+        action=audit.REPLAY,
+        reason=reason,
+        detail={
+            "replay_id": record.id,
+            "events": len(result.event_ids),
+            "credits": result.credits,
+            "event_ids": result.event_ids[:100],
+        },
+    )
     result.replay_id = record.id
     return result
 
