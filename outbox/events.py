@@ -20,7 +20,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Engine, Integer, Table, and_, case, delete, func, select, text, update
+from sqlalchemy import (
+    Engine,
+    Integer,
+    Table,
+    and_,
+    case,
+    delete,
+    func,
+    literal_column,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from outbox import attempts
@@ -748,15 +760,11 @@ class FailedGroup:
 
 def failed_groups(session: Session, *, limit: int = 100) -> list[FailedGroup]:
     """Failed rows grouped by their message, largest group first (at most `limit` groups)."""
+    message = func.coalesce(EVENTS.c.last_error, literal_column("''"))
     rows = session.execute(
-        select(
-            func.coalesce(EVENTS.c.last_error, ""),
-            func.count(),
-            func.sum(EVENTS.c.credits),
-            func.min(EVENTS.c.updated_at),
-        )
+        select(message, func.count(), func.sum(EVENTS.c.credits), func.min(EVENTS.c.updated_at))
         .where(EVENTS.c.status == EventStatus.FAILED)
-        .group_by(func.coalesce(EVENTS.c.last_error, ""))
+        .group_by(message)
         .order_by(func.count().desc(), func.min(EVENTS.c.updated_at))
         .limit(limit)
     ).all()
@@ -775,7 +783,7 @@ def failed_ids_with_message(session: Session, message: str, *, limit: int = 10_0
             select(EVENTS.c.id)
             .where(
                 EVENTS.c.status == EventStatus.FAILED,
-                func.coalesce(EVENTS.c.last_error, "") == message,
+                func.coalesce(EVENTS.c.last_error, literal_column("''")) == message,
             )
             .order_by(EVENTS.c.id)
             .limit(limit)
