@@ -305,11 +305,30 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 1,
+    console_only: Annotated[
+        bool,
+        typer.Option(
+            "--console-only",
+            help="Serve the operator console (/console) and /healthz only, not the API "
+            "(OUTBOX_CONSOLE=only): e.g. on an internal port.",
+        ),
+    ] = False,
+    no_console: Annotated[
+        bool,
+        typer.Option(
+            "--no-console", help="Serve the API without the console (OUTBOX_CONSOLE=off)."
+        ),
+    ] = False,
 ) -> None:
-    """Run the HTTP API (uvicorn). On SIGTERM, requests in flight get
-    OUTBOX_API_SHUTDOWN_GRACE_SECONDS to finish, then the process exits."""
+    """Run the HTTP API and the operator console at /console (uvicorn). On SIGTERM, requests
+    in flight get OUTBOX_API_SHUTDOWN_GRACE_SECONDS to finish, then the process exits."""
     import uvicorn
 
+    if console_only and no_console:
+        fail("give --console-only or --no-console, not both")
+    if console_only or no_console:
+        os.environ["OUTBOX_CONSOLE"] = "only" if console_only else "off"
+        get_settings.cache_clear()  # the app factory (and its worker processes) read it
     settings = settings_or_exit()
     from outbox.logs import configure_logging
 
@@ -719,12 +738,16 @@ def reconcile(
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     if start and end and start >= end:
         fail("--since must be before --until")
+    import time
+
     from outbox.ops.reconcile import reconcile as run
     from outbox.polar.gateway import PolarGateway
 
+    started = time.monotonic()
     with domain_errors():
         gateway = PolarGateway(settings, budget_share=settings.reconcile_budget_share)
         try:
+            # A spinner with the current step on a terminal (stderr); nothing in a pipe.
             with err.status("comparing meter totals with Polar...") as status:
                 report = with_session(
                     lambda s: run(
@@ -789,6 +812,14 @@ def reconcile(
                 "Polar cannot list)",
                 highlight=False,
             )
+        verdict = "DIFFERS" if report.differs else "matches"
+        out.print(
+            f"reconcile {verdict}: {len(report.customers)} customer(s) to look at, missing "
+            f"{totals['missing']}, unknown {totals['unknown']}, mismatched "
+            f"{totals['mismatched']}; {report.requests} Polar request(s) in "
+            f"{time.monotonic() - started:.1f} s",
+            highlight=False,
+        )
     raise typer.Exit(1 if report.differs else 0)
 
 
