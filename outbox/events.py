@@ -654,11 +654,15 @@ def prune_delivered(
 # The console's reads: each bounded, each on an index (docs/benchmarks.md, "Console").
 
 
+EXACT_COUNT_BELOW = 100_000
+
+
 def count_by_status(session: Session) -> tuple[dict[str, int], bool]:
     """Rows per status, and whether `delivered` is an estimate. Pending, inflight and failed
     are counted exactly (partial indexes); on PostgreSQL `delivered` is the table's estimated
-    size minus them (counting millions of delivered rows on every refresh is what makes
-    dashboards load their database), exact on SQLite."""
+    size (as of its last ANALYZE) minus them once the table holds EXACT_COUNT_BELOW rows or
+    more: counting millions of delivered rows on every refresh is what makes dashboards load
+    their database. Exact on SQLite and for smaller tables (a fresh table has no estimate)."""
     counts = {status.value: 0 for status in EventStatus}
     undelivered = [EventStatus.PENDING, EventStatus.INFLIGHT, EventStatus.FAILED]
     for status in undelivered:
@@ -668,7 +672,12 @@ def count_by_status(session: Session) -> tuple[dict[str, int], bool]:
             )
             or 0
         )
-    if session.get_bind().dialect.name != "postgresql":
+    estimate = None
+    if session.get_bind().dialect.name == "postgresql":
+        estimate = session.scalar(
+            text("SELECT reltuples::bigint FROM pg_class WHERE oid = 'outbox_events'::regclass")
+        )
+    if estimate is None or estimate < EXACT_COUNT_BELOW:
         counts[EventStatus.DELIVERED] = int(
             session.scalar(
                 select(func.count())
@@ -678,9 +687,6 @@ def count_by_status(session: Session) -> tuple[dict[str, int], bool]:
             or 0
         )
         return counts, False
-    estimate = session.scalar(
-        text("SELECT reltuples::bigint FROM pg_class WHERE oid = 'outbox_events'::regclass")
-    )
     others = sum(counts[s] for s in undelivered)
     counts[EventStatus.DELIVERED] = max(0, int(estimate or 0) - others)
     return counts, True

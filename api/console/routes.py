@@ -251,7 +251,7 @@ def customer_page(
     cursor: str | None = None,
 ) -> Response:
     decode_cursor(cursor)
-    detail = inspect.customer_detail(session, customer_id, ledger_cursor=cursor)
+    detail = inspect.customer_detail(session, customer_id, ledger_cursor=cursor, limit=20)
     return page(request, "customer.html", operator, d=detail)
 
 
