@@ -654,7 +654,7 @@ def prune_delivered(
 # The console's reads: each bounded, each on an index (docs/benchmarks.md, "Console").
 
 
-EXACT_COUNT_BELOW = 100_000
+EXACT_COUNT_BELOW = 10_000
 
 
 def count_by_status(session: Session) -> tuple[dict[str, int], bool]:
