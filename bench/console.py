@@ -69,7 +69,7 @@ def seed(url: str, delivered: int, failed: int, customers: int) -> None:
             "   ELSE now() - interval '1 second' * (i %% 60) END AS at,"
             " CASE WHEN i <= %(delivered)s THEN 'delivered'"
             "   WHEN i <= %(delivered)s + %(failed)s THEN 'failed' ELSE 'pending' END AS status"
-            " FROM generate_series(1, %(total)s) i) u"
+            " FROM generate_series(1, %(total)s::bigint) i) u"
         )
         params = {
             "customers": customers,

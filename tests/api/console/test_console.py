@@ -187,3 +187,49 @@ def status_of(engine: Engine, event_id: int) -> str:
         row = session.get(OutboxEvent, event_id)
         assert row is not None
         return row.status
+
+
+def test_the_console_works_on_sqlite_as_outbox_dev_serves_it(sqlite_engine: Engine) -> None:
+    from api.app import create_app
+    from outbox.settings import load_settings
+
+    url = str(sqlite_engine.url)
+    app = create_app(load_settings(database_url=url), engine=sqlite_engine)
+    [event_id] = make_failed(sqlite_engine, customer="cust_lite", message="422: on sqlite")
+    token, _ = make_token(sqlite_engine, "admin")
+    with TestClient(app) as client:
+        sign_in(client, token)
+        for path in [*PAGES, f"/console/events/{event_id}", "/console/customers/cust_lite"]:
+            answer = client.get(path)
+            assert answer.status_code == 200, (path, answer.text[:300])
+        assert "422: on sqlite" in client.get("/console/failed").text
+        preview = client.get(f"/console/replay/preview?event_id={event_id}")
+        done = client.post(
+            "/console/replay",
+            data={
+                "csrf": csrf_of(preview.text),
+                "event_id": str(event_id),
+                "reason": "fixed",
+                "confirm": "yes",
+            },
+            follow_redirects=False,
+        )
+        assert done.status_code == 303
+    assert status_of(sqlite_engine, event_id) == "pending"
+
+
+def test_the_console_can_be_switched_off_or_served_alone(clean_tables: Engine, pg_url: str) -> None:
+    from api.app import create_app
+    from outbox.settings import load_settings
+
+    off = create_app(load_settings(database_url=pg_url, outbox_console="off"), engine=clean_tables)
+    only = create_app(
+        load_settings(database_url=pg_url, outbox_console="only"), engine=clean_tables
+    )
+    with TestClient(off) as client:
+        assert client.get("/console/login").status_code == 404
+        assert client.get("/v1/admin/outbox/stats").status_code == 401  # the API is there
+    with TestClient(only) as client:
+        assert client.get("/console/login").status_code == 200
+        assert client.get("/v1/admin/outbox/stats").status_code == 404  # the API is not
+        assert client.get("/healthz").status_code == 200
