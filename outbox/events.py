@@ -28,7 +28,9 @@ from sqlalchemy import (
     case,
     delete,
     func,
+    literal,
     literal_column,
+    or_,
     select,
     text,
     update,
@@ -207,8 +209,12 @@ def _settle_each_if_claimed(
     Returns the moved rows (id, attempts, last_error)."""
     columns = {column for row in per_row.values() for column in row}
     for column in columns:
+        kind = EVENTS.c[column].type  # binds go through the column's type (UTC datetimes)
         values[column] = case(
-            *((EVENTS.c.id == row_id, row[column]) for row_id, row in per_row.items()),
+            *(
+                (EVENTS.c.id == row_id, literal(row[column], kind))
+                for row_id, row in per_row.items()
+            ),
             else_=EVENTS.c[column],
         )
     return list(
@@ -782,6 +788,33 @@ def failed_groups(session: Session, *, limit: int = 100) -> list[FailedGroup]:
     return groups
 
 
+@dataclass(frozen=True)
+class FailedSelection:
+    """What a replay of a group (or of every failed row) would move: a count, its credits and
+    the first rows (a preview reads no more than that, and locks nothing)."""
+
+    count: int
+    credits: int
+    first: list[OutboxEvent]
+
+
+def preview_failed(
+    session: Session, *, message: str | None = None, limit: int = 50
+) -> FailedSelection:
+    """The failed rows whose message is `message` (every failed row if None): how many, their
+    credits, the first `limit` by id."""
+    where = [EVENTS.c.status == EventStatus.FAILED]
+    if message is not None:
+        where.append(func.coalesce(EVENTS.c.last_error, literal_column("''")) == message)
+    count, credits = session.execute(
+        select(func.count(), func.coalesce(func.sum(EVENTS.c.credits), 0)).where(*where)
+    ).one()
+    first = session.scalars(
+        select(OutboxEvent).where(*where).order_by(OutboxEvent.id).limit(limit)
+    ).all()
+    return FailedSelection(int(count), int(credits), list(first))
+
+
 def failed_ids_with_message(session: Session, message: str, *, limit: int = 10_000) -> list[int]:
     """Ids of the failed rows whose message is exactly `message` ("" for none)."""
     return list(
@@ -819,9 +852,13 @@ def search_events(
         query = query.where(OutboxEvent.customer_id == customer_id)
     if error_text:
         # Delivered rows carry no error: leaving them out lets the planner stay on the
-        # partial indexes of the rows that can.
+        # partial indexes of the rows that can (docs/benchmarks.md, "Console").
         query = query.where(
-            OutboxEvent.status != EventStatus.DELIVERED,
+            # Spelled as the two partial indexes' predicates, so the planner can OR them.
+            or_(
+                OutboxEvent.status == EventStatus.FAILED,
+                OutboxEvent.status.in_([EventStatus.PENDING, EventStatus.INFLIGHT]),
+            ),
             func.lower(OutboxEvent.last_error).contains(error_text.lower(), autoescape=True),
         )
     if since is not None:

@@ -121,21 +121,28 @@ def replay_preview(
     message: str | None = None,
     all: bool = False,
 ) -> Response:
-    """The dry run: what a replay would move and send, before anything moves."""
-    selection = _selection(session, event_id or [], message, all)
-    result = replay(session, dry_run=True, **selection)
-    first_ids = result.event_ids[:PREVIEW_ROWS]
+    """The dry run: what a replay would move and send, before anything moves. Chosen events
+    are checked as the replay will check them; a group or everything is counted, and its
+    first rows shown, without reading (or locking) every row."""
+    if all or message is not None:
+        selection = events.preview_failed(
+            session, message=None if all else message, limit=PREVIEW_ROWS
+        )
+        count, credits, rows = selection.count, selection.credits, selection.first
+    else:
+        ids = _selection(session, event_id or [], None, False)["event_ids"]
+        result = replay(session, event_ids=ids, dry_run=True)
+        count, credits = result.replayed, result.credits
+        rows = events.get_events(session, result.event_ids[:PREVIEW_ROWS])
     settings = request.app.state.settings
-    payloads = [
-        inspect.event_detail(session, event_id, settings).payload for event_id in first_ids[:10]
-    ]
     return page(
         request,
         "replay_preview.html",
         operator,
-        result=result,
-        details=result.details[:PREVIEW_ROWS],
-        payloads=payloads,
+        count=count,
+        credits=credits,
+        rows=rows,
+        payloads=[inspect.sent_payload(row, settings) for row in rows[:10]],
         message=message,
         everything=all,
         event_ids=event_id or [],
