@@ -159,6 +159,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
 _settings: Settings | None = None
 
 
+def _cli_actor() -> str:
+    """Who runs this command, for the audit log."""
+    return f"cli:{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}"
+
+
 def settings_or_exit() -> Settings:
     global _settings
     try:
@@ -291,9 +296,11 @@ def grant(
     json_out: JsonFlag = False,
 ) -> None:
     """Grant credits to a customer (created if new)."""
-    from outbox.ledger import grant_credits
+    from outbox.ledger import grant_by_operator
 
-    result = with_session(lambda s: grant_credits(s, customer, credits, reason))
+    result = with_session(
+        lambda s: grant_by_operator(s, customer, credits, reason, actor=_cli_actor())
+    )
     if json_out:
         print_json({"grant_id": result.grant_id, "balance": result.balance})
     else:
@@ -488,7 +495,7 @@ def replay_cmd(
         fail("give --event-id ID (repeatable) or --all-failed, not both")
     if customer is not None and not all_failed:
         fail("--customer only goes with --all-failed")
-    actor = f"cli:{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}"
+    actor = _cli_actor()
     result = with_session(
         lambda s: replay(
             s,
@@ -713,6 +720,29 @@ def _parse_time(value: str | None, option: str) -> Any:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _reconcile_recorded(session: Any, fix: bool, run: Callable[[], Any]) -> Any:
+    """Run a reconcile; a --fix that changed something is recorded in the audit log, in the
+    same transaction as its changes."""
+    report = run()
+    if fix and (report.requeued or report.recreated or report.resent):
+        from outbox import audit
+
+        audit.record(
+            session,
+            actor=_cli_actor(),
+            action=audit.RECONCILE_FIX,
+            reason=None,
+            detail={
+                "since": report.since.isoformat(),
+                "until": report.until.isoformat(),
+                "requeued": report.requeued[:100],
+                "recreated": report.recreated[:100],
+                "resent": len(report.resent),
+            },
+        )
+    return report
+
+
 @app.command()
 def reconcile(
     customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,
@@ -750,15 +780,19 @@ def reconcile(
             # A spinner with the current step on a terminal (stderr); nothing in a pipe.
             with err.status("comparing meter totals with Polar...") as status:
                 report = with_session(
-                    lambda s: run(
+                    lambda s: _reconcile_recorded(
                         s,
-                        gateway,
-                        settings,
-                        customer_id=customer,
-                        since=start,
-                        until=end,
-                        fix=fix,
-                        progress=lambda text: status.update(text),
+                        fix,
+                        lambda: run(
+                            s,
+                            gateway,
+                            settings,
+                            customer_id=customer,
+                            since=start,
+                            until=end,
+                            fix=fix,
+                            progress=lambda text: status.update(text),
+                        ),
                     )
                 )
         finally:

@@ -486,6 +486,24 @@ def grant_credits(
     return GrantResult(grant_id=grant_id, balance=int(balance))
 
 
+def grant_by_operator(
+    session: Session, customer_id: str, credits: int, reason: str | None, *, actor: str
+) -> GrantResult:
+    """`grant_credits` by a person (console, CLI, admin API), recorded in the audit log with
+    the grant, in the same transaction."""
+    from outbox import audit
+
+    result = grant_credits(session, customer_id, credits, reason)
+    audit.record(
+        session,
+        actor=actor,
+        action=audit.GRANT,
+        reason=reason,
+        detail={"customer_id": customer_id, "credits": credits, "balance": result.balance},
+    )
+    return result
+
+
 @dataclass(frozen=True)
 class CreditSummary:
     """A customer's credits: spendable balance, held by open holds, total granted and used."""

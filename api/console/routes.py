@@ -19,7 +19,7 @@ from api.console.render import page, svg_bars
 from api.deps import SessionDep, in_transaction
 from outbox import audit, events
 from outbox.errors import InvalidRequest
-from outbox.ledger import grant_credits
+from outbox.ledger import grant_by_operator
 from outbox.models import Replay
 from outbox.ops import inspect, overview, reconcile_runs
 from outbox.ops.replay import replay
@@ -276,14 +276,7 @@ async def grant_post(request: Request, operator: Operator) -> Response:
         raise InvalidRequest("credits must be a whole number", field="credits") from None
 
     def work(session: Session) -> None:
-        result = grant_credits(session, customer_id, credits, reason)
-        audit.record(
-            session,
-            actor=operator.actor,
-            action=audit.GRANT,
-            reason=reason,
-            detail={"customer_id": customer_id, "credits": credits, "balance": result.balance},
-        )
+        grant_by_operator(session, customer_id, credits, reason, actor=operator.actor)
 
     await in_transaction(request, work)
     return _see_other(f"/console/customers/{quote(customer_id, safe='')}")

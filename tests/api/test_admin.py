@@ -143,3 +143,22 @@ def test_an_events_history_over_http_and_a_viewer_reads_but_cannot_replay(
     assert missing.status_code == 404 and missing.json()["code"] == "event_not_found"
     usage = {"Authorization": f"Bearer {new_token('usage')}"}
     assert client.get(f"/v1/admin/outbox/events/{failed_ids[0]}", headers=usage).status_code == 403
+
+
+def test_a_grant_over_http_is_recorded_once_in_the_audit_log(
+    client: TestClient, admin_headers: dict[str, str], clean_tables: Engine
+) -> None:
+    from sqlalchemy import func
+
+    from outbox.models import AuditEntry
+
+    headers = {**admin_headers, "Idempotency-Key": "grant-1"}
+    for _ in range(2):  # the second is a replay of the first: nothing new is recorded
+        answer = client.post(
+            "/v1/customers/frank/grants", json={"credits": 7, "reason": "promo"}, headers=headers
+        )
+        assert answer.status_code == 201
+    with session_scope(clean_tables) as session:
+        assert session.scalar(select(func.count()).select_from(AuditEntry)) == 1
+        entry = session.scalars(select(AuditEntry)).one()
+    assert (entry.action, entry.reason, entry.actor) == ("grant", "promo", "api-token:test admin")

@@ -233,3 +233,16 @@ def test_status_shows_the_last_drain_and_the_workers(cli_db: Engine) -> None:
     assert [w["worker"] for w in delivery["workers"]] == ["host-b:7"]
     code, out, _ = run("status")
     assert code == 0 and "host-b:7" in out
+
+
+def test_a_grant_is_recorded_in_the_audit_log(cli_db: Engine) -> None:
+    from sqlalchemy import select
+
+    from outbox.models import AuditEntry
+
+    code, _, _ = run("grant", "erin", "5", "--reason", "promo")
+    assert code == 0
+    with session_scope(cli_db) as session:
+        entry = session.scalars(select(AuditEntry)).one()
+    assert (entry.action, entry.reason, entry.detail["credits"]) == ("grant", "promo", 5)
+    assert entry.actor.startswith("cli:")
