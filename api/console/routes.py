@@ -165,8 +165,21 @@ async def replay_post(request: Request, operator: Operator) -> Response:
     message = form["message"][0] if "message" in form else None
     everything = auth.first(form, "all") == "1"
 
+    expected = auth.first(form, "expect")
+
     def work(session: Session) -> int | None:
         selection = _selection(session, ids, message, everything)
+        if expected and (message is not None or everything):
+            now = (
+                len(selection["event_ids"])
+                if "event_ids" in selection
+                else events.preview_failed(session, limit=0).count
+            )
+            if str(now) != expected:
+                raise InvalidRequest(
+                    f"the selection changed since its preview ({expected} then, {now} now): "
+                    "nothing was replayed; preview it again"
+                )
         return replay(session, actor=operator.actor, reason=reason, **selection).replay_id
 
     replay_id = await in_transaction(request, work)

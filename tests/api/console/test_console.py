@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 
 from fastapi import FastAPI
@@ -151,7 +152,12 @@ def test_a_revoked_tokens_session_is_refused(console_app: FastAPI, clean_tables:
         assert client.get("/console").status_code == 200
         with session_scope(clean_tables) as session:
             revoke_token(session, token_id)
+        # Every process hears of it as it commits, as the API does (within a second).
+        deadline = time.monotonic() + 3
         answer = client.get("/console", follow_redirects=False)
+        while answer.status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            answer = client.get("/console", follow_redirects=False)
         assert (answer.status_code, answer.headers["location"]) == (303, "/console/login")
 
 
@@ -233,3 +239,26 @@ def test_the_console_can_be_switched_off_or_served_alone(clean_tables: Engine, p
         assert client.get("/console/login").status_code == 200
         assert client.get("/v1/admin/outbox/stats").status_code == 404  # the API is not
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_group_replay_refuses_a_group_that_changed_since_its_preview(
+    signed_in: Callable[[str], TestClient], clean_tables: Engine
+) -> None:
+    ids = make_failed(clean_tables, customer="cust_grp", message="422: grown", count=2)
+    admin = signed_in("admin")
+    preview = admin.get("/console/replay/preview", params={"message": "422: grown"})
+    assert "Replay 2 event(s)" in preview.text
+    later = make_failed(clean_tables, customer="cust_grp2", message="422: grown")
+    form = {
+        "csrf": csrf_of(preview.text),
+        "message": "422: grown",
+        "expect": "2",
+        "reason": "fixed",
+        "confirm": "yes",
+    }
+    refused = admin.post("/console/replay", data=form)
+    assert refused.status_code == 422 and "changed since its preview" in refused.text
+    assert {status_of(clean_tables, i) for i in ids + later} == {"failed"}
+    done = admin.post("/console/replay", data={**form, "expect": "3"}, follow_redirects=False)
+    assert done.status_code == 303
+    assert {status_of(clean_tables, i) for i in ids + later} == {"pending"}
