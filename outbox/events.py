@@ -519,9 +519,14 @@ def get_events_for_update(session: Session, ids: Sequence[int]) -> list[OutboxEv
     return list(session.scalars(query.order_by(OutboxEvent.id)))
 
 
-def get_failed_for_update(session: Session, *, customer_id: str | None = None) -> list[OutboxEvent]:
-    """Every failed row (of one customer if given), locked until the transaction ends, by id."""
-    query = select(OutboxEvent).with_for_update().where(OutboxEvent.status == EventStatus.FAILED)
+def get_failed_for_update(
+    session: Session, *, customer_id: str | None = None, lock: bool = True
+) -> list[OutboxEvent]:
+    """Every failed row (of one customer if given), by id; locked until the transaction ends
+    unless `lock=False` (a dry run)."""
+    query = select(OutboxEvent).where(OutboxEvent.status == EventStatus.FAILED)
+    if lock:
+        query = query.with_for_update()
     if customer_id is not None:
         query = query.where(OutboxEvent.customer_id == customer_id)
     return list(session.scalars(query.order_by(OutboxEvent.id)))
