@@ -149,13 +149,18 @@ def create_app(
             RequestDeadlines, seconds=lambda: settings.outbox_api_request_deadline_seconds
         )
     install_error_handlers(app)
-    app.include_router(usage.router)
-    app.include_router(refunds.router)
-    app.include_router(customers.router)
-    app.include_router(holds.router)
-    app.include_router(webhooks.router)
-    app.include_router(admin.router)
+    if settings.outbox_console != "only":
+        app.include_router(usage.router)
+        app.include_router(refunds.router)
+        app.include_router(customers.router)
+        app.include_router(holds.router)
+        app.include_router(webhooks.router)
+        app.include_router(admin.router)
     app.include_router(health.router)
+    if settings.outbox_console != "off":
+        from api.console import install_console
+
+        install_console(app, settings)
     install_openapi(app, settings)
     return app
 

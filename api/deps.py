@@ -27,7 +27,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.schemas import error_body
 from outbox.db import session_scope
 from outbox.states import TokenScope
-from outbox.tokens import RevocationWatcher, TokenInfo, authenticate, hash_token
+from outbox.tokens import (
+    RevocationWatcher,
+    TokenInfo,
+    authenticate,
+    authenticate_id,
+    hash_token,
+)
 
 log = logging.getLogger("api")
 
@@ -107,9 +113,12 @@ class TokenCache:
 
     def cached(self, token: str) -> TokenInfo | None:
         """A cache hit only (no database, no thread): the hot path."""
+        return self._hit(hash_token(token))
+
+    def _hit(self, key: str) -> TokenInfo | None:
         if not self._trusted():
             return None
-        hit = self._entries.get(hash_token(token))
+        hit = self._entries.get(key)
         if hit is None or hit[0] != self._generation or time.monotonic() - hit[1] > self.MAX_AGE:
             return None
         return hit[2]
@@ -117,23 +126,33 @@ class TokenCache:
     def lookup(self, bind: Session | Engine, token: str) -> TokenInfo | None:
         """The token's info, or None if unknown or revoked. `bind`: a session to query in, or
         an engine to open a short one on (a lookup never holds the request's connection)."""
-        info = self.cached(token)
+        return self._lookup(bind, hash_token(token), lambda s: authenticate(s, token))
+
+    def lookup_id(self, bind: Session | Engine, token_id: int) -> TokenInfo | None:
+        """The info of the token with this id, or None if unknown or revoked: a console
+        session's check, cached and forgotten on revocation exactly like `lookup`."""
+        return self._lookup(bind, f"id:{token_id}", lambda s: authenticate_id(s, token_id))
+
+    def _lookup(
+        self, bind: Session | Engine, key: str, ask: Callable[[Session], TokenInfo | None]
+    ) -> TokenInfo | None:
+        info = self._hit(key)
         if info is not None:
             return info
         trusted = self._trusted()
         generation = self._generation
         if isinstance(bind, Session):
-            info = authenticate(bind, token)
+            info = ask(bind)
         else:
             with Session(bind) as session:
-                info = authenticate(session, token)
+                info = ask(session)
         if info is not None and trusted:
             with self._lock:
                 # A revocation heard while we were asking: this answer may predate it.
                 if generation == self._generation:
                     if len(self._entries) > 10_000:
                         self._entries.clear()
-                    self._entries[hash_token(token)] = (generation, time.monotonic(), info)
+                    self._entries[key] = (generation, time.monotonic(), info)
         return info
 
 
@@ -190,7 +209,8 @@ async def current_token(request: Request) -> TokenInfo:
 BEARER = HTTPBearer(
     auto_error=False,
     scheme_name="bearerAuth",
-    description="A token from `outbox token create`: scope `usage`, or `admin` (may do all).",
+    description="A token from `outbox token create`: scope `usage`, `viewer` (reads what an "
+    "admin reads) or `admin` (may do all).",
 )
 
 
@@ -235,3 +255,4 @@ def required_scope(route: object) -> TokenScope | None:
 
 UsageToken = Annotated[TokenInfo, Depends(require(TokenScope.USAGE))]
 AdminToken = Annotated[TokenInfo, Depends(require(TokenScope.ADMIN))]
+ReaderToken = Annotated[TokenInfo, Depends(require(TokenScope.VIEWER))]  # viewer or admin

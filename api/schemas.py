@@ -337,6 +337,44 @@ class EventOut(BaseModel):
     )
 
 
+class HistoryStepOut(BaseModel):
+    """One step of an outbox row's history: an attempt, a rescue, a replay or a re-queue."""
+
+    at: datetime
+    decision: str = Field(
+        description="delivered, retry, failed, released, rescued, replayed or requeued"
+    )
+    attempt: int
+    worker: str | None
+    claim_token: str | None = Field(description="The claim (worker and batch) that sent it.")
+    polar_status: int | None = Field(description="Polar's HTTP status (null: no answer).")
+    message: str | None = Field(description="Polar's message, or why the row moved.")
+    replay_id: int | None
+    replay_actor: str | None
+    replay_reason: str | None
+
+
+class EventDetailOut(BaseModel):
+    """An outbox row, what is sent to Polar for it, and its whole history (oldest first)."""
+
+    event_id: int
+    external_id: str
+    customer_id: str
+    credits: int
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    lease_owner: str | None
+    last_error: str | None
+    last_replay_id: int | None
+    created_at: datetime
+    delivered_at: datetime | None
+    sent: dict[str, object] = Field(
+        description="The Polar event: name, external_id, external_customer_id, timestamp, metadata."
+    )
+    history: list[HistoryStepOut]
+
+
 class EventPage(BaseModel):
     items: list[EventOut]
     next_cursor: str | None

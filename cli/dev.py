@@ -237,6 +237,7 @@ def banner(
     return f"""
 polar-usage-outbox dev is running
   API        {base}   (docs: {base}/docs)
+  console    {base}/console   (sign in with a token from `outbox token create --scope admin`)
   database   {shown_url(settings.database_url)}
   Polar      {polar}
   customer   {options.demo_customer} (granted {options.demo_credits} credits on first start)

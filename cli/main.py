@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -92,8 +93,18 @@ db_app = typer.Typer(
     help="Database schema (Alembic migrations).", no_args_is_help=True, rich_markup_mode=None
 )
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True, rich_markup_mode=None)
+events_app = typer.Typer(
+    help="Outbox events: one event's payload and history.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+customers_app = typer.Typer(
+    help="Customers: credits, ledger, holds, usage.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
+app.add_typer(events_app, name="events")
+app.add_typer(customers_app, name="customers")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -155,6 +166,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 _settings: Settings | None = None
+
+
+def _cli_actor() -> str:
+    """Who runs this command, for the audit log."""
+    return f"cli:{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}"
 
 
 def settings_or_exit() -> Settings:
@@ -236,7 +252,13 @@ def db_upgrade(
 
 @token_app.command("create")
 def token_create(
-    scope: Annotated[str, typer.Option(help="usage (record usage, read balances) or admin.")],
+    scope: Annotated[
+        str,
+        typer.Option(
+            help="usage (record usage, read balances), viewer (read everything, change "
+            "nothing: the console's read-only role) or admin."
+        ),
+    ],
     name: Annotated[str | None, typer.Option(help="A label for the token.")] = None,
 ) -> None:
     """Create an API token and print it alone on stdout (it is stored hashed, shown once)."""
@@ -310,9 +332,13 @@ def grant(
     json_out: JsonFlag = False,
 ) -> None:
     """Grant credits to a customer (created if new)."""
-    from outbox.ledger import grant_credits
+    from outbox.ledger import grant_by_operator
 
-    result = with_session(lambda s: grant_credits(s, customer, credits, reason, idempotency_key))
+    result = with_session(
+        lambda s: grant_by_operator(
+            s, customer, credits, reason, actor=_cli_actor(), idempotency_key=idempotency_key
+        )
+    )
     if json_out:
         print_json(
             {"grant_id": result.grant_id, "balance": result.balance, "replayed": result.replayed}
@@ -395,9 +421,23 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes.", min=1, max=64)] = 1,
+    console_only: Annotated[
+        bool,
+        typer.Option(
+            "--console-only",
+            help="Serve the operator console (/console) and /healthz only, not the API "
+            "(OUTBOX_CONSOLE=only): e.g. on an internal port.",
+        ),
+    ] = False,
+    no_console: Annotated[
+        bool,
+        typer.Option(
+            "--no-console", help="Serve the API without the console (OUTBOX_CONSOLE=off)."
+        ),
+    ] = False,
 ) -> None:
-    """Run the HTTP API (uvicorn). On SIGTERM, requests in flight get
-    OUTBOX_API_SHUTDOWN_GRACE_SECONDS to finish, then the process exits.
+    """Run the HTTP API and the operator console at /console (uvicorn). On SIGTERM, requests
+    in flight get OUTBOX_API_SHUTDOWN_GRACE_SECONDS to finish, then the process exits.
 
     Refuses to start (exit 2, one line) on a database that does not answer, a SQLite file that
     does not exist (none is created) or a port already in use."""
@@ -405,6 +445,12 @@ def serve(
 
     from cli.dev import check_port_free
     from outbox.db import dispose_engines
+
+    if console_only and no_console:
+        fail("give --console-only or --no-console, not both")
+    if console_only or no_console:
+        os.environ["OUTBOX_CONSOLE"] = "only" if console_only else "off"
+        get_settings.cache_clear()  # the app factory (and its worker processes) read it
     from outbox.logs import configure_logging
 
     database(migrated=False)  # /readyz says when it is not migrated; no SQLite file is made
@@ -477,14 +523,25 @@ def _event_row(event: Any) -> dict[str, Any]:
     }
 
 
+WORKERS_SEEN_WITHIN = timedelta(minutes=5)  # `status`: a worker silent longer is not counted
+
+
+def _say(text: str) -> None:
+    out.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command()
 def status(json_out: JsonFlag = False) -> None:
     """What is pending, inflight, delivered and failed; the lag; the money at risk."""
     from outbox.events import outbox_stats
+    from outbox.models import utcnow
+    from outbox.service_state import delivery_liveness
 
-    stats = with_session(outbox_stats)
+    stats, alive = with_session(
+        lambda s: (outbox_stats(s), delivery_liveness(s, seen_within=WORKERS_SEEN_WITHIN))
+    )
     if json_out:
-        print_json(stats.as_dict())
+        print_json({**stats.as_dict(), "delivery": alive.as_dict()})
         return
     from rich.table import Table
 
@@ -499,6 +556,15 @@ def status(json_out: JsonFlag = False) -> None:
     table.add_row("credits undelivered", str(stats.credits_undelivered))
     table.add_row("compensations undelivered", str(stats.compensations_undelivered))
     table.add_row("credits refunded", str(stats.credits_refunded))
+    if alive.last_drain_at is None:
+        table.add_row("last drain", "[red]never[/red]")
+    else:
+        ago = (utcnow() - alive.last_drain_at) / timedelta(seconds=1)
+        style = "red" if ago > WORKERS_SEEN_WITHIN.total_seconds() else ""
+        text = f"{ago:.0f} s ago by {escape(alive.last_drain_worker or '?')}"
+        table.add_row("last drain", f"[{style}]{text}[/{style}]" if style else text)
+    workers = ", ".join(escape(w) for w, _ in alive.workers) or "[red]none[/red]"
+    table.add_row(f"workers seen (last {WORKERS_SEEN_WITHIN.seconds // 60} min)", workers)
     out.print(table)
     if stats.counts["failed"]:
         out.print("see `outbox failed`, then `outbox replay --all-failed` once the cause is fixed")
@@ -557,7 +623,7 @@ def replay_cmd(
         fail("give --event-id ID (repeatable) or --all-failed, not both")
     if customer is not None and not all_failed:
         fail("--customer only goes with --all-failed")
-    actor = f"cli:{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}"
+    actor = _cli_actor()
     result = with_session(
         lambda s: replay(
             s,
@@ -572,18 +638,108 @@ def replay_cmd(
     if json_out:
         print_json(result.as_dict())
         return
-    verb = "would replay" if dry_run else "replayed"
-    out.print(
-        f"{verb} {result.replayed} event(s), {result.credits} credits"
-        + (f" (replay #{result.replay_id})" if result.replay_id else "")
-    )
+    if not result.replayed:
+        out.print("no failed event to replay: nothing changed")
+        return
+    if dry_run:
+        out.print(
+            f"would replay {result.replayed} failed event(s), {result.credits} credits "
+            "(dry run: nothing changed)"
+        )
+    else:
+        out.print(
+            f"replayed {result.replayed} event(s), {result.credits} credits, as replay "
+            f"#{result.replay_id}: they are pending again and will be resent with the same "
+            "external_id"
+        )
     for detail in result.details[:50]:
         out.print(
-            f"  {detail['event_id']}  {detail['customer_id']}  {detail['credits']} credits"
-            f"  last error: {detail['last_error']}",
+            f"  #{detail['event_id']}  {detail['customer_id']}  {detail['credits']} credits"
+            f"  (it had failed with: {detail['last_error']})",
             highlight=False,
             markup=False,
         )
+    if len(result.details) > 50:
+        out.print(f"  ... and {len(result.details) - 50} more")
+    if not dry_run:
+        out.print(
+            "follow them with `outbox events show ID` (its attempts, this replay) or "
+            "`outbox status`",
+            highlight=False,
+        )
+
+
+@events_app.command("show")
+def events_show(
+    event_id: Annotated[
+        int, typer.Argument(help="The event's id.", metavar="EVENT_ID", min=1, max=MAX_ID)
+    ],
+    json_out: JsonFlag = False,
+) -> None:
+    """What was sent to Polar for one event, and every attempt, rescue, replay and re-queue."""
+    from outbox.ops.inspect import event_detail
+
+    settings = settings_or_exit()
+    data = with_session(lambda s: event_detail(s, event_id, settings).as_dict())
+    if json_out:
+        print_json(data)
+        return
+    _say(
+        f"event #{data['event_id']}  {data['status']}  customer {data['customer_id']}  "
+        f"{data['credits']} credits  created {data['created_at']}"
+    )
+    if data["last_error"]:
+        _say(f"last error: {data['last_error']}")
+    _say("sent to Polar:")
+    _say("  " + json.dumps(data["sent"], default=str))
+    _say(f"history ({len(data['history'])} step(s), oldest first):")
+    if not data["history"]:
+        _say("  (none yet)")
+    for step in data["history"]:
+        by = f"by {step['worker']} (claim {step['claim_token']})" if step["claim_token"] else ""
+        if step["replay_id"]:
+            by = f"replay #{step['replay_id']} by {step['replay_actor']}: {step['replay_reason']}"
+        status = f"Polar {step['polar_status']}" if step["polar_status"] else ""
+        _say(f"  {step['at']}  {step['decision']:<9} attempt {step['attempt']}  {status}  {by}")
+        if step["message"]:
+            _say(f"      {step['message']}")
+
+
+@customers_app.command("show")
+def customers_show(
+    customer: Annotated[str, typer.Argument(help="The customer id (Polar external id).")],
+    limit: Annotated[int, typer.Option(help="Rows of each list.", min=1, max=1000)] = 20,
+    json_out: JsonFlag = False,
+) -> None:
+    """A customer's balance, held, granted and used; its latest ledger entries, holds, usage
+    events and Polar grants."""
+    from outbox.ops.inspect import customer_detail
+
+    data = with_session(lambda s: customer_detail(s, customer, limit=limit).as_dict())
+    if json_out:
+        print_json(data)
+        return
+    _say(
+        f"customer {data['customer_id']}: balance {data['balance']}, held {data['held']}, "
+        f"granted {data['granted']}, used {data['used']}"
+    )
+    _say(f"ledger (latest {len(data['ledger'])}):")
+    for e in data["ledger"]:
+        _say(
+            f"  #{e['id']}  {e['created_at']}  {e['kind']:<8} {e['delta']:>+8}  balance "
+            f"{e['balance_after']}  {e['reason'] or ''}"
+        )
+    _say(f"holds (latest {len(data['holds'])}):")
+    for h in data["holds"]:
+        _say(f"  #{h['id']}  {h['status']:<9} {h['credits']} credits  expires {h['expires_at']}")
+    _say(f"usage events (latest {len(data['usage_events'])}):")
+    for u in data["usage_events"]:
+        error = f"  {u['last_error']}" if u["last_error"] else ""
+        _say(f"  #{u['event_id']}  {u['status']:<9} {u['credits']} credits{error}")
+    if data["polar_grants"]:
+        _say("Polar grants (from webhooks):")
+        for g in data["polar_grants"]:
+            _say(f"  {g['grant_id']} cycle {g['cycle']}: {g['state']}, {g['units']} credits")
 
 
 @app.command()
@@ -695,6 +851,29 @@ def _parse_time(value: str | None, option: str) -> Any:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _reconcile_recorded(session: Any, fix: bool, run: Callable[[], Any]) -> Any:
+    """Run a reconcile; a --fix that changed something is recorded in the audit log, in the
+    same transaction as its changes."""
+    report = run()
+    if fix and (report.requeued or report.recreated or report.resent):
+        from outbox import audit
+
+        audit.record(
+            session,
+            actor=_cli_actor(),
+            action=audit.RECONCILE_FIX,
+            reason=None,
+            detail={
+                "since": report.since.isoformat(),
+                "until": report.until.isoformat(),
+                "requeued": report.requeued[:100],
+                "recreated": report.recreated[:100],
+                "resent": len(report.resent),
+            },
+        )
+    return report
+
+
 @app.command()
 def reconcile(
     customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,
@@ -732,26 +911,33 @@ def reconcile(
 
     if start and start >= datetime.now(UTC):
         fail(f"--since {since} is in the future: nothing can have been billed after it yet")
+    import time
+
     from outbox.ops.reconcile import reconcile as run
     from outbox.polar.gateway import PolarGateway
     from outbox.validation import parse_duration
 
+    started = time.monotonic()
     with domain_errors():
         seconds = parse_duration(deadline, field="--deadline").total_seconds()
         gateway = PolarGateway(settings, budget_share=settings.reconcile_budget_share)
         try:
             with progress_lines("comparing meter totals with Polar...") as progress:
                 report = with_session(
-                    lambda s: run(
+                    lambda s: _reconcile_recorded(
                         s,
-                        gateway,
-                        settings,
-                        customer_id=customer,
-                        since=start,
-                        until=end,
-                        fix=fix,
-                        progress=progress,
-                        deadline=seconds,
+                        fix,
+                        lambda: run(
+                            s,
+                            gateway,
+                            settings,
+                            customer_id=customer,
+                            since=start,
+                            until=end,
+                            fix=fix,
+                            progress=progress,
+                            deadline=seconds,
+                        ),
                     )
                 )
         finally:
@@ -818,6 +1004,14 @@ def reconcile(
                 highlight=False,
                 soft_wrap=True,
             )
+        verdict = "DIFFERS" if report.differs else "matches"
+        out.print(
+            f"reconcile {verdict}: {len(report.customers)} customer(s) to look at, missing "
+            f"{totals['missing']}, unknown {totals['unknown']}, mismatched "
+            f"{totals['mismatched']}; {report.requests} Polar request(s) in "
+            f"{time.monotonic() - started:.1f} s",
+            highlight=False,
+        )
     raise typer.Exit(1 if report.differs else 0)
 
 

@@ -17,28 +17,33 @@ import random
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
     Engine,
+    Integer,
     Table,
     and_,
-    bindparam,
     case,
     delete,
     func,
     insert,
+    literal,
+    literal_column,
+    or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Session
 
+from outbox import attempts
 from outbox.db import session_scope
 from outbox.models import Base, OutboxEvent, utcnow
 from outbox.pagination import check_limit, decode_cursor, encode_cursor
 from outbox.policy import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, next_attempt_at
-from outbox.states import EventStatus
+from outbox.states import AttemptDecision, EventStatus
 from outbox.validation import check_customer_id
 
 MAX_ERROR_LENGTH = 2000
@@ -159,12 +164,18 @@ def _claimed_by(owner: str, ids: Iterable[int]) -> Any:
 
 
 def mark_delivered_if_claimed(
-    session: Session, *, ids: Sequence[int], owner: str, now: datetime
+    session: Session,
+    *,
+    ids: Sequence[int],
+    owner: str,
+    now: datetime,
+    polar_status: int | None = None,
 ) -> int:
-    """inflight → delivered, only for rows still leased to `owner`; returns how many moved."""
+    """inflight → delivered, only for rows still leased to `owner`; returns how many moved.
+    Their history gets a `delivered` step in the same transaction."""
     if not ids:
         return 0
-    result = session.execute(
+    moved = session.execute(
         update(OutboxEvent)
         .where(_claimed_by(owner, ids))
         .values(
@@ -176,28 +187,51 @@ def mark_delivered_if_claimed(
             last_error=None,
             updated_at=now,
         )
+        .returning(OutboxEvent.id, OutboxEvent.attempts)
         .execution_options(synchronize_session=False)
+    ).all()
+    attempts.record(
+        session,
+        [attempts.Step(row.id, row.attempts + 1) for row in moved],
+        decision=AttemptDecision.DELIVERED,
+        now=now,
+        claim_token=owner,
+        polar_status=polar_status,
     )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return len(moved)
 
 
 def _settle_each_if_claimed(
-    session: Session, owner: str, params: list[dict[str, Any]], **values: Any
-) -> int:
-    """One guarded UPDATE per row (`b_id` in each of `params`): only rows still inflight and
-    leased to `owner` move, and leave the lease. Core table, not the ORM entity: a list of
-    parameters is then a plain executemany. Returns how many rows moved."""
-    result = session.execute(
-        update(EVENTS)
-        .where(
-            EVENTS.c.id == bindparam("b_id"),
-            EVENTS.c.status == EventStatus.INFLIGHT,
-            EVENTS.c.lease_owner == owner,
+    session: Session,
+    owner: str,
+    per_row: Mapping[int, Mapping[str, Any]],
+    **values: Any,
+) -> list[Any]:
+    """One guarded UPDATE for rows with values of their own (`per_row[id][column]`, as a
+    CASE on the id): only rows still inflight and leased to `owner` move, and leave the lease.
+    Returns the moved rows (id, attempts, last_error)."""
+    columns = {column for row in per_row.values() for column in row}
+    for column in columns:
+        kind = EVENTS.c[column].type  # binds go through the column's type (UTC datetimes)
+        values[column] = case(
+            *(
+                (EVENTS.c.id == row_id, literal(row[column], kind))
+                for row_id, row in per_row.items()
+            ),
+            else_=EVENTS.c[column],
         )
-        .values(lease_owner=None, lease_expires_at=None, **values),
-        params,
+    return list(
+        session.execute(
+            update(EVENTS)
+            .where(
+                EVENTS.c.id.in_(list(per_row)),
+                EVENTS.c.status == EventStatus.INFLIGHT,
+                EVENTS.c.lease_owner == owner,
+            )
+            .values(lease_owner=None, lease_expires_at=None, **values)
+            .returning(EVENTS.c.id, EVENTS.c.attempts, EVENTS.c.last_error)
+        ).all()
     )
-    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def fail_if_claimed(
@@ -207,24 +241,32 @@ def fail_if_claimed(
     owner: str,
     now: datetime,
     maybe_at_polar: bool = False,
+    polar_status: int | None = None,
 ) -> int:
     """inflight → failed with Polar's message per row (a permanent error), if still claimed.
     `maybe_at_polar` when the last send's outcome is unknown (attempts exhausted), not when
     Polar refused the row."""
     if not errors:
         return 0
-    params = [{"b_id": row_id, "b_error": _clip(msg)} for row_id, msg in errors.items()]
     seen = {"maybe_at_polar": True} if maybe_at_polar else {}
-    return _settle_each_if_claimed(
+    moved = _settle_each_if_claimed(
         session,
         owner,
-        params,
+        {row_id: {"last_error": _clip(msg)} for row_id, msg in errors.items()},
         status=EventStatus.FAILED,
         attempts=EVENTS.c.attempts + 1,
-        last_error=bindparam("b_error"),
         updated_at=now,
         **seen,
     )
+    attempts.record(
+        session,
+        [attempts.Step(row.id, row.attempts, row.last_error) for row in moved],
+        decision=AttemptDecision.FAILED,
+        now=now,
+        claim_token=owner,
+        polar_status=polar_status,
+    )
+    return len(moved)
 
 
 def retry_later_if_claimed(
@@ -240,6 +282,7 @@ def retry_later_if_claimed(
     count_attempt: bool = True,
     backoff_base: float = BACKOFF_BASE_SECONDS,
     backoff_cap: float = BACKOFF_CAP_SECONDS,
+    polar_status: int | None = None,
 ) -> tuple[int, int]:
     """inflight → pending with backoff (full jitter, never sooner than `retry_after`), or →
     failed once `max_attempts` are spent. `count_attempt=False` for faults that are not the
@@ -247,47 +290,66 @@ def retry_later_if_claimed(
     Returns (rows retried, rows failed)."""
     if not events:
         return 0, 0
-    retried: list[dict[str, Any]] = []
+    retried: dict[int, dict[str, Any]] = {}
+    tries: dict[int, int] = {}
     exhausted: dict[int, str] = {}
     for event in events:
-        attempts = event.attempts + (1 if count_attempt else 0)
-        if count_attempt and attempts >= max_attempts:
-            exhausted[event.id] = f"gave up after {attempts} attempts; last error: {error}"
+        attempts_now = event.attempts + (1 if count_attempt else 0)
+        tries[event.id] = event.attempts + 1
+        if count_attempt and attempts_now >= max_attempts:
+            exhausted[event.id] = f"gave up after {attempts_now} attempts; last error: {error}"
             continue
-        delay_from = attempts if count_attempt else 0
-        retried.append(
-            {
-                "b_id": event.id,
-                "b_attempts": attempts,
-                "b_next": next_attempt_at(
-                    now, delay_from, rng, retry_after, base=backoff_base, cap=backoff_cap
-                ),
-            }
-        )
+        delay_from = attempts_now if count_attempt else 0
+        retried[event.id] = {
+            "attempts": attempts_now,
+            "next_attempt_at": next_attempt_at(
+                now, delay_from, rng, retry_after, base=backoff_base, cap=backoff_cap
+            ),
+        }
     moved = 0
     # A counted attempt is a send with an unknown outcome: Polar may hold the rows. Refusals
     # Polar answered (429, a future timestamp, bad credentials) count none.
     seen = {"maybe_at_polar": True} if count_attempt else {}
     if retried:
-        moved = _settle_each_if_claimed(
+        rows = _settle_each_if_claimed(
             session,
             owner,
             retried,
             status=EventStatus.PENDING,
-            attempts=bindparam("b_attempts"),
-            next_attempt_at=bindparam("b_next"),
             last_error=_clip(error),
             updated_at=now,
             **seen,
         )
+        attempts.record(
+            session,
+            [attempts.Step(row.id, tries[row.id], row.last_error) for row in rows],
+            decision=AttemptDecision.RETRY,
+            now=now,
+            claim_token=owner,
+            polar_status=polar_status,
+        )
+        moved = len(rows)
     failed = 0
     if exhausted:
-        failed = _fail_exhausted(session, exhausted, owner, now)
+        failed = _fail_exhausted(session, exhausted, owner, now, polar_status)
     return moved, failed
 
 
-def _fail_exhausted(session: Session, errors: Mapping[int, str], owner: str, now: datetime) -> int:
-    return fail_if_claimed(session, errors=errors, owner=owner, now=now, maybe_at_polar=True)
+def _fail_exhausted(
+    session: Session,
+    errors: Mapping[int, str],
+    owner: str,
+    now: datetime,
+    polar_status: int | None = None,
+) -> int:
+    return fail_if_claimed(
+        session,
+        errors=errors,
+        owner=owner,
+        now=now,
+        maybe_at_polar=True,
+        polar_status=polar_status,
+    )
 
 
 def rescue_expired_leases(session: Session, *, now: datetime, max_attempts: int) -> int:
@@ -318,20 +380,34 @@ def rescue_expired_leases(session: Session, *, now: datetime, max_attempts: int)
             updated_at=now,
         )
         # RETURNING, not rowcount: SQLite reports -1 for a statement that starts with WITH.
-        .returning(OutboxEvent.id)
+        .returning(OutboxEvent.id, OutboxEvent.attempts, OutboxEvent.last_error)
         .execution_options(synchronize_session=False)
     )
-    return len(result.all())
+    rows = result.all()
+    attempts.record(
+        session,
+        [attempts.Step(row.id, row.attempts, row.last_error) for row in rows],
+        decision=AttemptDecision.RESCUED,
+        now=now,
+    )
+    return len(rows)
 
 
 def release_if_claimed(
-    session: Session, *, ids: Sequence[int], owner: str, now: datetime, delay_seconds: float
+    session: Session,
+    *,
+    ids: Sequence[int],
+    owner: str,
+    now: datetime,
+    delay_seconds: float,
+    polar_status: int | None = None,
+    message: str | None = None,
 ) -> int:
     """inflight → pending without spending an attempt (e.g. Polar rejected our credentials:
     not the events' fault); due again after `delay_seconds`."""
     if not ids:
         return 0
-    result = session.execute(
+    moved = session.execute(
         update(OutboxEvent)
         .where(_claimed_by(owner, ids))
         .values(
@@ -341,9 +417,18 @@ def release_if_claimed(
             lease_expires_at=None,
             updated_at=now,
         )
+        .returning(OutboxEvent.id, OutboxEvent.attempts)
         .execution_options(synchronize_session=False)
+    ).all()
+    attempts.record(
+        session,
+        [attempts.Step(row.id, row.attempts + 1, message) for row in moved],
+        decision=AttemptDecision.RELEASED,
+        now=now,
+        claim_token=owner,
+        polar_status=polar_status,
     )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return len(moved)
 
 
 # Corrections (docs/explanation/corrections.md): a usage refunded whole before Polar can have
@@ -519,15 +604,28 @@ def list_events(
     return rows[:limit], next_cursor
 
 
+def get_events(session: Session, ids: Sequence[int]) -> list[OutboxEvent]:
+    """The rows with these ids (those that exist), by id, without locking."""
+    if not ids:
+        return []
+    query = select(OutboxEvent).where(OutboxEvent.id.in_(ids))
+    return list(session.scalars(query.order_by(OutboxEvent.id)))
+
+
 def get_events_for_update(session: Session, ids: Sequence[int]) -> list[OutboxEvent]:
     """The rows with these ids, locked until the transaction ends, by id."""
     query = select(OutboxEvent).with_for_update().where(OutboxEvent.id.in_(ids))
     return list(session.scalars(query.order_by(OutboxEvent.id)))
 
 
-def get_failed_for_update(session: Session, *, customer_id: str | None = None) -> list[OutboxEvent]:
-    """Every failed row (of one customer if given), locked until the transaction ends, by id."""
-    query = select(OutboxEvent).with_for_update().where(OutboxEvent.status == EventStatus.FAILED)
+def get_failed_for_update(
+    session: Session, *, customer_id: str | None = None, lock: bool = True
+) -> list[OutboxEvent]:
+    """Every failed row (of one customer if given), by id; locked until the transaction ends
+    unless `lock=False` (a dry run)."""
+    query = select(OutboxEvent).where(OutboxEvent.status == EventStatus.FAILED)
+    if lock:
+        query = query.with_for_update()
     if customer_id is not None:
         query = query.where(OutboxEvent.customer_id == customer_id)
     return list(session.scalars(query.order_by(OutboxEvent.id)))
@@ -536,8 +634,9 @@ def get_failed_for_update(session: Session, *, customer_id: str | None = None) -
 def requeue_if_failed(
     session: Session, ids: Sequence[int], *, replay_id: int, now: datetime
 ) -> None:
-    """failed → pending (a replay): attempts start again, the external_id stays."""
-    session.execute(
+    """failed → pending (a replay): attempts start again, the external_id stays; the history
+    is kept and gains a `replayed` step naming the replay."""
+    moved = session.execute(
         update(OutboxEvent)
         .where(OutboxEvent.id.in_(ids), OutboxEvent.status == EventStatus.FAILED)
         .values(
@@ -547,13 +646,21 @@ def requeue_if_failed(
             last_replay_id=replay_id,
             updated_at=now,
         )
+        .returning(OutboxEvent.id)
         .execution_options(synchronize_session=False)
+    ).all()
+    attempts.record(
+        session,
+        [attempts.Step(row.id, 0) for row in moved],
+        decision=AttemptDecision.REPLAYED,
+        now=now,
+        replay_id=replay_id,
     )
 
 
 def requeue_if_delivered(session: Session, ids: Sequence[int], *, now: datetime, note: str) -> None:
     """delivered → pending (reconcile found Polar does not list them): same external_id."""
-    session.execute(
+    moved = session.execute(
         update(OutboxEvent)
         .where(OutboxEvent.id.in_(ids), OutboxEvent.status == EventStatus.DELIVERED)
         .values(
@@ -564,7 +671,14 @@ def requeue_if_delivered(session: Session, ids: Sequence[int], *, now: datetime,
             last_error=note,
             updated_at=now,
         )
+        .returning(OutboxEvent.id)
         .execution_options(synchronize_session=False)
+    ).all()
+    attempts.record(
+        session,
+        [attempts.Step(row.id, 0, note) for row in moved],
+        decision=AttemptDecision.REQUEUED,
+        now=now,
     )
 
 
@@ -649,3 +763,218 @@ def prune_delivered(
         if progress is not None:
             progress(int(count))
     return PruneResult(deleted=deleted, cutoff=cutoff, batches=batches)
+
+
+# The console's reads: each bounded, each on an index (docs/benchmarks.md, "Console").
+
+
+EXACT_COUNT_BELOW = 10_000
+
+
+def count_by_status(session: Session) -> tuple[dict[str, int], bool]:
+    """Rows per status, and whether `delivered` is an estimate. Pending, inflight and failed
+    are counted exactly (partial indexes); on PostgreSQL `delivered` is the table's estimated
+    size (as of its last ANALYZE) minus them once the table holds EXACT_COUNT_BELOW rows or
+    more: counting millions of delivered rows on every refresh is what makes dashboards load
+    their database. Exact on SQLite and for smaller tables (a fresh table has no estimate)."""
+    counts = {status.value: 0 for status in EventStatus}
+    undelivered = [EventStatus.PENDING, EventStatus.INFLIGHT, EventStatus.FAILED]
+    for status in undelivered:
+        counts[status] = int(
+            session.scalar(
+                select(func.count()).select_from(EVENTS).where(EVENTS.c.status == status)
+            )
+            or 0
+        )
+    estimate = None
+    if session.get_bind().dialect.name == "postgresql":
+        estimate = session.scalar(
+            text("SELECT reltuples::bigint FROM pg_class WHERE oid = 'outbox_events'::regclass")
+        )
+    if estimate is None or estimate < EXACT_COUNT_BELOW:
+        counts[EventStatus.DELIVERED] = int(
+            session.scalar(
+                select(func.count())
+                .select_from(EVENTS)
+                .where(EVENTS.c.status == EventStatus.DELIVERED)
+            )
+            or 0
+        )
+        return counts, False
+    others = sum(counts[s] for s in undelivered)
+    counts[EventStatus.DELIVERED] = max(0, int(estimate or 0) - others)
+    return counts, True
+
+
+@dataclass(frozen=True)
+class MoneyAtRisk:
+    """Credits committed but not yet accepted by Polar, and the age of the oldest such row."""
+
+    credits_pending: int
+    credits_failed: int
+    oldest_undelivered_at: datetime | None
+
+
+def money_at_risk(session: Session) -> MoneyAtRisk:
+    """Credits of pending/inflight and failed rows; the oldest pending/inflight row's time."""
+    pending = session.execute(
+        select(func.coalesce(func.sum(EVENTS.c.credits), 0), func.min(EVENTS.c.created_at)).where(
+            EVENTS.c.status.in_([EventStatus.PENDING, EventStatus.INFLIGHT])
+        )
+    ).one()
+    failed = session.scalar(
+        select(func.coalesce(func.sum(EVENTS.c.credits), 0)).where(
+            EVENTS.c.status == EventStatus.FAILED
+        )
+    )
+    oldest = pending[1]
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    return MoneyAtRisk(int(pending[0] or 0), int(failed or 0), oldest)
+
+
+def recent_lags(session: Session, *, since: datetime, sample: int = 2000) -> list[float]:
+    """Seconds from commit to Polar's acceptance of the latest `sample` deliveries since
+    `since` (a bounded sample: a busy minute delivers far more rows than a page should read)."""
+    rows = session.execute(
+        select(OutboxEvent.created_at, OutboxEvent.delivered_at)
+        .where(OutboxEvent.status == EventStatus.DELIVERED, OutboxEvent.delivered_at >= since)
+        .order_by(OutboxEvent.delivered_at.desc())
+        .limit(sample)
+    ).all()
+    return sorted(max(0.0, (d - c).total_seconds()) for c, d in rows if d is not None)
+
+
+def deliveries_per_minute(session: Session, *, since: datetime, now: datetime) -> list[int]:
+    """Rows delivered in each minute from `since` to `now`, oldest minute first."""
+    minutes = max(1, int((now - since).total_seconds() // 60))
+    counts = [0] * minutes
+    if session.get_bind().dialect.name == "postgresql":
+        bucket: Any = func.floor(func.extract("epoch", OutboxEvent.delivered_at - since) / 60).cast(
+            Integer
+        )
+    else:
+        bucket = func.cast(
+            (func.julianday(OutboxEvent.delivered_at) - func.julianday(since)) * 1440, Integer
+        )
+    rows = session.execute(
+        select(bucket.label("minute"), func.count())
+        .where(OutboxEvent.status == EventStatus.DELIVERED, OutboxEvent.delivered_at >= since)
+        .group_by(bucket)
+    ).all()
+    for minute, count in rows:
+        if minute is not None and 0 <= int(minute) < minutes:
+            counts[int(minute)] += int(count)
+    return counts
+
+
+@dataclass(frozen=True)
+class FailedGroup:
+    """Failed rows that share Polar's message."""
+
+    message: str
+    count: int
+    credits: int
+    oldest_at: datetime
+
+
+def failed_groups(session: Session, *, limit: int = 100) -> list[FailedGroup]:
+    """Failed rows grouped by their message, largest group first (at most `limit` groups)."""
+    message = func.coalesce(EVENTS.c.last_error, literal_column("''"))
+    rows = session.execute(
+        select(message, func.count(), func.sum(EVENTS.c.credits), func.min(EVENTS.c.updated_at))
+        .where(EVENTS.c.status == EventStatus.FAILED)
+        .group_by(message)
+        .order_by(func.count().desc(), func.min(EVENTS.c.updated_at))
+        .limit(limit)
+    ).all()
+    groups = []
+    for message, count, credits, oldest in rows:
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        groups.append(FailedGroup(message, int(count), int(credits or 0), oldest))
+    return groups
+
+
+@dataclass(frozen=True)
+class FailedSelection:
+    """What a replay of a group (or of every failed row) would move: a count, its credits and
+    the first rows (a preview reads no more than that, and locks nothing)."""
+
+    count: int
+    credits: int
+    first: list[OutboxEvent]
+
+
+def preview_failed(
+    session: Session, *, message: str | None = None, limit: int = 50
+) -> FailedSelection:
+    """The failed rows whose message is `message` (every failed row if None): how many, their
+    credits, the first `limit` by id."""
+    where = [EVENTS.c.status == EventStatus.FAILED]
+    if message is not None:
+        where.append(func.coalesce(EVENTS.c.last_error, literal_column("''")) == message)
+    count, credits = session.execute(
+        select(func.count(), func.coalesce(func.sum(EVENTS.c.credits), 0)).where(*where)
+    ).one()
+    first = session.scalars(
+        select(OutboxEvent).where(*where).order_by(OutboxEvent.id).limit(limit)
+    ).all()
+    return FailedSelection(int(count), int(credits), list(first))
+
+
+def failed_ids_with_message(session: Session, message: str, *, limit: int = 10_000) -> list[int]:
+    """Ids of the failed rows whose message is exactly `message` ("" for none)."""
+    return list(
+        session.scalars(
+            select(EVENTS.c.id)
+            .where(
+                EVENTS.c.status == EventStatus.FAILED,
+                func.coalesce(EVENTS.c.last_error, literal_column("''")) == message,
+            )
+            .order_by(EVENTS.c.id)
+            .limit(limit)
+        )
+    )
+
+
+def search_events(
+    session: Session,
+    *,
+    status: str | None = None,
+    customer_id: str | None = None,
+    error_text: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> tuple[Sequence[OutboxEvent], str | None]:
+    """Outbox rows, newest first, filtered (error text: a case-insensitive substring of the
+    last error); keyset pages (the next cursor, or None)."""
+    limit = check_limit(limit)
+    after = decode_cursor(cursor)
+    query = select(OutboxEvent).order_by(OutboxEvent.id.desc()).limit(limit + 1)
+    if status is not None:
+        query = query.where(OutboxEvent.status == status)
+    if customer_id is not None:
+        query = query.where(OutboxEvent.customer_id == customer_id)
+    if error_text:
+        # Delivered rows carry no error: leaving them out lets the planner stay on the
+        # partial indexes of the rows that can (docs/benchmarks.md, "Console").
+        query = query.where(
+            # Spelled as the two partial indexes' predicates, so the planner can OR them.
+            or_(
+                OutboxEvent.status == EventStatus.FAILED,
+                OutboxEvent.status.in_([EventStatus.PENDING, EventStatus.INFLIGHT]),
+            ),
+            func.lower(OutboxEvent.last_error).contains(error_text.lower(), autoescape=True),
+        )
+    if since is not None:
+        query = query.where(OutboxEvent.created_at >= since)
+    if until is not None:
+        query = query.where(OutboxEvent.created_at < until)
+    if after is not None:
+        query = query.where(OutboxEvent.id < after)
+    rows = list(session.scalars(query))
+    next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], next_cursor

@@ -488,6 +488,33 @@ def grant_credits(
     return GrantResult(grant_id=grant_id, balance=int(balance))
 
 
+def grant_by_operator(
+    session: Session,
+    customer_id: str,
+    credits: int,
+    reason: str | None,
+    *,
+    actor: str,
+    idempotency_key: str | None = None,
+) -> GrantResult:
+    """`grant_credits` by a person (console, CLI, admin API), recorded in the audit log with
+    the grant, in the same transaction (a retried grant, replayed by its key, is not recorded
+    again)."""
+    from outbox import audit
+
+    result = grant_credits(session, customer_id, credits, reason, idempotency_key)
+    if result.replayed:
+        return result
+    audit.record(
+        session,
+        actor=actor,
+        action=audit.GRANT,
+        reason=reason,
+        detail={"customer_id": customer_id, "credits": credits, "balance": result.balance},
+    )
+    return result
+
+
 @dataclass(frozen=True)
 class CreditSummary:
     """A customer's credits: spendable balance, held by open holds, total granted and used."""

@@ -31,7 +31,15 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from outbox.states import EventStatus, GrantCycleState, HoldStatus, LedgerKind, TokenScope
+from outbox.states import (
+    AttemptDecision,
+    EventStatus,
+    GrantCycleState,
+    HoldStatus,
+    LedgerKind,
+    ReconcileRunStatus,
+    TokenScope,
+)
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -207,6 +215,13 @@ class OutboxEvent(Base):
             sqlite_where=text("status = 'failed'"),
         ),
         Index("ix_outbox_events_customer_id_id", "customer_id", "id"),
+        # The console's newest-first listing of rows not yet delivered.
+        Index(
+            "ix_outbox_events_undelivered_id",
+            "id",
+            postgresql_where=text("status IN ('pending', 'inflight')"),
+            sqlite_where=text("status IN ('pending', 'inflight')"),
+        ),
         Index(
             "ix_outbox_events_delivered_at",
             "delivered_at",
@@ -399,3 +414,70 @@ class ServiceState(Base):
     value: Mapped[str] = mapped_column(String(64), nullable=False)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class DeliveryAttempt(Base):
+    """One step of an outbox row's history, kept across replays: each settled delivery attempt
+    (who sent it, in which claim, what Polar answered, what the policy decided), each rescue,
+    replay and re-queue (docs/howto/console.md)."""
+
+    __tablename__ = "delivery_attempts"
+    __table_args__ = (
+        CheckConstraint(_in("decision", AttemptDecision), name="decision_known"),
+        Index("ix_delivery_attempts_event_id_id", "event_id", "id"),
+        # The overview's count of Polar's 429s in the last minutes.
+        Index(
+            "ix_delivery_attempts_throttled",
+            "attempted_at",
+            postgresql_where=text("polar_status = 429"),
+            sqlite_where=text("polar_status = 429"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # Pruning a delivered row takes its history with it.
+    event_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("outbox_events.id", ondelete="CASCADE"),
+        nullable=False,
+    )
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    decision: Mapped[str] = mapped_column(String(16), nullable=False)
+    # The claim token (`<worker id>:<random>`): which worker, which batch.
+    claim_token: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    polar_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    replay_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class AuditEntry(Base):
+    """Every operator change (replay, grant, reconcile --fix, sign-in): who, when, what, why."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    actor: Mapped[str] = mapped_column(String(200), nullable=False)
+    action: Mapped[str] = mapped_column(String(32), nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(Json, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class ReconcileRun(Base):
+    """A reconcile started from the console: its window, progress while it runs, its result."""
+
+    __tablename__ = "reconcile_runs"
+    __table_args__ = (CheckConstraint(_in("status", ReconcileRunStatus), name="status_known"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    actor: Mapped[str] = mapped_column(String(200), nullable=False)
+    customer_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    fix: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    progress: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(Json, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

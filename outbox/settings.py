@@ -191,6 +191,22 @@ class Settings(BaseSettings):
     outbox_metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Port of a worker's Prometheus /metrics (unset: off)."
     )
+    outbox_console: Literal["on", "off", "only"] = Field(
+        "on",
+        description="The operator console at /console: `on` (served with the API), `off`, or "
+        "`only` (this process serves the console and /healthz but not the API; `outbox serve "
+        "--console-only` / `--no-console` set it).",
+    )
+    outbox_console_secret: str | None = Field(
+        None,
+        min_length=32,
+        description="Signs the console's session cookies and CSRF tokens (a secret, at least 32 "
+        "characters). Unset: a random secret is made once and kept in the database, shared "
+        "by every process.",
+    )
+    outbox_console_session_minutes: int = Field(
+        480, ge=1, le=7 * 24 * 60, description="How long a console sign-in lasts."
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="`text` for people, `json` for log pipelines."
     )

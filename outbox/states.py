@@ -35,6 +35,25 @@ class HoldStatus(StrEnum):
 class TokenScope(StrEnum):
     USAGE = "usage"
     ADMIN = "admin"
+    VIEWER = "viewer"  # reads everything an admin reads (console, admin GETs), changes nothing
+
+
+class AttemptDecision(StrEnum):
+    """What happened to an outbox row at one step of its history (`delivery_attempts`)."""
+
+    DELIVERED = "delivered"  # Polar accepted the batch
+    RETRY = "retry"  # pending again, with backoff (or after Retry-After)
+    FAILED = "failed"  # Polar refused the event, or its attempts ran out
+    RELEASED = "released"  # back to pending without an attempt (Polar refused our token)
+    RESCUED = "rescued"  # its worker's lease expired; pending (or failed) again
+    REPLAYED = "replayed"  # an operator moved it from failed back to pending
+    REQUEUED = "requeued"  # reconcile found Polar lacks it; pending again
+
+
+class ReconcileRunStatus(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
 
 
 class GrantCycleState(StrEnum):

@@ -42,7 +42,7 @@ class TokenInfo:
     scope: TokenScope
 
     def allows(self, needed: TokenScope) -> bool:
-        """`admin` may do everything `usage` may."""
+        """`admin` may do everything `usage` and `viewer` may; `viewer` only reads."""
         return self.scope == TokenScope.ADMIN or self.scope == needed
 
 
@@ -72,6 +72,19 @@ def authenticate(session: Session, token: str) -> TokenInfo | None:
     row = session.execute(
         select(ApiToken.id, ApiToken.name, ApiToken.scope).where(
             ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return TokenInfo(id=row.id, name=row.name, scope=TokenScope(row.scope))
+
+
+def authenticate_id(session: Session, token_id: int) -> TokenInfo | None:
+    """The info of the token with this id if it is not revoked, else None (the console's
+    session names its token by id)."""
+    row = session.execute(
+        select(ApiToken.id, ApiToken.name, ApiToken.scope).where(
+            ApiToken.id == token_id, ApiToken.revoked_at.is_(None)
         )
     ).one_or_none()
     if row is None:

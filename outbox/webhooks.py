@@ -423,3 +423,15 @@ def revoke_outcome(result: RevokeResult, units: int, customer_id: str) -> str:
     if result.shortfall:
         outcome += f"; {result.shortfall} were already spent and could not be taken back"
     return outcome
+
+
+def list_received(
+    session: Session, *, before: int | None = None, limit: int = 50
+) -> list[WebhookEvent]:
+    """Received webhooks, newest first (older ones: `before` an id); bodies are not loaded."""
+    from sqlalchemy.orm import defer
+
+    query = select(WebhookEvent).options(defer(WebhookEvent.body)).order_by(WebhookEvent.id.desc())
+    if before is not None:
+        query = query.where(WebhookEvent.id < before)
+    return list(session.scalars(query.limit(limit)))

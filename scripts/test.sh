@@ -26,6 +26,17 @@ if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev
   fi
 fi
 
+# The console's browser tests (tests/api/console/test_browser.py) drive Debian's Chromium with
+# Playwright (its own browser download is not reachable from CI). CI installs it; without it
+# they fail there (and are skipped on a laptop).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "${CI:-}" = "true" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "== installing chromium (Debian) for the console's browser tests" >&2
+    apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; }
+  fi
+fi
+
 echo "== ruff" >&2
 ruff check .
 ruff format --check .

@@ -36,9 +36,9 @@ FILLED = {
 REQUIRED = ["POSTGRES_PASSWORD", "REDIS_PASSWORD", "POLAR_ACCESS_TOKEN", "POLAR_WEBHOOK_SECRET"]
 # Who may see which secret: a service missing here never receives it.
 SECRET_HOLDERS = {
-    "POSTGRES_PASSWORD": {"postgres", "migrate", "api", "worker", "cli"},
-    "REDIS_PASSWORD": {"redis", "api", "worker", "beat", "flower", "cli"},
-    "POLAR_ACCESS_TOKEN": {"worker", "cli"},
+    "POSTGRES_PASSWORD": {"postgres", "migrate", "api", "console", "worker", "cli"},
+    "REDIS_PASSWORD": {"redis", "api", "console", "worker", "beat", "flower", "cli"},
+    "POLAR_ACCESS_TOKEN": {"worker", "console", "cli"},
     "POLAR_WEBHOOK_SECRET": {"api", "cli"},
     "FLOWER_BASIC_AUTH": {"flower"},
 }
@@ -141,6 +141,7 @@ def test_only_the_api_listens_on_every_interface(tmp_path: Path) -> None:
     }
     assert public == {"api"}
     assert host_bindings(services["flower"]) == [("127.0.0.1", "5555")]
+    assert host_bindings(services["console"]) == [("127.0.0.1", "8001")]
 
 
 @pytest.mark.parametrize("missing", REQUIRED)
@@ -192,7 +193,7 @@ def test_redis_requires_the_password_the_apps_use(tmp_path: Path) -> None:
     redis = services["redis"]
     assert "--requirepass" in " ".join(redis["command"])
     assert environment(redis)["REDISCLI_AUTH"] == FILLED["REDIS_PASSWORD"]  # the healthcheck
-    for name in ("api", "worker", "beat", "flower", "cli"):
+    for name in ("api", "console", "worker", "beat", "flower", "cli"):
         assert environment(services[name])["REDIS_URL"] == (
             f"redis://:{FILLED['REDIS_PASSWORD']}@redis:6379/0"
         ), name
@@ -234,6 +235,10 @@ def test_compose_has_the_production_shape() -> None:
     assert services["worker"]["command"][:4] == ["celery", "-A", "worker", "worker"]
     assert services["beat"]["command"][:4] == ["celery", "-A", "worker", "beat"]
     assert services["worker"]["environment"]["OUTBOX_METRICS_PORT"] == "9108"
+    # The console is its own process, on the loopback; the public API serves no console.
+    assert services["console"]["profiles"] == ["console"]
+    assert services["console"]["command"][-1] == "--console-only"
+    assert services["api"]["command"][-1] == "--no-console"
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
     assert jobs["outbox-worker"]["dns_sd_configs"] == [

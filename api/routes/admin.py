@@ -1,18 +1,19 @@
-"""Admin: outbox stats, events, replay (admin scope only)."""
+"""Admin: outbox stats, events and their history (admin or viewer), replay (admin only)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 
-from api.deps import AdminToken, SessionDep, respond
+from api.deps import AdminToken, ReaderToken, SessionDep, respond
 from api.schemas import (
     CUSTOMER_ID_SCHEMA,
     ERROR_RESPONSES,
     Cursor,
     ErrorOut,
+    EventDetailOut,
     EventOut,
     EventPage,
     Limit,
@@ -22,9 +23,10 @@ from api.schemas import (
 )
 from outbox.errors import InvalidRequest
 from outbox.events import list_events, outbox_stats
+from outbox.ops.inspect import event_detail
 from outbox.ops.replay import replay
 from outbox.states import EventStatus
-from outbox.validation import MAX_CUSTOMER_ID_LENGTH, check_customer_id
+from outbox.validation import MAX_CUSTOMER_ID_LENGTH, MAX_ID, check_customer_id
 
 router = APIRouter(prefix="/v1/admin/outbox", tags=["admin"])
 
@@ -44,7 +46,7 @@ def _check_replay_target(body: ReplayIn) -> None:
 
 
 @router.get("/stats", response_model=StatsOut, responses=ERROR_RESPONSES)
-def get_stats(session: SessionDep, _: AdminToken) -> JSONResponse:
+def get_stats(session: SessionDep, _: ReaderToken) -> JSONResponse:
     """Counts by status, oldest pending age, deliveries in the last minute, money at risk."""
     return respond(StatsOut(**outbox_stats(session).as_dict()))
 
@@ -52,7 +54,7 @@ def get_stats(session: SessionDep, _: AdminToken) -> JSONResponse:
 @router.get("/events", response_model=EventPage, responses=ERROR_RESPONSES)
 def get_events(
     session: SessionDep,
-    _: AdminToken,
+    _: ReaderToken,
     status: Annotated[EventStatus | None, Query()] = None,
     customer_id: Annotated[
         str | None,
@@ -93,6 +95,22 @@ def get_events(
         next_cursor=next_cursor,
     )
     return respond(page)
+
+
+@router.get(
+    "/events/{event_id}",
+    response_model=EventDetailOut,
+    responses={**ERROR_RESPONSES, 404: {"model": ErrorOut, "description": "event_not_found"}},
+)
+def get_event(
+    session: SessionDep,
+    request: Request,
+    _: ReaderToken,
+    event_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+) -> JSONResponse:
+    """One event: what is sent to Polar, and every attempt, rescue, replay and re-queue."""
+    detail = event_detail(session, event_id, request.app.state.settings)
+    return respond(EventDetailOut.model_validate(detail.as_dict()))
 
 
 @router.post(

@@ -56,6 +56,7 @@ from outbox.service_state import (
     INGEST_UNATTRIBUTED_422,
     POLAR_CREDENTIALS,
     POLAR_INGEST,
+    record_drain,
     set_state,
 )
 from outbox.settings import Settings
@@ -67,6 +68,7 @@ log = logging.getLogger("outbox.delivery")
 MAX_REJECTION_ROUNDS = 8
 FUTURE_TIMESTAMP_RETRY_SECONDS = 1.0
 AUTH_PAUSE_SECONDS = 30.0
+HEARTBEAT_SECONDS = 5.0
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Deliverer:
         self.clock = clock
         self._credentials_ok: bool | None = None
         self._unattributed_422: bool | None = None
+        self._last_heartbeat = float("-inf")
 
     # -- transactions -----------------------------------------------------------------------
 
@@ -225,7 +228,11 @@ class Deliverer:
             now = self.clock()
             delivered = self._run(
                 lambda s: mark_delivered_if_claimed(
-                    s, ids=[e.id for e in pending], owner=owner, now=now
+                    s,
+                    ids=[e.id for e in pending],
+                    owner=owner,
+                    now=now,
+                    polar_status=result.status_code,
                 )
             )
             report.delivered += delivered
@@ -244,6 +251,8 @@ class Deliverer:
                     owner=owner,
                     now=now,
                     delay_seconds=AUTH_PAUSE_SECONDS,
+                    polar_status=result.status_code,
+                    message=result.message or None,
                 )
             )
             report.pause_seconds = AUTH_PAUSE_SECONDS
@@ -256,6 +265,7 @@ class Deliverer:
                 result.message or "rate limited",
                 count_attempt=False,
                 retry_after=result.retry_after,
+                polar_status=result.status_code,
             )
             report.retried += moved
             report.pause_seconds = max(report.pause_seconds, result.retry_after or 1.0)
@@ -269,6 +279,7 @@ class Deliverer:
             result.message or "transient error",
             count_attempt=True,
             retry_after=result.retry_after,
+            polar_status=result.status_code,
         )
         report.retried += moved
         report.failed += failed
@@ -303,14 +314,22 @@ class Deliverer:
             metrics.UNATTRIBUTED_REJECTIONS.inc()
             self._ingest_alert(detail)
             moved, failed = self._retry(
-                owner, pending, f"422 naming no event: {detail}", count_attempt=True
+                owner,
+                pending,
+                f"422 naming no event: {detail}",
+                count_attempt=True,
+                polar_status=result.status_code,
             )
             report.retried += moved
             report.failed += failed
             return []
         if poison:
             now = self.clock()
-            failed = self._run(lambda s: fail_if_claimed(s, errors=poison, owner=owner, now=now))
+            failed = self._run(
+                lambda s: fail_if_claimed(
+                    s, errors=poison, owner=owner, now=now, polar_status=result.status_code
+                )
+            )
             report.failed += failed
             metrics.POISON_EVENTS.inc(failed)
             log.warning(
@@ -324,6 +343,7 @@ class Deliverer:
                 "Polar says the timestamp is in its future (clock skew); retrying",
                 count_attempt=False,
                 retry_after=FUTURE_TIMESTAMP_RETRY_SECONDS,
+                polar_status=result.status_code,
             )
             report.retried += moved
         settled = set(poison) | {e.id for e in early}
@@ -337,6 +357,7 @@ class Deliverer:
         *,
         count_attempt: bool,
         retry_after: float | None = None,
+        polar_status: int | None = None,
     ) -> tuple[int, int]:
         now = self.clock()
         with session_scope(self.sessions) as session:
@@ -352,6 +373,7 @@ class Deliverer:
                 count_attempt=count_attempt,
                 backoff_base=self.settings.outbox_backoff_base_seconds,
                 backoff_cap=self.settings.outbox_backoff_cap_seconds,
+                polar_status=polar_status,
             )
 
     def _credentials(self, ok: bool, detail: str | None) -> None:
@@ -384,6 +406,17 @@ class Deliverer:
             set_state(
                 session, POLAR_INGEST, INGEST_UNATTRIBUTED_422 if alert else INGEST_OK, detail
             )
+
+    def heartbeat(self, delivered: int) -> None:
+        """Record a finished drain and that this worker is alive (the console's overview,
+        `outbox status`): at most every HEARTBEAT_SECONDS (every second while rows are
+        delivered), so busy workers do not queue on its row."""
+        now = time.monotonic()
+        if now - self._last_heartbeat < (1.0 if delivered else HEARTBEAT_SECONDS):
+            return
+        self._last_heartbeat = now
+        with session_scope(self.sessions) as session:
+            record_drain(session, self.worker_id, delivered)
 
     def _log(self, report: BatchReport) -> None:
         log.info(
@@ -443,4 +476,5 @@ def drain(
                 report.pause_seconds = batch.pause_seconds
                 break
             sleep(batch.pause_seconds)
+    deliverer.heartbeat(report.delivered)
     return report

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outbox import events
+from outbox import audit, events
 from outbox.errors import EventNotFound, InvalidRequest, NotReplayable
 from outbox.models import Replay, utcnow
 from outbox.states import EventStatus
@@ -74,7 +74,8 @@ def replay(
             raise InvalidRequest("event_ids must not be empty", field="event_ids")
         if len(ids) > MAX_REPLAY_IDS:
             raise InvalidRequest(f"at most {MAX_REPLAY_IDS} ids at once", field="event_ids")
-        rows = events.get_events_for_update(session, ids)
+        # A dry run locks nothing (a preview must never wait for, or block, a replay).
+        rows = (events.get_events if dry_run else events.get_events_for_update)(session, ids)
         missing = sorted(set(ids) - {row.id for row in rows})
         if missing:
             raise EventNotFound(f"no such event: {', '.join(map(str, missing[:20]))}", ids=missing)
@@ -88,7 +89,7 @@ def replay(
     else:
         if customer_id is not None:
             customer_id = check_customer_id(customer_id)
-        rows = events.get_failed_for_update(session, customer_id=customer_id)
+        rows = events.get_failed_for_update(session, customer_id=customer_id, lock=not dry_run)
     result = ReplayResult(
         replayed=len(rows),
         event_ids=[row.id for row in rows],
@@ -112,6 +113,18 @@ def replay(
     session.add(record)
     session.flush()
     events.requeue_if_failed(session, result.event_ids, replay_id=record.id, now=now)
+    audit.record(
+        session,
+        actor=actor,
+        action=audit.REPLAY,
+        reason=reason,
+        detail={
+            "replay_id": record.id,
+            "events": len(result.event_ids),
+            "credits": result.credits,
+            "event_ids": result.event_ids[:100],
+        },
+    )
     result.replay_id = record.id
     return result
 

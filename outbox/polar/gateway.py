@@ -344,7 +344,10 @@ class PolarGateway:
             return result
         self.credentials_ok = True
         return IngestResult(
-            Outcome.OK, inserted=int(response.inserted), duplicates=int(response.duplicates)
+            Outcome.OK,
+            inserted=int(response.inserted),
+            duplicates=int(response.duplicates),
+            status_code=200,  # the SDK returns the body of Polar's 200 only
         )
 
     def list_events(

@@ -117,3 +117,48 @@ def test_the_api_and_the_cli_answer_the_same_object(
     assert done["replayed"] == 1 and done["would_replay"] is None and done["replay_id"]
     assert done["event_ids"] == failed_ids[2:3] and done["credits"] == 2
     get_settings.cache_clear()
+
+
+def test_an_events_history_over_http_and_a_viewer_reads_but_cannot_replay(
+    client: TestClient,
+    admin_headers: dict[str, str],
+    new_token: Callable[[str], str],
+    failed_ids: list[int],
+) -> None:
+    viewer = {"Authorization": f"Bearer {new_token('viewer')}"}
+    done = client.post(
+        REPLAY, json={"event_ids": failed_ids[:1], "reason": "fixed"}, headers=admin_headers
+    )
+    assert done.status_code == 200
+    answer = client.get(f"/v1/admin/outbox/events/{failed_ids[0]}", headers=viewer)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["status"] == "pending" and body["sent"]["external_customer_id"] == "alice"
+    assert [(h["decision"], h["replay_reason"]) for h in body["history"]] == [("replayed", "fixed")]
+    assert client.get("/v1/admin/outbox/stats", headers=viewer).status_code == 200
+    assert client.get("/v1/admin/outbox/events", headers=viewer).status_code == 200
+    refused = client.post(REPLAY, json={"event_ids": failed_ids[1:2]}, headers=viewer)
+    assert refused.status_code == 403 and refused.json()["code"] == "forbidden"
+    missing = client.get("/v1/admin/outbox/events/424242", headers=viewer)
+    assert missing.status_code == 404 and missing.json()["code"] == "event_not_found"
+    usage = {"Authorization": f"Bearer {new_token('usage')}"}
+    assert client.get(f"/v1/admin/outbox/events/{failed_ids[0]}", headers=usage).status_code == 403
+
+
+def test_a_grant_over_http_is_recorded_once_in_the_audit_log(
+    client: TestClient, admin_headers: dict[str, str], clean_tables: Engine
+) -> None:
+    from sqlalchemy import func
+
+    from outbox.models import AuditEntry
+
+    headers = {**admin_headers, "Idempotency-Key": "grant-1"}
+    for _ in range(2):  # the second is a replay of the first: nothing new is recorded
+        answer = client.post(
+            "/v1/customers/frank/grants", json={"credits": 7, "reason": "promo"}, headers=headers
+        )
+        assert answer.status_code == 201
+    with session_scope(clean_tables) as session:
+        assert session.scalar(select(func.count()).select_from(AuditEntry)) == 1
+        entry = session.scalars(select(AuditEntry)).one()
+    assert (entry.action, entry.reason, entry.actor) == ("grant", "promo", "api-token:test admin")

@@ -295,7 +295,11 @@ def test_the_fast_resolution_answers_what_fastapi_answers(
     results = []
     for fast in (True, False):
         with session_scope(clean_tables) as session:
-            session.execute(text("TRUNCATE idempotency_records, ledger_entries, outbox_events"))
+            session.execute(
+                text(
+                    "TRUNCATE idempotency_records, ledger_entries, delivery_attempts, outbox_events"
+                )
+            )
             session.execute(text("DELETE FROM customers"))
         fund("user_1", 50)
         with monkeypatch.context() as patch:

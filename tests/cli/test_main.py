@@ -55,6 +55,8 @@ def test_every_command_has_help() -> None:
         ["prune"],
         ["doctor"],
         ["polar-emulator"],
+        ["events", "show"],
+        ["customers", "show"],
     ]
     for command in commands:
         code, out, _ = run(*command, "--help")
@@ -151,6 +153,9 @@ def test_grant_status_failed_replay_round_trip(cli_db: Engine) -> None:
         (["prune", "--older-than", "0d"], "positive"),
         (["failed", "--customer", ""], "customer_id"),
         (["reconcile", "--since", "yesterday"], "--since"),
+        (["events", "show", "424242"], "no such event"),
+        (["customers", "show", "nobody"], "No such customer"),
+        (["serve", "--console-only", "--no-console"], "not both"),
     ],
 )
 def test_bad_input_is_named_and_exits_2(cli_db: Engine, args: list[str], message: str) -> None:
@@ -240,3 +245,84 @@ def test_flags_are_shown_as_flags() -> None:
     assert "--beat / --no-beat" in out and "[default: beat]" in out
     reference = (Path(__file__).resolve().parents[2] / "docs" / "reference" / "cli.md").read_text()
     assert "| `--beat`, `--no-beat` | on |" in reference
+
+
+def _failed_event(engine: Engine, customer: str, message: str) -> int:
+    from outbox.events import claim_batch, fail_if_claimed
+    from outbox.ledger import grant_credits
+    from outbox.models import utcnow
+
+    with session_scope(engine) as session:
+        grant_credits(session, customer, 10, reason="welcome")
+        event_id = record_usage(session, customer, 2, {"model": "m1"}).event_id
+    now = utcnow()
+    with session_scope(engine) as session:
+        session.execute(update(OutboxEvent).values(next_attempt_at=now))
+        claim_batch(session, owner="w:1", limit=10, now=now, lease_seconds=60, hold_back_until=now)
+        fail_if_claimed(session, errors={event_id: message}, owner="w:1", now=now, polar_status=422)
+    return event_id
+
+
+def test_replay_says_what_it_did_and_the_history_keeps_the_failure(cli_db: Engine) -> None:
+    event_id = _failed_event(cli_db, "carol", "422: carol refused")
+    code, out, _ = run("replay", "--event-id", str(event_id), "--reason", "fixed in Polar")
+    assert code == 0
+    assert "replayed 1 event(s), 2 credits, as replay #" in out and "pending again" in out
+    assert "it had failed with: 422: carol refused" in out  # the old error, said to be old
+    assert "\n  last error:" not in out
+
+    code, out, _ = run("events", "show", str(event_id), "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["status"] == "pending"
+    assert shown["sent"]["external_customer_id"] == "carol"
+    assert shown["sent"]["metadata"]["model"] == "m1"
+    assert [(h["decision"], h["polar_status"], h["message"]) for h in shown["history"]] == [
+        ("failed", 422, "422: carol refused"),
+        ("replayed", None, None),
+    ]
+    assert shown["history"][1]["replay_reason"] == "fixed in Polar"
+    code, out, _ = run("events", "show", str(event_id))
+    assert code == 0 and "422: carol refused" in out and "fixed in Polar" in out
+
+
+def test_customers_show(cli_db: Engine) -> None:
+    event_id = _failed_event(cli_db, "dave", "422: nope")
+    code, out, _ = run("customers", "show", "dave", "--json")
+    shown = json.loads(out)
+    assert code == 0
+    assert (shown["balance"], shown["granted"], shown["used"], shown["held"]) == (8, 10, 2, 0)
+    assert [e["kind"] for e in shown["ledger"]] == ["usage", "grant"]
+    assert [u["event_id"] for u in shown["usage_events"]] == [event_id]
+    code, out, _ = run("customers", "show", "dave")
+    assert code == 0 and "balance 8" in out and "422: nope" in out
+
+
+def test_status_shows_the_last_drain_and_the_workers(cli_db: Engine) -> None:
+    from outbox.service_state import record_drain
+
+    code, out, _ = run("status", "--json")
+    assert code == 0 and json.loads(out)["delivery"]["last_drain_at"] is None
+    code, out, _ = run("status")
+    assert code == 0 and "never" in out
+    with session_scope(cli_db) as session:
+        record_drain(session, "host-b:7", 3)
+    code, out, _ = run("status", "--json")
+    assert code == 0
+    delivery = json.loads(out)["delivery"]
+    assert delivery["last_drain_worker"] == "host-b:7"
+    assert [w["worker"] for w in delivery["workers"]] == ["host-b:7"]
+    code, out, _ = run("status")
+    assert code == 0 and "host-b:7" in out
+
+
+def test_a_grant_is_recorded_in_the_audit_log(cli_db: Engine) -> None:
+    from sqlalchemy import select
+
+    from outbox.models import AuditEntry
+
+    code, _, _ = run("grant", "erin", "5", "--reason", "promo")
+    assert code == 0
+    with session_scope(cli_db) as session:
+        entry = session.scalars(select(AuditEntry)).one()
+    assert (entry.action, entry.reason, entry.detail["credits"]) == ("grant", "promo", 5)
+    assert entry.actor.startswith("cli:")

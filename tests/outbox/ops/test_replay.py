@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session
 
 from outbox.db import session_scope
@@ -153,3 +153,21 @@ def test_parse_duration(text: str, expected: timedelta) -> None:
 def test_parse_duration_refuses_bad_input(text: str) -> None:
     with pytest.raises(InvalidRequest):
         parse_duration(text)
+
+
+def test_a_dry_run_neither_waits_for_nor_blocks_a_replay(clean_tables: Engine) -> None:
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=10)
+        event_id = record_usage(session, customer, 1).event_id
+        session.execute(
+            update(OutboxEvent).where(OutboxEvent.id == event_id).values(status="failed")
+        )
+    with Session(clean_tables) as replaying, Session(clean_tables) as previewing:
+        replaying.execute(
+            select(OutboxEvent.id).where(OutboxEvent.id == event_id).with_for_update()
+        )  # a replay in progress holds the row
+        previewing.execute(text("SET LOCAL lock_timeout = '1s'"))
+        by_id = replay(previewing, event_ids=[event_id], dry_run=True)
+        everything = replay(previewing, all_failed=True, dry_run=True)
+        assert by_id.as_dict()["would_replay"] == everything.as_dict()["would_replay"] == 1
+        replaying.rollback()
