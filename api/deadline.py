@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import threading
 import weakref
@@ -47,7 +48,7 @@ class RequestDeadline:
         self.committing = False  # a commit was sent and has not returned
         self._loop = loop
         self._lock = threading.Lock()
-        self._sockets: set[int] = set()
+        self._sockets: dict[int, int] = {}  # descriptor -> its socket's inode
         self._timer: asyncio.TimerHandle | None = None
         self._armed = False
 
@@ -59,11 +60,12 @@ class RequestDeadline:
     def watch(self, fd: int) -> None:
         """A connection's socket is the request's from now on; the first starts the clock.
         Past the deadline, a new connection is cut at once (the request's time is spent)."""
+        inode = _inode(fd)
         with self._lock:
             if self.expired:
-                _shut(fd)
+                _shut(fd, inode)
                 return
-            self._sockets.add(fd)
+            self._sockets[fd] = inode
             arm, self._armed = not self._armed, True
         if arm and self._loop is not None:
             if _on_loop(self._loop):
@@ -73,7 +75,7 @@ class RequestDeadline:
 
     def unwatch(self, fd: int) -> None:
         with self._lock:
-            self._sockets.discard(fd)
+            self._sockets.pop(fd, None)
 
     def _arm(self) -> None:
         if not self.expired and self._timer is None and self._loop is not None:
@@ -83,15 +85,15 @@ class RequestDeadline:
         """The deadline ran out: end every wait on the request's connections now."""
         with self._lock:
             self.expired = True
-            sockets, self._sockets = self._sockets, set()
+            sockets, self._sockets = self._sockets, {}
         if sockets:
             log.warning(
                 "a request's database work passed its %g s deadline: %d connection(s) cut",
                 self.seconds,
                 len(sockets),
             )
-        for fd in sockets:
-            _shut(fd)
+        for fd, inode in sockets.items():
+            _shut(fd, inode)
 
     def cancel(self) -> None:
         """The request is over."""
@@ -107,9 +109,19 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-def _shut(fd: int) -> None:
+def _inode(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return -1
+
+
+def _shut(fd: int, inode: int) -> None:
     """Shut the socket down for both directions: a read on it returns at once (EOF), a write
-    fails. The descriptor stays its driver's to close."""
+    fails. The descriptor stays its driver's to close. Only if it is still the same socket:
+    libpq closes the descriptor of a connection it finds lost, and the number may be reused."""
+    if inode < 0 or _inode(fd) != inode:
+        return
     with contextlib.suppress(OSError):
         sock = socket.socket(fileno=fd)
         try:
@@ -160,12 +172,16 @@ def install_request_deadlines(engine: Engine) -> None:
             record.info["deadline"] = (deadline, fd)
             deadline.watch(fd)
 
-    @event.listens_for(engine, "checkin")
-    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+    def forget(record: Any) -> None:
         watched = record.info.pop("deadline", None) if record is not None else None
         if watched is not None:
             deadline, fd = watched
             deadline.unwatch(fd)
+
+    # Checked in, or invalidated or closed before that (its descriptor is about to go).
+    event.listen(engine, "checkin", lambda _dbapi, record: forget(record))
+    event.listen(engine, "invalidate", lambda _dbapi, record, _exc: forget(record))
+    event.listen(engine, "close", lambda _dbapi, record: forget(record))
 
     @event.listens_for(engine, "commit")
     def _commit(_connection: Any) -> None:
