@@ -83,7 +83,9 @@ def test_a_429_holds_every_worker_back_for_its_retry_after_and_costs_no_attempt(
     Our own budget is generous (we pretend not to know), so the second request is refused:
     its rows wait at least 60 s and keep their attempts at 0; a second worker (its own
     budget object on the same Redis namespace) sends nothing to Polar during the pause."""
-    emulator.configure(rate_limit_per_minute=1, window_seconds=60.0, retry_after_mode="polar")
+    # One long window (Retry-After still 60, as Polar says): the two requests never straddle
+    # a window boundary, however slowly a loaded machine runs them.
+    emulator.configure(rate_limit_per_minute=1, window_seconds=3600.0, retry_after_mode="polar")
     settings = make_settings(pg_url, emulator, outbox_batch_size=1)
     namespace = f"test:{uuid.uuid4().hex}"
 
