@@ -445,7 +445,7 @@ def test_reconcile_starved_by_delivery_says_so_and_stops_at_its_deadline(
         make_customer(session, credits=100)
     monkeypatch.setenv("DATABASE_URL", pg_url)
     monkeypatch.setenv("POLAR_REQUESTS_PER_MINUTE", "30")
-    monkeypatch.setattr("outbox.polar.BUDGET_WAIT_REPORT_SECONDS", 0.5)
+    monkeypatch.setattr("outbox.polar.gateway.BUDGET_WAIT_REPORT_SECONDS", 0.5)
     get_settings.cache_clear()
     delivery = make_budget(get_settings())
     stop = threading.Event()
