@@ -151,8 +151,9 @@ def _fail_the_commit(app: FastAPI, engine: Engine) -> list[int]:
 
     @event.listens_for(app.state.sessionmaker, "before_commit")
     def _kill(session: Session) -> None:
-        if killed:
+        if killed or session.in_nested_transaction():  # a savepoint's release is no COMMIT
             return
+        session.flush()  # what the commit would write first: only the COMMIT itself is left
         pid = session.connection().connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
         with engine.connect() as other:
             other.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})

@@ -103,8 +103,8 @@ def test_admin_may_do_what_usage_may_and_not_the_reverse(
 
 
 BAD = [
-    ("root", "app", "scope", "scope must be one of: usage, admin"),
-    ("ADMIN", "app", "scope", "scope must be one of: usage, admin"),
+    ("root", "app", "scope", "scope must be one of: usage, admin, viewer"),
+    ("ADMIN", "app", "scope", "scope must be one of: usage, admin, viewer"),
     ("usage", "n" * 201, "name", "name must be at most 200 characters"),
     ("usage", "a\x00b", "name", "name contains characters that cannot be stored"),
 ]

@@ -34,6 +34,8 @@ GAUGES = [
     "outbox_events",
     "outbox_oldest_pending_seconds",
     "outbox_credits_undelivered",
+    "outbox_compensations_undelivered",
+    "outbox_credits_refunded",
     "outbox_delivered_last_minute",
     "outbox_polar_credentials_rejected",
     "outbox_polar_unattributed_422",
@@ -59,8 +61,11 @@ def test_an_empty_outbox_reads_zero_everywhere(any_engine: Engine) -> None:
         'outbox_events{status="inflight"}': 0,
         'outbox_events{status="delivered"}': 0,
         'outbox_events{status="failed"}': 0,
+        'outbox_events{status="cancelled"}': 0,
         "outbox_oldest_pending_seconds": 0,
         "outbox_credits_undelivered": 0,
+        "outbox_compensations_undelivered": 0,
+        "outbox_credits_refunded": 0,
         "outbox_delivered_last_minute": 0,
         "outbox_polar_credentials_rejected": 0,
         "outbox_polar_unattributed_422": 0,
@@ -93,6 +98,7 @@ def test_the_gauges_count_the_rows(any_engine: Engine) -> None:
         'outbox_events{status="inflight"}': 1,
         'outbox_events{status="delivered"}': 2,
         'outbox_events{status="failed"}': 1,
+        'outbox_events{status="cancelled"}': 0,
     }
     assert samples["outbox_credits_undelivered"] == 1 + 2 + 3 + 6  # pending, inflight, failed
     assert samples["outbox_delivered_last_minute"] == 1

@@ -52,7 +52,7 @@ def test_the_overview_counts_what_is_at_risk_and_what_was_delivered(any_engine: 
     with session_scope(any_engine) as session:
         o = overview(session, now=now)
         groups = events.failed_groups(session)
-    assert o.counts == {"pending": 2, "inflight": 0, "delivered": 2, "failed": 1}
+    assert o.counts == {"pending": 2, "inflight": 0, "delivered": 2, "failed": 1, "cancelled": 0}
     assert not o.delivered_estimated  # a small table is counted exactly
     assert (o.money.credits_pending, o.money.credits_failed) == (9, 3)
     assert o.oldest_pending_seconds is not None and 419 <= o.oldest_pending_seconds <= 421

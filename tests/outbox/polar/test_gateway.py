@@ -97,7 +97,7 @@ CUSTOMER_NOT_FOUND = {
     ("handler", "outcome", "status", "message", "requests"),
     [
         pytest.param(
-            always(200, {"inserted": 3, "duplicates": 0}), Outcome.OK, None, "", 1, id="200"
+            always(200, {"inserted": 3, "duplicates": 0}), Outcome.OK, 200, "", 1, id="200"
         ),
         pytest.param(
             always(429, {"detail": "slow down"}, {"Retry-After": "7"}),
@@ -143,7 +143,7 @@ CUSTOMER_NOT_FOUND = {
         pytest.param(
             sequence(always(502, b"bad gateway"), always(200, {"inserted": 3, "duplicates": 0})),
             Outcome.OK,
-            None,
+            200,
             "",
             2,
             id="502 then 200",
