@@ -367,11 +367,13 @@ def refund(
 ) -> None:
     """Give back a usage's credits: cancelled if Polar cannot hold it yet, otherwise a
     compensating event (negative credits) follows it to Polar (docs/explanation/corrections.md)."""
-    from outbox.refunds import refund_usage
+    from outbox.refunds import refund_by
 
     settings = settings_or_exit()
     result = with_session(
-        lambda s: refund_usage(s, event_id, credits, reason=reason, settings=settings)
+        lambda s: refund_by(
+            s, event_id, credits, reason=reason, actor=_cli_actor(), settings=settings
+        )
     )
     if json_out:
         print_json(result.as_dict())
@@ -400,9 +402,13 @@ def debit(
 ) -> None:
     """Take credits back from a customer's balance (never below zero: refused if the balance
     does not cover them)."""
-    from outbox.ledger import debit_credits
+    from outbox.ledger import debit_by_operator
 
-    result = with_session(lambda s: debit_credits(s, customer, credits, reason, idempotency_key))
+    result = with_session(
+        lambda s: debit_by_operator(
+            s, customer, credits, reason, actor=_cli_actor(), idempotency_key=idempotency_key
+        )
+    )
     if json_out:
         print_json(
             {"debit_id": result.grant_id, "balance": result.balance, "replayed": result.replayed}

@@ -15,6 +15,8 @@ REPLAY = "replay"
 GRANT = "grant"
 RECONCILE_FIX = "reconcile_fix"
 RECONCILE = "reconcile"
+REFUND = "refund"
+DEBIT = "debit"
 
 
 def record(

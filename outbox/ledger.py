@@ -682,3 +682,29 @@ def debit_credits(
         idempotency_key=idempotency_key,
     )
     return GrantResult(grant_id=entry_id, balance=int(balance))
+
+
+def debit_by_operator(
+    session: Session,
+    customer_id: str,
+    credits: int,
+    reason: str,
+    *,
+    actor: str,
+    idempotency_key: str | None = None,
+) -> GrantResult:
+    """`debit_credits` by a person (CLI, admin API), recorded in the audit log with the debit,
+    in the same transaction (a retried debit, replayed by its key, is not recorded again)."""
+    from outbox import audit
+
+    result = debit_credits(session, customer_id, credits, reason, idempotency_key)
+    if result.replayed:
+        return result
+    audit.record(
+        session,
+        actor=actor,
+        action=audit.DEBIT,
+        reason=reason,
+        detail={"customer_id": customer_id, "credits": credits, "balance": result.balance},
+    )
+    return result

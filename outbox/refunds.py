@@ -243,3 +243,70 @@ def refund_usage(
         compensation_event_id=compensation[0] if compensation else None,
         compensation_external_id=compensation[1] if compensation else None,
     )
+
+
+def refund_by(
+    session: Session,
+    event_id: int,
+    credits: int | None = None,
+    *,
+    reason: str,
+    actor: str,
+    settings: Settings | None = None,
+) -> RefundResult:
+    """`refund_usage` recorded in the audit log (who, why, the usage, the credits, cancelled or
+    compensated) with the refund, in the same transaction: by an operator (console, CLI, admin
+    API) or by the application's usage token (docs/explanation/corrections.md)."""
+    from outbox import audit
+
+    result = refund_usage(session, event_id, credits, reason=reason, settings=settings)
+    audit.record(
+        session,
+        actor=actor,
+        action=audit.REFUND,
+        reason=reason,
+        detail={
+            "event_id": result.event_id,
+            "credits": result.credits,
+            "action": result.action,
+            "compensation_event_id": result.compensation_event_id,
+            "balance": result.balance,
+        },
+    )
+    return result
+
+
+@dataclass(frozen=True)
+class UsageRefunds:
+    """What a usage has had back: its credits, those refunded so far, and its refund entries
+    (each pointing at its compensating event, if any)."""
+
+    usage_credits: int
+    refunded: int
+    entries: list[LedgerEntry]
+
+    @property
+    def refundable(self) -> int:
+        return self.usage_credits - self.refunded
+
+
+def usage_refunds(session: Session, event_id: int) -> UsageRefunds | None:
+    """The usage's refunds so far; None if `event_id` is no usage (a compensating event, or
+    no ledger entry)."""
+    usage = session.scalar(
+        select(LedgerEntry).where(
+            LedgerEntry.event_id == event_id, LedgerEntry.kind == LedgerKind.USAGE
+        )
+    )
+    if usage is None:
+        return None
+    entries = session.scalars(
+        select(LedgerEntry)
+        .where(LedgerEntry.customer_id == usage.customer_id, LedgerEntry.refund_of == event_id)
+        .order_by(LedgerEntry.id)
+    ).all()
+    return UsageRefunds(
+        usage_credits=-usage.delta,
+        refunded=_refunded_so_far(session, event_id),
+        entries=list(entries),
+    )

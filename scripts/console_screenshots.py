@@ -42,6 +42,7 @@ from outbox.ops import reconcile_runs  # noqa: E402
 from outbox.ops.replay import replay  # noqa: E402
 from outbox.polar.gateway import PolarGateway  # noqa: E402
 from outbox.polar.ratelimit import LocalRateBudget  # noqa: E402
+from outbox.refunds import refund_by  # noqa: E402
 from outbox.service_state import record_drain  # noqa: E402
 from outbox.settings import Settings, load_settings  # noqa: E402
 from outbox.tokens import create_token  # noqa: E402
@@ -127,6 +128,14 @@ def seed(
             action=audit.GRANT,
             reason="goodwill: outage on Dec 3",
             detail={"customer_id": "globex_42", "credits": 1000},
+        )
+        refund_by(
+            session,
+            replayed[0],
+            1,
+            reason="half of the answer was cut off",
+            actor="console: token 1 (alice)",
+            settings=settings,
         )
         record_drain(session, "worker-7f9c:12", 10)
         record_drain(session, "worker-a1b2:9", 4)

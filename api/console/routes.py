@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from api.console import auth
 from api.console.auth import Operator
 from api.console.render import page, svg_bars
-from api.deps import SessionDep, in_transaction
+from api.deps import SessionDep, after_commit, in_transaction
 from outbox import audit, events
 from outbox.errors import InvalidRequest
 from outbox.ledger import grant_by_operator
@@ -24,6 +24,7 @@ from outbox.models import Replay
 from outbox.ops import inspect, overview, reconcile_runs
 from outbox.ops.replay import replay
 from outbox.pagination import decode_cursor
+from outbox.refunds import COMPENSATED, refund_by
 from outbox.states import EventStatus
 from outbox.validation import MAX_ID, check_customer_id, check_text
 from outbox.webhooks import list_received
@@ -252,6 +253,35 @@ def events_page(
 def event_page(request: Request, session: SessionDep, operator: Operator, event_id: Id) -> Response:
     detail = inspect.event_detail(session, event_id, request.app.state.settings)
     return page(request, "event.html", operator, d=detail)
+
+
+@router.post("/events/{event_id}/refund")
+async def refund_post(request: Request, operator: Operator, event_id: Id) -> Response:
+    """Give back a usage's credits (default: all not yet refunded), with a reason, recorded in
+    the audit log in the refund's transaction (docs/explanation/corrections.md)."""
+    form = await auth.read_form(request)
+    auth.check_change(operator, form)
+    reason = auth.first(form, "reason")
+    if not reason:
+        raise InvalidRequest(
+            "a refund needs a reason (kept in the ledger and the audit log)", field="reason"
+        )
+    raw = auth.first(form, "credits")
+    try:
+        credits = int(raw) if raw else None
+    except ValueError:
+        raise InvalidRequest("credits must be a whole number", field="credits") from None
+    settings = request.app.state.settings
+
+    def work(session: Session) -> None:
+        result = refund_by(
+            session, event_id, credits, reason=reason, actor=operator.actor, settings=settings
+        )
+        if result.action == COMPENSATED:
+            after_commit(session, request.app.state.nudge)
+
+    await in_transaction(request, work)
+    return _see_other(f"/console/events/{event_id}")
 
 
 @router.get("/customers")

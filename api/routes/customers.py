@@ -27,7 +27,7 @@ from api.schemas import (
 )
 from outbox.events import list_events
 from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
-from outbox.ledger import debit_credits, get_credits, grant_by_operator
+from outbox.ledger import debit_by_operator, get_credits, grant_by_operator
 from outbox.models import OutboxEvent
 from outbox.validation import (
     MAX_REASON_LENGTH,
@@ -185,7 +185,13 @@ def post_debit(
     key = check_idempotency_key(idempotency_key)
 
     def action() -> StoredResponse:
-        result = debit_credits(session, customer_id, body.credits, body.reason)
+        result = debit_by_operator(
+            session,
+            customer_id,
+            body.credits,
+            body.reason,
+            actor=f"api-token:{token.name or token.id}",
+        )
         return StoredResponse(201, {"debit_id": result.grant_id, "balance": result.balance})
 
     response = run_idempotent(

@@ -3,6 +3,8 @@
 Who may refund: a `usage` token (the app refunding its own failed generation: the common case)
 and an `admin` token (support and operators). Usage tokens are not bound to customers here, as
 for POST /v1/usage: a usage token that may spend any customer's credits may refund them.
+Every refund is recorded in the audit log with the token as its actor (a retry replayed by its
+Idempotency-Key is not recorded again).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from api.errors import response_for
 from api.routes.usage import IdempotencyKey
 from api.schemas import ERROR_RESPONSES, ErrorOut, RefundIn, RefundOut
 from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
-from outbox.refunds import COMPENSATED, refund_usage
+from outbox.refunds import COMPENSATED, refund_by
 from outbox.validation import MAX_ID, MAX_REASON_LENGTH, check_idempotency_key, check_text
 
 router = APIRouter(tags=["usage"])
@@ -57,8 +59,13 @@ def post_refund(
     settings = request.app.state.settings
 
     def action() -> StoredResponse:
-        result = refund_usage(
-            session, event_id, body.credits, reason=body.reason, settings=settings
+        result = refund_by(
+            session,
+            event_id,
+            body.credits,
+            reason=body.reason,
+            actor=f"api-token:{token.name or token.id} ({token.scope.value})",
+            settings=settings,
         )
         if result.action == COMPENSATED:
             after_commit(session, request.app.state.nudge)

@@ -16,6 +16,7 @@ from outbox.errors import EventNotFound
 from outbox.ledger import CreditSummary, get_credits
 from outbox.models import Customer, Hold, LedgerEntry, OutboxEvent, PolarGrantCycle
 from outbox.pagination import check_limit, decode_cursor, encode_cursor
+from outbox.refunds import UsageRefunds, usage_refunds
 from outbox.settings import Settings
 from outbox.validation import check_customer_id
 
@@ -43,6 +44,8 @@ class EventDetail:
     event: OutboxEvent
     payload: dict[str, Any]
     history: list[attempts.HistoryStep]
+    # A usage's refunds so far (None for a compensating event): shown in the console.
+    refunds: UsageRefunds | None = None
 
     def as_dict(self) -> dict[str, Any]:
         e = self.event
@@ -73,6 +76,7 @@ def event_detail(session: Session, event_id: int, settings: Settings) -> EventDe
         event=event,
         payload=sent_payload(event, settings),
         history=attempts.history_of(session, event_id),
+        refunds=None if event.refund_of is not None else usage_refunds(session, event_id),
     )
 
 

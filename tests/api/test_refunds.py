@@ -12,7 +12,7 @@ from sqlalchemy import Engine, func, select
 
 from outbox.db import session_scope
 from outbox.ledger import ledger_balance
-from outbox.models import LedgerEntry, OutboxEvent
+from outbox.models import AuditEntry, LedgerEntry, OutboxEvent
 
 Fund = Callable[[str, int], None]
 
@@ -137,3 +137,29 @@ def test_usage_and_admin_tokens_may_refund_only_admin_may_debit(
     unknown = client.post("/v1/customers/nobody/debits", json=debit, headers=admin_headers)
     assert (unknown.status_code, unknown.json()["code"]) == (404, "customer_not_found")
     assert _balance(clean_tables) == (5, 5)
+    # Both refunds and the debit are audited with their token; the refusals are not.
+    with session_scope(clean_tables) as session:
+        entries = session.scalars(select(AuditEntry).order_by(AuditEntry.id)).all()
+        audited = [(e.action, e.reason, e.detail["credits"]) for e in entries]
+        assert [e.actor.rsplit(" ", 1)[-1] for e in entries[:2]] == ["(admin)", "(usage)"]
+        assert all(e.actor.startswith("api-token:") for e in entries)
+    assert audited == [
+        ("refund", "support", 1),
+        ("refund", "app", 1),
+        ("debit", "granted twice by mistake", 3),
+    ]
+
+
+def test_a_refund_retried_with_its_key_is_audited_once(
+    client: TestClient, usage_headers: dict[str, str], fund: Fund, clean_tables: Engine
+) -> None:
+    fund("user_1", 10)
+    usage = _spend(client, usage_headers, 5)
+    headers = {**usage_headers, "Idempotency-Key": "refund-audit"}
+    for _ in range(2):
+        assert _refund(client, headers, usage, credits=2, reason="r").status_code == 201
+    with session_scope(clean_tables) as session:
+        entries = session.scalars(select(AuditEntry)).all()
+        assert [(e.action, e.detail["event_id"], e.detail["credits"]) for e in entries] == [
+            ("refund", usage, 2)
+        ]

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 from typer.testing import CliRunner
 
 from cli.main import app
 from outbox.db import session_scope
 from outbox.ledger import record_usage
-from outbox.models import OutboxEvent
+from outbox.models import AuditEntry, OutboxEvent
 from outbox.settings import get_settings
 
 runner = CliRunner()
@@ -99,6 +99,21 @@ def test_grant_with_a_key_refund_and_debit(cli_db: Engine) -> None:
     assert code == 2 and "reason" in err
     code, out, _ = run("status", "--json")
     assert json.loads(out)["credits_refunded"] == 4
+    # Each refund and debit that changed something is in the audit log, refusals are not.
+    with session_scope(cli_db) as session:
+        entries = session.scalars(
+            select(AuditEntry)
+            .where(AuditEntry.action.in_(["refund", "debit"]))
+            .order_by(AuditEntry.id)
+        ).all()
+        assert [(e.action, e.reason, e.detail["credits"]) for e in entries] == [
+            ("refund", "goodwill", 1),
+            ("refund", "the rest", 3),
+            ("debit", "duplicate grant", 3),
+        ]
+        assert all(e.actor.startswith("cli:") for e in entries)
+        assert entries[1].detail["event_id"] == usage.event_id
+        assert entries[1].detail["action"] == "compensated"
 
 
 def test_grant_status_failed_replay_round_trip(cli_db: Engine) -> None:

@@ -22,6 +22,7 @@ import polar_emulator
 from api.app import create_app
 from outbox.db import session_scope
 from outbox.delivery.deliverer import Deliverer, drain
+from outbox.ledger import grant_credits, record_usage
 from outbox.models import OutboxEvent
 from outbox.polar.gateway import PolarGateway
 from outbox.polar.ratelimit import LocalRateBudget
@@ -210,6 +211,36 @@ def test_a_group_replay_moves_that_group_only(console: Console) -> None:
         time.sleep(0.1)
     assert status_of(console.engine, first) == {"delivered"}
     assert status_of(console.engine, second) == {"failed"}
+
+
+def test_refunding_a_delivered_usage_from_its_page_compensates_it_in_polar(
+    console: Console,
+) -> None:
+    with session_scope(console.engine) as session:
+        grant_credits(session, "cust_r1", 10, reason="test")
+        event_id = record_usage(session, "cust_r1", 2, {}).event_id
+    deadline = time.monotonic() + 20
+    while status_of(console.engine, [event_id]) != {"delivered"} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert console.emulator.state.totals().get("cust_r1") == 2
+    token, _ = make_token(console.engine, "admin", name="bob")
+    page = console.page(token)
+    page.goto(f"/console/events/{event_id}")
+    assert page.get_by_label("Credits").input_value() == "2"  # all of it, by default
+    page.get_by_label("Why").fill("the generation failed")
+    page.get_by_role("button", name="Refund").click()
+    page.get_by_text("2 of 2 credits refunded").wait_for()
+    assert page.get_by_role("button", name="Refund").count() == 0
+    assert "the generation failed" in page.locator("table.refunds").inner_text()
+    # The compensating event reaches Polar: the customer's total there is back to zero.
+    page.locator("table.refunds a").click()
+    page.get_by_text(f"compensates a refund of usage #{event_id}").wait_for()
+    deadline = time.monotonic() + 20
+    while console.emulator.state.totals().get("cust_r1") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert console.emulator.state.totals().get("cust_r1") == 0
+    page.goto("/console/audit")
+    assert "the generation failed" in page.locator("table").inner_text()
 
 
 def test_a_viewer_sees_no_replay_button_and_its_post_is_refused(console: Console) -> None:

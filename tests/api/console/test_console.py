@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 
 from outbox.db import session_scope
-from outbox.models import AuditEntry, OutboxEvent, Replay
+from outbox.models import AuditEntry, Customer, OutboxEvent, Replay
 from outbox.tokens import revoke_token
 from tests.api.console.conftest import csrf_of, make_failed, make_token, sign_in
 
@@ -262,3 +262,106 @@ def test_a_group_replay_refuses_a_group_that_changed_since_its_preview(
     done = admin.post("/console/replay", data={**form, "expect": "3"}, follow_redirects=False)
     assert done.status_code == 303
     assert {status_of(clean_tables, i) for i in ids + later} == {"pending"}
+
+
+def audit_entries(engine: Engine, action: str) -> list[AuditEntry]:
+    with session_scope(engine) as session:
+        query = select(AuditEntry).where(AuditEntry.action == action).order_by(AuditEntry.id)
+        entries = list(session.scalars(query))
+        session.expunge_all()
+        return entries
+
+
+def balance_of(engine: Engine, customer: str) -> int:
+    with session_scope(engine) as session:
+        row = session.get(Customer, customer)
+        assert row is not None
+        return row.balance
+
+
+def test_an_admin_refunds_a_usage_from_its_page_and_it_is_audited(
+    signed_in: Callable[[str], TestClient], clean_tables: Engine
+) -> None:
+    whole, part = make_failed(clean_tables, customer="cust_refund", message="422: no", count=2)
+    admin = signed_in("admin")
+    page = admin.get(f"/console/events/{whole}")
+    assert f'action="/console/events/{whole}/refund"' in page.text
+    assert 'name="credits" min="1" max="2" value="2"' in page.text  # default: all of it
+    csrf = csrf_of(page.text)
+    before = balance_of(clean_tables, "cust_refund")
+
+    # The whole of a usage Polar refused: cancelled, nothing reaches Polar.
+    done = admin.post(
+        f"/console/events/{whole}/refund",
+        data={"csrf": csrf, "reason": "generation failed"},
+        follow_redirects=False,
+    )
+    assert (done.status_code, done.headers["location"]) == (303, f"/console/events/{whole}")
+    assert status_of(clean_tables, whole) == "cancelled"
+    shown = admin.get(f"/console/events/{whole}").text
+    assert "2 of 2 credits refunded" in shown and "cancelled: nothing reaches Polar" in shown
+    assert f'action="/console/events/{whole}/refund"' not in shown  # nothing left to refund
+
+    # A part: a compensating event, shown on the usage's page, linked.
+    done = admin.post(
+        f"/console/events/{part}/refund",
+        data={"csrf": csrf, "reason": "half of it was wrong", "credits": "1"},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+    assert status_of(clean_tables, part) == "failed"
+    assert balance_of(clean_tables, "cust_refund") == before + 3
+    [first, second] = audit_entries(clean_tables, "refund")
+    assert first.actor.startswith("console: token ") and first.reason == "generation failed"
+    assert first.detail["event_id"] == whole and first.detail["credits"] == 2
+    assert first.detail["action"] == "cancelled"
+    assert (second.detail["event_id"], second.detail["credits"]) == (part, 1)
+    assert second.detail["action"] == "compensated"
+    compensation = second.detail["compensation_event_id"]
+    shown = admin.get(f"/console/events/{part}").text
+    assert "1 of 2 credits refunded; 1 left to refund" in shown
+    assert f'href="/console/events/{compensation}"' in shown
+    assert (
+        f'usage <a href="/console/events/{part}">'
+        in admin.get(f"/console/events/{compensation}").text
+    )
+    assert "refund" in admin.get("/console/audit").text
+
+
+def test_a_viewer_sees_no_refund_form_and_its_refund_is_refused(
+    signed_in: Callable[[str], TestClient], clean_tables: Engine
+) -> None:
+    [event_id] = make_failed(clean_tables, customer="cust_vrefund", message="422: no")
+    viewer = signed_in("viewer")
+    page = viewer.get(f"/console/events/{event_id}")
+    assert "0 of 2 credits refunded" in page.text and "/refund" not in page.text
+    answer = viewer.post(
+        f"/console/events/{event_id}/refund",
+        data={"csrf": csrf_of(page.text), "reason": "try"},
+    )
+    assert answer.status_code == 403
+    assert status_of(clean_tables, event_id) == "failed"
+    assert audit_entries(clean_tables, "refund") == []
+
+
+def test_a_refund_needs_a_reason_a_csrf_token_and_credits_that_are_left(
+    signed_in: Callable[[str], TestClient], clean_tables: Engine
+) -> None:
+    [event_id] = make_failed(clean_tables, customer="cust_brefund", message="422: no")
+    admin = signed_in("admin")
+    csrf = csrf_of(admin.get(f"/console/events/{event_id}").text)
+    before = balance_of(clean_tables, "cust_brefund")
+    url = f"/console/events/{event_id}/refund"
+    for form, status, message in [
+        ({"csrf": csrf}, 422, "a refund needs a reason"),
+        ({"csrf": csrf, "reason": "   "}, 422, "a refund needs a reason"),
+        ({"csrf": csrf, "reason": "x", "credits": "two"}, 422, "credits must be a whole number"),
+        ({"csrf": csrf, "reason": "x", "credits": "3"}, 409, "2 are left to refund; 3 asked"),
+        ({"reason": "x"}, 403, "CSRF token is missing"),
+        ({"csrf": "forged", "reason": "x"}, 403, "CSRF token is missing"),
+    ]:
+        answer = admin.post(url, data=form)
+        assert (answer.status_code, message in answer.text) == (status, True), form
+    assert status_of(clean_tables, event_id) == "failed"
+    assert balance_of(clean_tables, "cust_brefund") == before
+    assert audit_entries(clean_tables, "refund") == []
