@@ -41,7 +41,7 @@ from typing import Any
 
 from common import GroupCpuMeter, percentile
 
-from outbox.polar import build_event
+from outbox.polar.gateway import build_event
 from outbox.validation import (
     MAX_METADATA_KEY_LENGTH,
     MAX_METADATA_KEYS,

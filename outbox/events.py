@@ -352,6 +352,25 @@ def _fail_exhausted(
     )
 
 
+def unclaim_if_claimed(session: Session, *, ids: Sequence[int], owner: str, now: datetime) -> int:
+    """inflight → pending as they were (due as before, no attempt spent): rows claimed but
+    not sent, because the request could not carry them (`outbox.polar.gateway.events_that_fit`)."""
+    if not ids:
+        return 0
+    result = session.execute(
+        update(OutboxEvent)
+        .where(_claimed_by(owner, ids))
+        .values(
+            status=EventStatus.PENDING,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def rescue_expired_leases(session: Session, *, now: datetime, max_attempts: int) -> int:
     """inflight rows whose lease expired (their worker died or stalled) → pending (or failed
     when out of attempts). The crash counts as an attempt, so an event that kills workers

@@ -206,6 +206,9 @@ def build_app(state: EmulatorState) -> Starlette:
             if check.stage is not None:
                 state.stats.status_422 += 1
                 return JSONResponse({"error": check.stage, "detail": check.errors}, 422)
+            if state.overflows_meter_events(check.events):
+                state.stats.meter_event_overflows += 1
+                return Response("Internal Server Error", status_code=500)
             inserted, duplicates = state.store(check.events)
             state.stats.accepted_batches += 1
             state.stats.accepted_batch_sizes.append(len(check.events))

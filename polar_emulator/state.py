@@ -16,8 +16,17 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from polar_emulator.meters import filter_matches
+
+# Polar's server writes one meter-event row per event it inserts and meter the event matches,
+# all in ONE INSERT of 7 parameters a row, and asyncpg takes at most 32,767 parameters: past
+# that, the whole ingest fails with a 500 and stores nothing [seen on Polar's own server,
+# docs/benchmarks.md]. With one meter, 4,681 events are the most one request can carry.
+MAX_QUERY_PARAMETERS = 32_767
+METER_EVENT_PARAMETERS = 7
 DEFAULT_TOKEN = "polar_emulator_token"  # noqa: S105 - a fixed test token, not a secret
 ORGANIZATION_ID = "00000000-0000-4000-8000-00000000e0e0"
 METER_ID = "11111111-1111-4111-8111-111111111111"
@@ -159,6 +168,7 @@ class Stats:
     status_429: int = 0
     status_429_window: int = 0
     injected_5xx: int = 0
+    meter_event_overflows: int = 0  # batches refused with Polar's 500 (MAX_QUERY_PARAMETERS)
     dropped_after_store: int = 0
     max_requests_in_a_window: int = 0
     # When each /v1 request was counted (time.time(), 429s included) and the size of each
@@ -229,6 +239,30 @@ class EmulatorState:
                 return 60.0
             return max(1.0, math.ceil(start + window - now))
         return None
+
+    def overflows_meter_events(self, events: list[dict[str, Any]]) -> bool:
+        """Whether Polar's server would fail this batch with a 500: more meter-event rows (an
+        event it inserts, not a duplicate, times each meter, not archived, it matches) than
+        one INSERT can carry (MAX_QUERY_PARAMETERS)."""
+        meters = [m for m in self.config.meters if m.get("archived_at") is None]
+        most = MAX_QUERY_PARAMETERS // METER_EVENT_PARAMETERS
+        if len(events) * len(meters) <= most:
+            return False  # cannot overflow: skip matching every event
+        seen: set[str] = set()
+        rows = 0
+        for event in events:
+            external_id = event.get("external_id")
+            if external_id is not None:
+                if external_id in self.by_external_id or external_id in seen:
+                    continue
+                seen.add(external_id)
+            view = SimpleNamespace(
+                name=event["name"],
+                metadata=event.get("metadata") or {},
+                timestamp=event["timestamp"],
+            )
+            rows += sum(1 for m in meters if filter_matches(m.get("filter") or {}, view))
+        return rows > most
 
     def store(self, events: list[dict[str, Any]]) -> tuple[int, int]:
         """Insert validated events; (inserted, duplicates) like Polar counts them."""

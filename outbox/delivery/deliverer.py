@@ -5,6 +5,8 @@ The rules (docs/state_machine.md; what Polar does: docs/explanation/polar.md):
 - Network error, timeout, 5xx, an unattributable 4xx → pending with backoff; counts an attempt.
 - A slot of the shared, paced rate budget first, then the claim (docs/explanation/pacing.md):
   no slot within the budget's wait → nothing is claimed, the rows stay due.
+- A request carries at most OUTBOX_BATCH_SIZE events and half of Polar's 10 MiB body limit:
+  claimed rows past that (big metadata) go back to pending as they were, no attempt spent.
 - 429 → pending after Retry-After (and every worker paused as long); not the events' fault,
   no attempt.
 - 422 naming events → those rows failed with Polar's message (poison); the rest resent at once,
@@ -46,9 +48,10 @@ from outbox.events import (
     release_if_claimed,
     rescue_expired_leases,
     retry_later_if_claimed,
+    unclaim_if_claimed,
 )
 from outbox.models import utcnow
-from outbox.polar.gateway import IngestResult, Outcome, PolarGateway, build_event
+from outbox.polar.gateway import IngestResult, Outcome, PolarGateway, build_event, events_that_fit
 from outbox.service_state import (
     CREDENTIALS_OK,
     CREDENTIALS_REJECTED,
@@ -191,9 +194,19 @@ class Deliverer:
             return report
         if len(pending) >= self.settings.outbox_batch_size:
             self.gateway.budget.delivery_busy()  # reconcile steps back while batches are full
+        events = [to_polar_event(event, self.settings) for event in pending]
+        fits = events_that_fit(events)
+        if fits < len(pending):
+            # Big metadata: the rest would take the body past Polar's limit. They are due
+            # again at once, for the next request.
+            now = self.clock()
+            rest = [e.id for e in pending[fits:]]
+            report.claimed -= self._run(
+                lambda s: unclaim_if_claimed(s, ids=rest, owner=owner, now=now)
+            )
+            pending, events = pending[:fits], events[:fits]
         slot_taken = True
         for _ in range(MAX_REJECTION_ROUNDS):
-            events = [to_polar_event(event, self.settings) for event in pending]
             started = time.perf_counter()
             result = self.gateway.ingest(events, slot_taken=slot_taken)
             slot_taken = False
@@ -204,6 +217,7 @@ class Deliverer:
             pending = self._settle(owner, pending, result, report)
             if not pending:
                 break
+            events = [to_polar_event(event, self.settings) for event in pending]
         else:
             moved, failed = self._retry(
                 owner, pending, "Polar kept refusing the batch; will retry", count_attempt=True

@@ -49,7 +49,13 @@ from sqlalchemy.orm import Session
 from outbox import events
 from outbox.errors import PolarUnavailable, ReconcileDeadline
 from outbox.models import Customer, LedgerEntry, OutboxEvent, utcnow
-from outbox.polar.gateway import USAGE_KEY_FIELD, Outcome, build_event, describe_failure
+from outbox.polar.gateway import (
+    USAGE_KEY_FIELD,
+    Outcome,
+    build_event,
+    describe_failure,
+    events_that_fit,
+)
 from outbox.polar.meters import find_meter
 from outbox.refunds import REFUND_OF_KEY
 from outbox.settings import Settings
@@ -604,24 +610,27 @@ class _Reconciler:
         `external_id`, so it stores (and bills) only the ones it lacks. Their count."""
         inserted = 0
         size = self.settings.outbox_batch_size
-        for i in range(0, len(rows), size):
-            batch = [
-                build_event(
-                    name=self.settings.usage_event_name,
-                    customer_id=u.customer_id,
-                    external_id=u.external_id,
-                    occurred_at=u.occurred_at,
-                    metadata=u.metadata,
-                    credits_field=self.settings.usage_credits_field,
-                    credits=u.credits,
-                    usage_id=str(u.event_id),
-                )
-                for u in rows[i : i + size]
-            ]
+        events = [
+            build_event(
+                name=self.settings.usage_event_name,
+                customer_id=u.customer_id,
+                external_id=u.external_id,
+                occurred_at=u.occurred_at,
+                metadata=u.metadata,
+                credits_field=self.settings.usage_credits_field,
+                credits=u.credits,
+                usage_id=str(u.event_id),
+            )
+            for u in rows
+        ]
+        while events:
+            batch = events[:size]
+            batch = batch[: events_that_fit(batch)]  # within Polar's body limit too
             result = self.polar.ingest(batch)
             if result.outcome is not Outcome.OK:
                 raise PolarUnavailable(f"resending events: {result.message}")
             inserted += int(result.inserted)
+            events = events[len(batch) :]
         return inserted
 
 

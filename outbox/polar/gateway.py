@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -55,6 +56,11 @@ BUDGET_WAIT_REPORT_SECONDS = 10.0
 EVENTS_PAGE_SIZE = 100
 # The metadata key that carries an event's `external_id` (globally unique) back to reconcile.
 USAGE_KEY_FIELD = "usage_external_id"
+# Polar refuses an ingest body over 10 MiB (413). A request is cut at half of it, whatever the
+# events' metadata: the largest metadata the API admits makes an event ~150 KB of JSON, so a
+# batch's byte size, not its count, is what binds then (docs/scaling.md).
+POLAR_MAX_BODY_BYTES = 10 * 1024 * 1024
+MAX_INGEST_BODY_BYTES = POLAR_MAX_BODY_BYTES // 2
 
 
 class Outcome(StrEnum):
@@ -106,6 +112,25 @@ def build_event(
     }
 
 
+def _json_bytes(value: Any) -> int:
+    # As the SDK's HTTP client encodes a body (httpx: compact, not ASCII-escaped, UTF-8).
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return len(text.encode())
+
+
+def events_that_fit(events: list[dict[str, Any]], max_bytes: int = MAX_INGEST_BODY_BYTES) -> int:
+    """How many of `events`, from the first, one ingest request can carry within `max_bytes`
+    of body; always at least one (an event alone is far below the limit)."""
+    if _json_bytes({"events": events}) <= max_bytes:
+        return len(events)
+    size = len('{"events":[]}')
+    for count, event in enumerate(events):
+        size += _json_bytes(event) + (1 if count else 0)  # the comma before it
+        if size > max_bytes:
+            return max(count, 1)
+    return len(events)
+
+
 def _detail_of(exc: HTTPValidationError) -> list[dict[str, Any]]:
     detail = getattr(exc.error, "detail", None) or []
     out = []
@@ -144,7 +169,7 @@ def classify_failure(exc: BaseException, batch_len: int, secret: str | None = No
             return IngestResult(
                 Outcome.AUTH, status_code=status, message=f"{status}: Polar refused the token"
             )
-        hint = " (batch too large: lower OUTBOX_BATCH_SIZE)" if status == 413 else ""
+        hint = " (body over Polar's 10 MiB)" if status == 413 else ""
         return IngestResult(
             Outcome.TRANSIENT, status_code=status, message=f"{status}{hint}: {text}"
         )

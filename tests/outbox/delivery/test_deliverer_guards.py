@@ -29,10 +29,16 @@ from outbox.events import (
 )
 from outbox.ledger import record_usage
 from outbox.models import OutboxEvent, utcnow
-from outbox.polar.gateway import PolarGateway
+from outbox.polar.gateway import Outcome, PolarGateway, build_event, events_that_fit
 from outbox.polar.ratelimit import LocalRateBudget, RedisRateBudget
 from outbox.settings import Settings
 from outbox.states import EventStatus
+from outbox.validation import (
+    MAX_METADATA_KEY_LENGTH,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_STRING_LENGTH,
+    RESERVED_METADATA_KEYS,
+)
 from tests.factories import make_customer
 from tests.outbox.delivery.test_deliverer import make_settings
 
@@ -188,6 +194,92 @@ def test_no_request_carries_more_than_outbox_batch_size_events(
     report = drain(deliverer(clean_tables, settings), max_seconds=30)
     assert report.delivered == 23
     assert emulator.state.stats.accepted_batch_sizes == [7, 7, 7, 2]
+
+
+def _largest_metadata() -> dict[str, str | int | float | bool]:
+    """The most JSON one event's metadata can take that `check_metadata` admits: every key a
+    caller may set, 40 characters of 4 bytes each, values of 500 control characters (each
+    written \\u00XX, 6 bytes)."""
+    room = MAX_METADATA_KEYS - len(RESERVED_METADATA_KEYS | {"credits_used"})
+    key = "\U0001f600" * (MAX_METADATA_KEY_LENGTH - 3)
+    return {f"k{i:02d}{key}": "\x01" * MAX_METADATA_STRING_LENGTH for i in range(room)}
+
+
+def test_a_request_stays_under_polars_body_limit_whatever_the_metadata(
+    clean_tables: Engine, pg_url: str, emulator: polar_emulator.RunningEmulator
+) -> None:
+    """A full batch of the largest metadata would be ~15 MiB, over Polar's 10 MiB (413 every
+    time): each request carries what fits in half of it, the rest goes with the next ones,
+    and no row spends an attempt."""
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=100)
+        for _ in range(100):
+            record_usage(session, customer, 1, _largest_metadata())
+    settings = make_settings(pg_url, emulator, outbox_batch_size=100)
+    report = drain(deliverer(clean_tables, settings), max_seconds=60)
+    assert report.delivered == 100 and report.retried == 0
+    stats = emulator.state.stats
+    assert stats.ingest_requests == len(stats.accepted_batch_sizes) > 1
+    assert sum(stats.accepted_batch_sizes) == 100
+    assert all(r.status == EventStatus.DELIVERED and r.attempts == 0 for r in rows(clean_tables))
+
+
+@pytest.mark.parametrize(
+    ("events", "max_bytes", "fit"),
+    [
+        (3, 10_000, 3),  # all fit
+        (3, 60, 1),  # even one is over: one goes alone (an event is far below Polar's limit)
+        (0, 10, 0),
+    ],
+)
+def test_events_that_fit_counts_from_the_first(events: int, max_bytes: int, fit: int) -> None:
+    batch = [{"name": "ai_generation", "external_id": f"usage_{i}"} for i in range(events)]
+    assert events_that_fit(batch, max_bytes) == fit
+
+
+def test_events_that_fit_stops_at_the_byte_the_sdk_would_send() -> None:
+    batch = [{"name": "é" * 10, "n": i} for i in range(10)]  # 2 bytes a character in UTF-8
+    one = len(b'{"name":"' + "é".encode() * 10 + b'","n":0}')
+    body = len(b'{"events":[]}') + 4 * one + 3  # four events and their commas
+    assert events_that_fit(batch, body) == 4
+    assert events_that_fit(batch, body - 1) == 3
+
+
+def test_the_batch_size_bound_keeps_polars_meter_rows_within_one_insert(
+    emulator: polar_emulator.RunningEmulator,
+) -> None:
+    """Polar's server writes a meter-event row per event and matching meter in ONE INSERT and
+    fails the request (500, nothing stored) past 4,681 rows: OUTBOX_BATCH_SIZE's upper bound
+    leaves room for two meters on the usage event (the emulator does as Polar's server)."""
+    bound = next(
+        m.le for m in Settings.model_fields["outbox_batch_size"].metadata if hasattr(m, "le")
+    )
+    meters = emulator.state.config.meters
+    count_meter = {**meters[0], "id": str(uuid.uuid4()), "aggregation": {"func": "count"}}
+    emulator.state.configure({"meters": [*meters, count_meter]})
+    gateway = PolarGateway(make_settings("sqlite://", emulator), budget=LocalRateBudget(100_000))
+
+    def batch(size: int) -> list[dict[str, object]]:
+        return [
+            build_event(
+                name="ai_generation",
+                customer_id="user_1",
+                external_id=f"usage_{uuid.uuid4().hex}",
+                occurred_at=utcnow() - timedelta(seconds=5),
+                metadata={},
+                credits_field="credits_used",
+                credits=1,
+                usage_id=str(i),
+            )
+            for i in range(size)
+        ]
+
+    assert gateway.ingest(batch(bound)).inserted == bound
+    too_many = batch(4682 // 2 + 1)  # 4,682 meter-event rows
+    assert gateway.ingest(too_many).outcome is Outcome.TRANSIENT
+    stats = emulator.state.stats
+    assert stats.meter_event_overflows == stats.ingest_requests - 1 > 0  # retried in the call
+    assert stats.events_inserted == bound  # a refused batch stores nothing
 
 
 # -- (4) a claim never waits for another claim's locks ---------------------------------------

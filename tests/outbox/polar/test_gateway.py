@@ -127,7 +127,7 @@ CUSTOMER_NOT_FOUND = {
             always(413, b"<html>Request Entity Too Large</html>"),
             Outcome.TRANSIENT,
             413,
-            "413 (batch too large: lower OUTBOX_BATCH_SIZE): ",
+            "413 (body over Polar's 10 MiB): ",
             1,
             id="413",
         ),
