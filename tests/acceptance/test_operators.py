@@ -135,6 +135,7 @@ def test_reconcile_finds_an_event_polar_lost_and_fix_repairs_it(
         "ledger_credits": 20,
         "polar_credits": 15,
         "missing": 1,
+        "failed": 0,
         "in_flight": 0,
         "unknown": 0,
         "mismatched": 0,
