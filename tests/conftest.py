@@ -28,9 +28,11 @@ from outbox.migrate import upgrade
 from outbox.models import Base
 from outbox.settings import get_settings
 
-TEST_DATABASE_URL = os.environ.get(
-    "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+# The machine's PostgreSQL (tests never stop it: see machine_postgresql_untouched).
+MACHINE_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# Where the tests' databases live: this server if set, else a cluster of the run's own (see
+# `pg_server`), else the machine's.
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SLOW_DIRECTORIES = ("acceptance", "chaos")  # whole-system runs: real processes, servers, waits
@@ -66,7 +68,8 @@ def machine_postgresql_untouched() -> Iterator[None]:
     of its own (tests/services.py). Fails the run (an error at the last teardown) otherwise."""
     from tests.services import cluster_identity
 
-    server = make_url(TEST_DATABASE_URL).set(database="postgres").render_as_string(False)
+    server = make_url(TEST_DATABASE_URL or MACHINE_DATABASE_URL).set(database="postgres")
+    server = server.render_as_string(hide_password=False)
     before = cluster_identity(server)
     yield
     if before is None:
@@ -82,9 +85,29 @@ def machine_postgresql_untouched() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def pg_server() -> Iterator[str]:
+    """The PostgreSQL server of this run's databases, as a URL to connect to it with.
+
+    TEST_DATABASE_URL's when set. Else a cluster of the run's own (tests/services.py: initdb
+    into a temporary directory, a free port, 200 connections, no fsync), so that the run never
+    competes for the shared server's `max_connections` (64 threads spending at once met "too
+    many clients already" there, from other people's work) nor loads it. Else, where the
+    server binaries are not installed, the machine's on 127.0.0.1:5432."""
+    from tests.services import PrivatePostgres, can_run_private_postgres
+
+    if TEST_DATABASE_URL or not can_run_private_postgres():
+        yield TEST_DATABASE_URL or MACHINE_DATABASE_URL
+        return
+    server = PrivatePostgres()
+    server.start()
+    yield server.url("postgres")
+    server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server: str) -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, migrated to head, dropped after."""
-    base = make_url(TEST_DATABASE_URL)
+    base = make_url(pg_server)
     name = f"outbox_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     # No pool: the chaos tests restart PostgreSQL, and the drop at the end needs a live connection.
     admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
@@ -124,9 +147,9 @@ def pg_engine(pg_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def empty_pg_url() -> Iterator[str]:
+def empty_pg_url(pg_server: str) -> Iterator[str]:
     """A PostgreSQL database that exists and answers but was never migrated."""
-    base = make_url(TEST_DATABASE_URL)
+    base = make_url(pg_server)
     name = f"outbox_unmigrated_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     try:

@@ -98,6 +98,18 @@ def postgres_bindir() -> Path | None:
     return None
 
 
+def can_run_private_postgres() -> bool:
+    """The server binaries are installed and, as root, there is a `postgres` user to run as."""
+    if postgres_bindir() is None:
+        return False
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return False
+    return True
+
+
 class PrivatePostgres:
     """A PostgreSQL cluster of the test's own: initdb into a temporary directory, started on a
     free port (trust auth, user postgres), that the test may stop and restart. PostgreSQL

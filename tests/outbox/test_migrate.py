@@ -19,7 +19,7 @@ from outbox.ledger import get_credits, ledger_balance, record_usage
 from outbox.migrate import alembic_config, upgrade
 from outbox.settings import load_settings
 from outbox.webhooks import receive_webhook
-from tests.conftest import TEST_DATABASE_URL, service_missing
+from tests.conftest import service_missing
 from tests.polar_webhooks import CYCLE_1, CYCLE_2, credited, encode, revoked
 
 BEFORE_WEBHOOK_BODIES = "c499b4e2ea0e"
@@ -31,7 +31,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/migrate.db"
         return
-    base = make_url(TEST_DATABASE_URL)
+    base = make_url(request.getfixturevalue("pg_server"))
     name = f"outbox_migrate_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     try:
