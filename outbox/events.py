@@ -353,22 +353,34 @@ def _fail_exhausted(
 
 
 def unclaim_if_claimed(session: Session, *, ids: Sequence[int], owner: str, now: datetime) -> int:
-    """inflight → pending as they were (due as before, no attempt spent): rows claimed but
-    not sent, because the request could not carry them (`outbox.polar.gateway.events_that_fit`)."""
+    """inflight → pending as they were (due as before, no attempt spent, no history step):
+    rows claimed but not sent, because the request could not carry them
+    (`outbox.polar.gateway.events_that_fit`)."""
+    return len(_back_to_pending_if_claimed(session, ids, owner, now))
+
+
+def _back_to_pending_if_claimed(
+    session: Session, ids: Sequence[int], owner: str, now: datetime, **values: Any
+) -> list[Any]:
+    """inflight → pending for the rows still leased to `owner` (with `values`); the moved rows
+    (id, attempts)."""
     if not ids:
-        return 0
-    result = session.execute(
-        update(OutboxEvent)
-        .where(_claimed_by(owner, ids))
-        .values(
-            status=EventStatus.PENDING,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
+        return []
+    return list(
+        session.execute(
+            update(OutboxEvent)
+            .where(_claimed_by(owner, ids))
+            .values(
+                status=EventStatus.PENDING,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=now,
+                **values,
+            )
+            .returning(OutboxEvent.id, OutboxEvent.attempts)
+            .execution_options(synchronize_session=False)
+        ).all()
     )
-    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def rescue_expired_leases(session: Session, *, now: datetime, max_attempts: int) -> int:
@@ -424,21 +436,9 @@ def release_if_claimed(
 ) -> int:
     """inflight → pending without spending an attempt (e.g. Polar rejected our credentials:
     not the events' fault); due again after `delay_seconds`."""
-    if not ids:
-        return 0
-    moved = session.execute(
-        update(OutboxEvent)
-        .where(_claimed_by(owner, ids))
-        .values(
-            status=EventStatus.PENDING,
-            next_attempt_at=now + timedelta(seconds=delay_seconds),
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=now,
-        )
-        .returning(OutboxEvent.id, OutboxEvent.attempts)
-        .execution_options(synchronize_session=False)
-    ).all()
+    moved = _back_to_pending_if_claimed(
+        session, ids, owner, now, next_attempt_at=now + timedelta(seconds=delay_seconds)
+    )
     attempts.record(
         session,
         [attempts.Step(row.id, row.attempts + 1, message) for row in moved],
