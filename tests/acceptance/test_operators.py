@@ -31,12 +31,17 @@ runner = CliRunner()
 @pytest.fixture
 def env(
     pg_url: str,
+    clean_redis: str,
     emulator: polar_emulator.RunningEmulator,
     monkeypatch: pytest.MonkeyPatch,
     clean_tables: Engine,
 ) -> Iterator[Settings]:
     for key, value in {
         "DATABASE_URL": pg_url,
+        # The test's own Redis DB for the shared rate budget (not localhost's DB 0, where other
+        # processes take slots), and a budget that never makes reconcile wait for a slot.
+        "REDIS_URL": clean_redis,
+        "POLAR_REQUESTS_PER_MINUTE": "100000",
         "POLAR_ACCESS_TOKEN": emulator.token,
         "POLAR_BASE_URL": emulator.url,
         "OUTBOX_CLOCK_MARGIN_SECONDS": "0",

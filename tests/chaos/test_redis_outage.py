@@ -126,7 +126,7 @@ def test_a_worker_holding_a_message_it_has_not_started_survives_redis_going_away
     emulator.configure(latency_ms=1500)  # each batch of one takes 1.5 s: the drain stays busy
     with session_scope(clean_tables) as session:
         customer = make_customer(session, credits=1000)
-        for _ in range(20):
+        for _ in range(10):
             record_usage(session, customer, 1)
     # One process, room for two messages, no beat: the drain sent below runs, and the helper
     # it asks for (its first batch is full) waits, unacknowledged, while the worker polls.
@@ -150,7 +150,7 @@ def test_a_worker_holding_a_message_it_has_not_started_survives_redis_going_away
     private_redis.start()
     wait_until(
         lambda: (
-            status_counts(clean_tables) == {"delivered": 20} or worker.process.poll() is not None
+            status_counts(clean_tables) == {"delivered": 10} or worker.process.poll() is not None
         ),
         120,
         "delivery after Redis returned",
@@ -164,4 +164,4 @@ def test_a_worker_holding_a_message_it_has_not_started_survives_redis_going_away
     mark = len(output)
     broker.send_task("outbox.drain", expires=60)  # and it still consumes
     wait_until(lambda: CONSUMED in worker.output()[mark:], 60, "a drain after", worker.output)
-    assert emulator.state.totals() == {customer: 20}
+    assert emulator.state.totals() == {customer: 10}
