@@ -84,17 +84,22 @@ def dev_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def check_port_free(host: str, port: int, flag: str) -> None:
-    """`ConfigError` naming the port and the flag to change it, if something listens there."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            raise ConfigError(
-                f"port {port} on {host} is already in use: stop what is using it, "
-                f"or choose another port with {flag} N"
-            ) from None
+def bind_port(host: str, port: int, flag: str) -> socket.socket:
+    """The listening socket the server will serve on, bound here (so nothing can take the port
+    between a check and the server's own bind); `ConfigError` naming the port and the flag to
+    change it if something listens there. The caller passes it to uvicorn (`sockets=[...]`)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise ConfigError(
+            f"port {port} on {host} is already in use: stop what is using it, "
+            f"or choose another port with {flag} N"
+        ) from None
+    sock.set_inheritable(True)  # uvicorn's worker processes serve on it too
+    return sock
 
 
 def dev_files(database_url: str) -> tuple[Path, Path | None]:
@@ -275,12 +280,12 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
             raise ConfigError(
                 "--polar sandbox: POLAR_ENVIRONMENT is production; outbox dev never bills it"
             )
-    check_port_free(options.host, options.port, "--port")
+    api_socket = bind_port(options.host, options.port, "--port")
     if options.polar == "emulator":
-        check_port_free("127.0.0.1", options.emulator_port, "--emulator-port")
+        emulator_socket = bind_port("127.0.0.1", options.emulator_port, "--emulator-port")
         import polar_emulator
 
-        emulator = polar_emulator.serve_in_thread(host="127.0.0.1", port=options.emulator_port)
+        emulator = polar_emulator.serve_in_thread(sock=emulator_socket)
         if kept_events is not None and kept_events.is_file():
             # What the last start delivered is still in Polar, as with the real one (reconcile
             # would otherwise report it missing).
@@ -299,7 +304,7 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
             webhook_secret=os.environ["POLAR_WEBHOOK_SECRET"],
         )
     try:
-        serve(options, emulator, echo, ignored)
+        serve(options, api_socket, emulator, echo, ignored)
     finally:
         if emulator is not None:
             emulator.stop()
@@ -309,7 +314,11 @@ def run_dev(options: DevOptions, *, echo: Callable[[str], Any] = print) -> None:
 
 
 def serve(
-    options: DevOptions, emulator: Any, echo: Callable[[str], Any], ignored: list[str]
+    options: DevOptions,
+    api_socket: socket.socket,
+    emulator: Any,
+    echo: Callable[[str], Any],
+    ignored: list[str],
 ) -> None:
     """Migrate, seed, then run the API and the drainer until Ctrl-C."""
     import uvicorn
@@ -335,7 +344,7 @@ def serve(
         uvicorn.Config(app, host=options.host, port=options.port, log_level="warning")
     )
     try:
-        server.run()
+        server.run(sockets=[api_socket])
     except KeyboardInterrupt:
         pass  # uvicorn re-raises the Ctrl-C it handled; we have shut down cleanly
     finally:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -448,8 +448,9 @@ def serve(
     Refuses to start (exit 2, one line) on a database that does not answer, a SQLite file that
     does not exist (none is created) or a port already in use."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
-    from cli.dev import check_port_free
+    from cli.dev import bind_port
     from outbox.db import dispose_engines
 
     if console_only and no_console:
@@ -462,20 +463,27 @@ def serve(
     database(migrated=False)  # /readyz says when it is not migrated; no SQLite file is made
     dispose_engines()  # the API makes its own engine
     with domain_errors():
-        check_port_free(host, port, "--port")
+        sock = bind_port(host, port, "--port")  # served as bound: no race for the port
     settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
-    uvicorn.run(
+    config = uvicorn.Config(
         "api.app:create_served_app",
         factory=True,
-        host=host,
-        port=port,
         workers=workers,
         log_level=settings.log_level.lower(),
         access_log=False,
         http="api.server:BoundedHttpToolsProtocol",  # a request head is bounded (431)
         timeout_graceful_shutdown=settings.outbox_api_shutdown_grace_seconds,
     )
+    if workers > 1:
+        Multiprocess(config, sockets=[sock]).run()
+        return
+    config.load_app()
+    server = uvicorn.Server(config)
+    with suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(1)  # uvicorn logged why (the app failed to start)
 
 
 @app.command()
@@ -510,8 +518,6 @@ def worker(
     ]
     if beat:
         argv.append("-B")
-    if settings.log_format == "json":
-        argv.insert(5, "--quiet")  # `celery -A worker --quiet worker`: no banner, only JSON
     os.execv(sys.executable, argv)
 
 
@@ -1050,11 +1056,11 @@ def polar_emulator(
     """Run the local fake Polar (used by `outbox dev` and the tests). A port already in use:
     exit 2, one line."""
     import polar_emulator as emulator
-    from cli.dev import check_port_free
+    from cli.dev import bind_port
 
     with domain_errors():
-        check_port_free(host, port, "--port")
-    emulator.main(host=host, port=port)
+        sock = bind_port(host, port, "--port")
+    emulator.main(sock)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ EmulatorClient(url).configure(...)         # the same over HTTP (another process
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -51,14 +52,20 @@ class RunningEmulator:
 
 
 def serve_in_thread(
-    host: str = "127.0.0.1", port: int = 0, config: EmulatorConfig | None = None
+    host: str = "127.0.0.1",
+    port: int = 0,
+    config: EmulatorConfig | None = None,
+    *,
+    sock: socket.socket | None = None,
 ) -> RunningEmulator:
-    """Run the emulator in a background thread; return once it accepts connections."""
+    """Run the emulator in a background thread, on `sock` if given (already bound) or else on
+    `host`:`port`; return once it accepts connections."""
     app = create_app(config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound_port = sock.getsockname()[1]
+    if sock is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    host, bound_port = sock.getsockname()[:2]
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     )
@@ -79,10 +86,15 @@ def serve_in_thread(
     )
 
 
-def main(host: str = "127.0.0.1", port: int = 8765, config: EmulatorConfig | None = None) -> None:
-    """Run the emulator in the foreground (`outbox polar-emulator`)."""
+def main(sock: socket.socket, config: EmulatorConfig | None = None) -> None:
+    """Run the emulator in the foreground on `sock`, already bound (`outbox polar-emulator`)."""
+    host, port = sock.getsockname()[:2]
     print(f"Polar emulator on http://{host}:{port}  (token: {DEFAULT_TOKEN})", flush=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config), log_level="warning", access_log=False)
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
 
 
 class EmulatorClient:

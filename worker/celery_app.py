@@ -53,9 +53,15 @@ def _log_as_configured(loglevel: int | str | None = None, **_: Any) -> None:
 
 
 @celeryd_init.connect
-def _log_from_the_start(options: dict[str, Any] | None = None, **_: Any) -> None:
-    """The same, before the worker's first warnings (running as root, ...)."""
+def _log_from_the_start(
+    instance: Any = None, options: dict[str, Any] | None = None, **_: Any
+) -> None:
+    """The same, before the worker's first warnings (running as root, ...). With
+    LOG_FORMAT=json the worker prints no banner however it is started (`celery -A worker
+    worker` in compose, as `--quiet` would): every line is one JSON object."""
     _log_as_configured((options or {}).get("loglevel"))
+    if settings.log_format == "json" and instance is not None:
+        instance.quiet = True
 
 
 app = Celery("outbox", broker=settings.redis_url, include=["worker.tasks"])

@@ -127,3 +127,29 @@ def test_a_separate_beat_process_drives_outbox_worker(
     start(sys.executable, "-m", "cli.main", "worker", "--no-beat", "--concurrency", "1")
     wait_until(all_delivered(clean_tables, 3), 60, "beat-driven delivery", logs(tmp_path))
     assert emulator.state.totals() == {customer: 6}
+
+
+def test_serve_with_two_workers_serves_on_the_port_it_checked_and_stops_on_sigterm(
+    clean_tables: Engine, start: Start, tmp_path: Path
+) -> None:
+    """Compose's command (`--workers 2`): the socket `outbox serve` bound while checking the port
+    is the one both worker processes serve on (no second bind, so no race for the port)."""
+    port = free_port()
+    process = start(
+        sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--workers", "2"
+    )
+    api = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _up(api), 60, "outbox serve --workers 2", logs(tmp_path))
+    with session_scope(clean_tables) as session:
+        customer = make_customer(session, credits=10)
+        token, _ = create_token(session, "usage")
+    for n in range(1, 5):
+        response = httpx.post(
+            f"{api}/v1/usage",
+            json={"customer_id": customer, "credits": 1},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert response.status_code == 201, response.text
+        assert response.json()["balance"] == 10 - n
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(30) == 0, logs(tmp_path)()

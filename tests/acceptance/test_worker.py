@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine
 
 import polar_emulator
@@ -31,19 +32,26 @@ def test_a_celery_worker_delivers_committed_usage(
     assert status_counts(clean_tables) == {"delivered": 30}
 
 
-def test_log_format_json_is_every_line_of_outbox_worker_celerys_own_too(
+@pytest.mark.parametrize("command", ["outbox worker", "celery -A worker worker"])
+def test_log_format_json_is_every_line_of_the_worker_celerys_own_too(
+    command: str,
     clean_tables: Engine,
     emulator: polar_emulator.RunningEmulator,
     start_worker: Callable[..., Worker],
 ) -> None:
-    """LOG_FORMAT=json: one JSON object per line from `outbox worker` (Celery's connected,
-    ready and task lines included, with their fields), for a log pipeline."""
+    """LOG_FORMAT=json: one JSON object per line from `outbox worker` and from compose's
+    `celery -A worker worker` (no banner; Celery's connected, ready and task lines included,
+    with their fields), for a log pipeline."""
     with session_scope(clean_tables) as session:
         customer = make_customer(session, credits=100)
         for _ in range(5):
             record_usage(session, customer, 1)
-    outbox = str(Path(sys.executable).with_name("outbox"))
-    worker = start_worker(argv=[outbox, "worker", "--concurrency=1"], LOG_FORMAT="json")
+    if command == "outbox worker":
+        argv = [str(Path(sys.executable).with_name("outbox")), "worker", "--concurrency=1"]
+    else:
+        argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--concurrency=1"]
+        argv += ["--loglevel=INFO", "--without-gossip", "--without-mingle"]  # as compose
+    worker = start_worker(argv=argv, LOG_FORMAT="json")
     wait_until(all_delivered(clean_tables, 5), 60, "delivery", worker.output)
     wait_until(lambda: "succeeded in" in worker.output(), 30, "a task's line", worker.output)
     records = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from cli.dev import DevOptions, check_port_free, dev_database_url, ignored_settings, seed_demo
+from cli.dev import DevOptions, bind_port, dev_database_url, ignored_settings, seed_demo
 from outbox.db import dispose_engines, session_scope
 from outbox.errors import ConfigError
 from outbox.ledger import get_credits, record_usage
@@ -54,12 +54,16 @@ def test_a_busy_port_is_named_with_the_flag_that_moves_it() -> None:
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(ConfigError) as refused:
-            check_port_free("127.0.0.1", port, "--emulator-port")
+            bind_port("127.0.0.1", port, "--emulator-port")
     assert refused.value.detail == (
         f"port {port} on 127.0.0.1 is already in use: stop what is using it, "
         "or choose another port with --emulator-port N"
     )
-    check_port_free("127.0.0.1", port, "--emulator-port")  # free again: no complaint
+    with bind_port("127.0.0.1", port, "--emulator-port") as ours:  # free again: no complaint
+        # The server is handed this bound socket: nobody can take the port in between.
+        assert ours.getsockname()[1] == port
+        with socket.socket() as late, pytest.raises(OSError):
+            late.bind(("127.0.0.1", port))
 
 
 def test_a_restart_keeps_the_balance_and_only_its_newest_token(sqlite_engine: Engine) -> None:
