@@ -110,6 +110,57 @@ def can_run_private_postgres() -> bool:
     return True
 
 
+def _process_identity(pid: int) -> str | None:
+    """`<pid> <start time>` of a live process (the start time tells a reused pid apart)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+
+
+CLUSTER_PREFIX = "outbox-test-pg-"
+OWNER_FILE = "owner"  # in a private cluster's directory: the test process that made it
+
+
+def reap_abandoned_clusters(root: Path | None = None) -> list[Path]:
+    """Stop and delete the private clusters whose test run is gone (killed, say, before its
+    fixtures could clean up): each directory names its owner process, and one that no longer
+    lives leaves its cluster to whoever comes next. Returns the directories removed."""
+    removed = []
+    for directory in Path(root or tempfile.gettempdir()).glob(CLUSTER_PREFIX + "*"):
+        try:
+            owner = (directory / OWNER_FILE).read_text().strip()
+        except OSError:
+            continue  # being created, or not ours
+        pid = int(owner.split()[0])
+        if _process_identity(pid) == owner:
+            continue  # its run is still going
+        pidfile = directory / "data" / "postmaster.pid"
+        bindir = postgres_bindir()
+        if pidfile.exists() and bindir is not None:
+            as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+            subprocess.run(
+                [
+                    *as_user,
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(directory / "data"),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "-t",
+                    "30",
+                    "stop",
+                ],
+                capture_output=True,
+                timeout=60,
+            )
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
+
+
 class PrivatePostgres:
     """A PostgreSQL cluster of the test's own: initdb into a temporary directory, started on a
     free port (trust auth, user postgres), that the test may stop and restart. PostgreSQL
@@ -129,8 +180,10 @@ class PrivatePostgres:
             except KeyError:
                 service_missing("a `postgres` user to run a private cluster as", KeyError())
             self.as_user = ["runuser", "-u", "postgres", "--"]
+        reap_abandoned_clusters()
         # Not under pytest's tmp_path: as root, that is private to root.
-        self.dir = Path(tempfile.mkdtemp(prefix="outbox-test-pg-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=CLUSTER_PREFIX))
+        (self.dir / OWNER_FILE).write_text(f"{_process_identity(os.getpid())}\n")
         if owner is not None:
             os.chown(self.dir, owner.pw_uid, owner.pw_gid)
         self.data = self.dir / "data"
