@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, InternalError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
@@ -17,7 +19,7 @@ from api.deadline import current_deadline
 from api.deps import bearer_token, forbidden_body, required_scope
 from api.schemas import error_body
 from outbox import errors
-from outbox.idempotency import StoredResponse
+from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
 
 log = logging.getLogger("api")
 
@@ -54,6 +56,29 @@ def response_for(exc: errors.OutboxError) -> StoredResponse:
     status = next((s for cls, s in STATUS_BY_ERROR.items() if isinstance(exc, cls)), 500)
     extra = {"field": exc.context["field"]} if "field" in exc.context else {}
     return StoredResponse(status, error_body(exc.code, exc.detail, **extra))
+
+
+def run_keyed(
+    session: Any,
+    *,
+    token_id: int,
+    key: str | None,
+    path: str,
+    body: BaseModel,
+    action: Callable[[], StoredResponse],
+) -> JSONResponse:
+    """`POST path` with `body` under the Idempotency-Key `key` (`outbox.idempotency`): the
+    first request's answer, a domain error included, is stored and answered again to a repeat;
+    the same key with another body is refused."""
+    response = run_idempotent(
+        session,
+        token_id=token_id,
+        key=key,
+        fingerprint=request_fingerprint("POST", path, body.model_dump(mode="json")),
+        action=action,
+        error_response=response_for,
+    )
+    return JSONResponse(response.body, status_code=response.status_code)
 
 
 def _field_of(loc: tuple[Any, ...]) -> str:

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.convertors import Convertor, register_url_convertor
 
 from api.deps import AdminToken, SessionDep, UsageToken, respond
-from api.errors import response_for
+from api.errors import run_keyed
 from api.routes.usage import IdempotencyKey
 from api.schemas import (
     ERROR_RESPONSES,
@@ -26,7 +26,7 @@ from api.schemas import (
     UsagePage,
 )
 from outbox.events import list_events
-from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
+from outbox.idempotency import StoredResponse
 from outbox.ledger import debit_by_operator, get_credits, grant_by_operator
 from outbox.models import OutboxEvent
 from outbox.validation import (
@@ -146,17 +146,14 @@ def post_grant(
         )
         return StoredResponse(201, {"grant_id": result.grant_id, "balance": result.balance})
 
-    response = run_idempotent(
+    return run_keyed(
         session,
         token_id=token.id,
         key=key,
-        fingerprint=request_fingerprint(
-            "POST", f"/v1/customers/{customer_id}/grants", body.model_dump(mode="json")
-        ),
+        path=f"/v1/customers/{customer_id}/grants",
+        body=body,
         action=action,
-        error_response=response_for,
     )
-    return JSONResponse(response.body, status_code=response.status_code)
 
 
 @router.post(
@@ -194,14 +191,11 @@ def post_debit(
         )
         return StoredResponse(201, {"debit_id": result.grant_id, "balance": result.balance})
 
-    response = run_idempotent(
+    return run_keyed(
         session,
         token_id=token.id,
         key=key,
-        fingerprint=request_fingerprint(
-            "POST", f"/v1/customers/{customer_id}/debits", body.model_dump(mode="json")
-        ),
+        path=f"/v1/customers/{customer_id}/debits",
+        body=body,
         action=action,
-        error_response=response_for,
     )
-    return JSONResponse(response.body, status_code=response.status_code)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import SessionDep, UsageToken, after_commit, respond
-from api.errors import response_for
+from api.errors import response_for, run_keyed
 from api.routes.usage import IdempotencyKey
 from api.schemas import (
     ERROR_RESPONSES,
@@ -22,7 +22,7 @@ from api.schemas import (
 )
 from outbox.errors import HoldClosed
 from outbox.holds import capture_hold, place_hold, release_hold
-from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
+from outbox.idempotency import StoredResponse
 from outbox.validation import check_customer_id, check_idempotency_key
 
 router = APIRouter(prefix="/v1/holds", tags=["holds"])
@@ -64,15 +64,9 @@ def post_hold(
         out = HoldOut(hold_id=result.hold_id, balance=result.balance, expires_at=result.expires_at)
         return StoredResponse(201, out.model_dump(mode="json"))
 
-    response = run_idempotent(
-        session,
-        token_id=token.id,
-        key=key,
-        fingerprint=request_fingerprint("POST", "/v1/holds", body.model_dump(mode="json")),
-        action=action,
-        error_response=response_for,
+    return run_keyed(
+        session, token_id=token.id, key=key, path="/v1/holds", body=body, action=action
     )
-    return JSONResponse(response.body, status_code=response.status_code)
 
 
 @router.post(

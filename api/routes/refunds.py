@@ -15,10 +15,10 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import SessionDep, UsageToken, after_commit
-from api.errors import response_for
+from api.errors import run_keyed
 from api.routes.usage import IdempotencyKey
 from api.schemas import ERROR_RESPONSES, ErrorOut, RefundIn, RefundOut
-from outbox.idempotency import StoredResponse, request_fingerprint, run_idempotent
+from outbox.idempotency import StoredResponse
 from outbox.refunds import COMPENSATED, refund_by
 from outbox.validation import MAX_ID, MAX_REASON_LENGTH, check_idempotency_key, check_text
 
@@ -71,14 +71,11 @@ def post_refund(
             after_commit(session, request.app.state.nudge)
         return StoredResponse(201, result.as_dict())
 
-    response = run_idempotent(
+    return run_keyed(
         session,
         token_id=token.id,
         key=key,
-        fingerprint=request_fingerprint(
-            "POST", f"/v1/usage/{event_id}/refunds", body.model_dump(mode="json")
-        ),
+        path=f"/v1/usage/{event_id}/refunds",
+        body=body,
         action=action,
-        error_response=response_for,
     )
-    return JSONResponse(response.body, status_code=response.status_code)
