@@ -503,15 +503,25 @@ def grant_by_operator(
     from outbox import audit
 
     result = grant_credits(session, customer_id, credits, reason, idempotency_key)
-    if result.replayed:
-        return result
-    audit.record(
-        session,
-        actor=actor,
-        action=audit.GRANT,
-        reason=reason,
-        detail={"customer_id": customer_id, "credits": credits, "balance": result.balance},
-    )
+    return _audited(session, result, audit.GRANT, actor, reason, customer_id, credits)
+
+
+def _audited(
+    session: Session,
+    result: GrantResult,
+    action: str,
+    actor: str,
+    reason: str | None,
+    customer_id: str,
+    credits: int,
+) -> GrantResult:
+    """`result` of an operator's grant or debit, recorded in the audit log in the caller's
+    transaction, unless it is a replay of one already recorded."""
+    from outbox import audit
+
+    if not result.replayed:
+        detail = {"customer_id": customer_id, "credits": credits, "balance": result.balance}
+        audit.record(session, actor=actor, action=action, reason=reason, detail=detail)
     return result
 
 
@@ -698,13 +708,4 @@ def debit_by_operator(
     from outbox import audit
 
     result = debit_credits(session, customer_id, credits, reason, idempotency_key)
-    if result.replayed:
-        return result
-    audit.record(
-        session,
-        actor=actor,
-        action=audit.DEBIT,
-        reason=reason,
-        detail={"customer_id": customer_id, "credits": credits, "balance": result.balance},
-    )
-    return result
+    return _audited(session, result, audit.DEBIT, actor, reason, customer_id, credits)
