@@ -233,7 +233,7 @@ def test_compose_has_the_production_shape() -> None:
         )
     assert services["migrate"]["command"] == ["outbox", "db", "upgrade"]
     assert services["worker"]["command"][:4] == ["celery", "-A", "worker", "worker"]
-    assert services["beat"]["command"][:4] == ["celery", "-A", "worker", "beat"]
+    assert services["beat"]["command"][:5] == ["celery", "-A", "worker", "--quiet", "beat"]
     assert services["worker"]["environment"]["OUTBOX_METRICS_PORT"] == "9108"
     # The console is its own process, on the loopback; the public API serves no console.
     assert services["console"]["profiles"] == ["console"]

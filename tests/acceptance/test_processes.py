@@ -3,6 +3,7 @@ nudge wakes a worker that has no beat), `celery -A worker beat` and `outbox work
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from sqlalchemy import Engine
 
 import polar_emulator
@@ -115,18 +117,22 @@ def test_a_separate_beat_process_drives_outbox_worker(
         customer = make_customer(session, credits=10)
         for _ in range(3):
             record_usage(session, customer, 2)  # no API, no nudge: only beat can wake a worker
-    start(
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker",
-        "beat",
-        f"--schedule={tmp_path / 'beat-schedule'}",
-    )
+    # Compose's beat command, with LOG_FORMAT=json: every line it prints is one JSON object.
+    beat = compose_command("beat")[:-1] + [f"--schedule={tmp_path / 'beat-schedule'}"]
+    start(sys.executable, "-m", *beat, LOG_FORMAT="json")
     start(sys.executable, "-m", "cli.main", "worker", "--no-beat", "--concurrency", "1")
     wait_until(all_delivered(clean_tables, 3), 60, "beat-driven delivery", logs(tmp_path))
     assert emulator.state.totals() == {customer: 6}
+    beat_lines = (tmp_path / "process0.log").read_text().splitlines()
+    assert any("beat: Starting" in line for line in beat_lines), beat_lines
+    for line in filter(str.strip, beat_lines):
+        assert json.loads(line)["level"], line
+
+
+def compose_command(service: str) -> list[str]:
+    """The command of one of docker-compose.yml's services."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return list(compose["services"][service]["command"])
 
 
 def test_serve_with_two_workers_serves_on_the_port_it_checked_and_stops_on_sigterm(
