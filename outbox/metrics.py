@@ -55,6 +55,13 @@ RATE_BUDGET_USED = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+BATCH_CAP = Gauge(
+    "outbox_batch_cap",
+    "Most rows a worker process claims for one request: OUTBOX_BATCH_SIZE, or less after Polar "
+    "answered 500 to bigger batches (outbox/delivery/sizer.py); the smallest process's.",
+    multiprocess_mode="min",
+)
+
 
 def observe_delivered(events: Sequence[_HasCreatedAt], now: datetime) -> None:
     """Count delivered events and their commit → accepted latency."""

@@ -3,6 +3,8 @@
 The rules (docs/state_machine.md; what Polar does: docs/explanation/polar.md):
 - OK → delivered (inserted or duplicate: Polar dedups on `external_id`, so a resend is free).
 - Network error, timeout, 5xx, an unattributable 4xx → pending with backoff; counts an attempt.
+  A 500 also halves the claims of this worker process for a while (`outbox.delivery.sizer`):
+  Polar's server fails batches past its meter-row limit with a 500.
 - A slot of the shared, paced rate budget first, then the claim (docs/explanation/pacing.md):
   no slot within the budget's wait → nothing is claimed, the rows stay due.
 - A request carries at most OUTBOX_BATCH_SIZE events and half of Polar's 10 MiB body limit:
@@ -33,11 +35,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from http import HTTPStatus
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import metrics
 from outbox.db import session_scope
+from outbox.delivery.sizer import BatchSizer
 from outbox.events import (
     ClaimedEvent,
     claim_batch,
@@ -129,6 +133,7 @@ class Deliverer:
         self._credentials_ok: bool | None = None
         self._unattributed_422: bool | None = None
         self._last_heartbeat = float("-inf")
+        self.sizer = BatchSizer(settings.outbox_batch_size)
 
     # -- transactions -----------------------------------------------------------------------
 
@@ -146,7 +151,7 @@ class Deliverer:
             return claim_batch(
                 session,
                 owner=owner,
-                limit=self.settings.outbox_batch_size,
+                limit=self.sizer.cap,
                 now=now,
                 lease_seconds=self.settings.outbox_lease_seconds,
                 hold_back_until=hold_back,
@@ -192,7 +197,7 @@ class Deliverer:
         if not pending:  # another worker took them while this one waited for its slot
             metrics.RATE_BUDGET_SLOTS_UNUSED.inc()
             return report
-        if len(pending) >= self.settings.outbox_batch_size:
+        if len(pending) >= self.sizer.cap:
             self.gateway.budget.delivery_busy()  # reconcile steps back while batches are full
         events = [to_polar_event(event, self.settings) for event in pending]
         fits = events_that_fit(events)
@@ -214,6 +219,10 @@ class Deliverer:
             report.requests += 1
             report.outcomes.append(result.outcome.value)
             metrics.POLAR_OUTCOMES.labels(result.outcome.value).inc()
+            if result.outcome is Outcome.OK:
+                self.sizer.accepted()
+            elif result.status_code == HTTPStatus.INTERNAL_SERVER_ERROR:
+                self.sizer.server_error(len(events))
             pending = self._settle(owner, pending, result, report)
             if not pending:
                 break
