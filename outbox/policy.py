@@ -219,11 +219,18 @@ class Pacing:
     low_interval_us: int = 0
 
 
-def pacing(allowance: int, window_seconds: float, *, low_cap: int = 0) -> Pacing:
+def pacing(
+    allowance: int,
+    window_seconds: float,
+    *,
+    low_cap: int = 0,
+    tolerance_share: float = PACING_TOLERANCE_SHARE,
+) -> Pacing:
     """The pacing that spends at most `allowance` slots in any `window_seconds` interval, and
-    at most `low_cap` of them at low priority (0: none reserved, full priority)."""
+    at most `low_cap` of them at low priority (0: none reserved, full priority). The tolerance
+    is how late a waiting caller may wake and still lose no slot (0.25 s of Polar's minute)."""
     window_us = round(window_seconds * 1_000_000)
-    tolerance_us = int(window_us * PACING_TOLERANCE_SHARE)
+    tolerance_us = int(window_us * tolerance_share)
     interval_us = -(-(window_us + tolerance_us) // max(1, allowance))  # ceil
     low_interval_us = -(-window_us // low_cap) if low_cap > 0 else 0
     return Pacing(interval_us, tolerance_us, low_interval_us)

@@ -11,6 +11,8 @@ With CI=true a missing PostgreSQL or Redis FAILS the run instead of skipping.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +35,8 @@ MACHINE_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 # Where the tests' databases live: this server if set, else a cluster of the run's own (see
 # `pg_server`), else the machine's.
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
+MACHINE_REDIS_URL = "redis://127.0.0.1:6379/15"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SLOW_DIRECTORIES = ("acceptance", "chaos")  # whole-system runs: real processes, servers, waits
 
@@ -235,12 +238,27 @@ def any_engine(request: pytest.FixtureRequest) -> Engine:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    client = redis.Redis.from_url(TEST_REDIS_URL)
+def redis_url() -> Iterator[str]:
+    """The run's Redis: TEST_REDIS_URL's when set; else a redis-server of the run's own
+    (tests/services.py, a free port), so that two runs at once (a developer's two terminals,
+    CI beside a benchmark) never flush each other's keys; else, without the binary, database 15
+    of the machine's on 127.0.0.1:6379."""
+    from tests.services import PrivateRedis, redis_server_installed
+
+    server = None
+    url = TEST_REDIS_URL or MACHINE_REDIS_URL
+    if not TEST_REDIS_URL and redis_server_installed():
+        server = PrivateRedis(Path(tempfile.mkdtemp(prefix="outbox-test-redis-")))
+        server.start()
+        url = server.url
+    client = redis.Redis.from_url(url)
     try:
         client.ping()
     except redis.RedisError as exc:
         service_missing("Redis", exc)
     finally:
         client.close()
-    return TEST_REDIS_URL
+    yield url
+    if server is not None:
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)

@@ -7,10 +7,12 @@ is the same process at the end of the run as at its start).
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -30,6 +32,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def redis_server_installed() -> bool:
+    return shutil.which("redis-server") is not None
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM it when the test process dies, even by SIGKILL."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 class PrivateRedis:
@@ -66,6 +80,7 @@ class PrivateRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # a killed test run leaves no redis-server behind
         )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10

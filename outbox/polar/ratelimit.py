@@ -20,7 +20,7 @@ from typing import Protocol
 
 import redis
 
-from outbox.policy import Pacing, pacing, take_slot, window_allowance
+from outbox.policy import PACING_TOLERANCE_SHARE, Pacing, pacing, take_slot, window_allowance
 from outbox.settings import Settings
 
 log = logging.getLogger("outbox.ratelimit")
@@ -155,12 +155,14 @@ class RedisRateBudget(_WaitingBudget):
         margin: int | None = None,
         namespace: str = "outbox:polar",
         window_seconds: int = 60,
+        tolerance_share: float = PACING_TOLERANCE_SHARE,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.client = client
         self.allowance = window_allowance(limit, margin)
         self.namespace = namespace
         self.window_seconds = window_seconds
+        self.tolerance_share = tolerance_share
         self.sleep = sleep
         self.last_grant_us = 0  # Redis's clock at this process's last grant (tests read it)
         self._acquire = client.register_script(_ACQUIRE)
@@ -170,7 +172,10 @@ class RedisRateBudget(_WaitingBudget):
 
     def pacing(self, share: float | None = None) -> Pacing:
         return pacing(
-            self.allowance, self.window_seconds, low_cap=low_priority_cap(self.allowance, share)
+            self.allowance,
+            self.window_seconds,
+            low_cap=low_priority_cap(self.allowance, share),
+            tolerance_share=self.tolerance_share,
         )
 
     def try_acquire(self, share: float | None = None) -> float | None:

@@ -118,7 +118,7 @@ def test_a_separate_beat_process_drives_outbox_worker(
         for _ in range(3):
             record_usage(session, customer, 2)  # no API, no nudge: only beat can wake a worker
     # Compose's beat command, with LOG_FORMAT=json: every line it prints is one JSON object.
-    beat = compose_command("beat")[:-1] + [f"--schedule={tmp_path / 'beat-schedule'}"]
+    beat = [*compose_command("beat")[:-1], f"--schedule={tmp_path / 'beat-schedule'}"]
     start(sys.executable, "-m", *beat, LOG_FORMAT="json")
     start(sys.executable, "-m", "cli.main", "worker", "--no-beat", "--concurrency", "1")
     wait_until(all_delivered(clean_tables, 3), 60, "beat-driven delivery", logs(tmp_path))

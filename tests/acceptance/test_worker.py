@@ -51,6 +51,7 @@ def test_log_format_json_is_every_line_of_the_worker_celerys_own_too(
     else:
         argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--concurrency=1"]
         argv += ["--loglevel=INFO", "--without-gossip", "--without-mingle"]  # as compose
+        argv += ["-B"]  # compose runs beat beside it: something must send the drain tasks
     worker = start_worker(argv=argv, LOG_FORMAT="json")
     wait_until(all_delivered(clean_tables, 5), 60, "delivery", worker.output)
     wait_until(lambda: "succeeded in" in worker.output(), 30, "a task's line", worker.output)

@@ -13,15 +13,23 @@ import pytest
 import redis
 
 from outbox.polar.ratelimit import FallbackRateBudget, LocalRateBudget, RedisRateBudget, make_budget
+from outbox.policy import PACING_TOLERANCE_SHARE, pacing
 from outbox.settings import load_settings
 
 LIMIT = 30  # allowance 28 (margin 2)
 WINDOW = 2
+TOLERANCE_SHARE = 2 / (LIMIT - 2)  # about two intervals, as in production
 
 
 def budget(redis_url: str, namespace: str, window: int = WINDOW) -> RedisRateBudget:
+    """A budget of LIMIT per `window`; the shrunk window keeps production's tolerance of about
+    two intervals (see the first test), a minute keeps production's own."""
     return RedisRateBudget(
-        redis.Redis.from_url(redis_url), LIMIT, namespace=namespace, window_seconds=window
+        redis.Redis.from_url(redis_url),
+        LIMIT,
+        namespace=namespace,
+        window_seconds=window,
+        tolerance_share=TOLERANCE_SHARE if window == WINDOW else PACING_TOLERANCE_SHARE,
     )
 
 
@@ -47,7 +55,12 @@ def most_in_any_window(stamps_us: list[int], window_us: int) -> int:
 def test_processes_and_threads_share_one_paced_budget(redis_url: str) -> None:
     """3 processes and 3 threads, always asking: no interval of one window (wherever it
     starts, by Redis's clock) holds more than the allowance, the budget is used (each
-    window's share), and the slots are spread (a window's first fifth holds about a fifth)."""
+    window's share), and the slots are spread (a window's first fifth holds about a fifth).
+
+    The window is Polar's minute shrunk to 2 s, with its proportions kept: the tolerance is
+    about two intervals, as in production (0.25 s of 60 s, slots 0.12 s apart). Shrunk by the
+    window's share alone it would be 8 ms, and a loaded machine wakes a waiting process later
+    than that, so slots would go unused that production, with 250 ms of slack, keeps."""
     namespace = f"test:{uuid.uuid4().hex}"
     queue: multiprocessing.Queue[list[int]] = multiprocessing.Queue()
     processes = [
@@ -68,13 +81,17 @@ def test_processes_and_threads_share_one_paced_budget(redis_url: str) -> None:
     allowance = LIMIT - 2
     window_us = WINDOW * 1_000_000
     assert most_in_any_window(stamps, window_us) <= allowance
-    # Whole windows from the first grant on: each spent (nearly) all of its share.
+    # Whole windows from the first grant on: each spent (nearly) all that the pacing hands out
+    # in one window (window / interval: 26 of the 28 here, 99.6% in production).
+    pace = pacing(allowance, WINDOW, tolerance_share=TOLERANCE_SHARE)
+    paced = window_us / pace.interval_us
+    burst = pace.tolerance_us / pace.interval_us  # slots that may come early, at the start
     start = stamps[0]
     for k in range(2):
         in_window = [t for t in stamps if start + k * window_us <= t < start + (k + 1) * window_us]
-        assert len(in_window) >= allowance - 2
+        assert len(in_window) >= int(paced) - 2
         first_fifth = [t for t in in_window if t < start + k * window_us + window_us // 5]
-        assert len(first_fifth) <= allowance / 5 + 2
+        assert len(first_fifth) <= allowance / 5 + 2 + burst
 
 
 def test_a_pause_seen_by_one_worker_stops_every_worker(redis_url: str) -> None:
