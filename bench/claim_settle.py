@@ -108,7 +108,10 @@ def before_claim(session: Session, *, owner: str, limit: int, now: datetime) -> 
 
 
 def _before_record(
-    session: Session, steps: Sequence[attempts.Step], decision: AttemptDecision, now: datetime,
+    session: Session,
+    steps: Sequence[attempts.Step],
+    decision: AttemptDecision,
+    now: datetime,
     owner: str,
 ) -> None:
     if not steps:
@@ -206,9 +209,7 @@ def before_retry(
 # -- an idea measured: the settle and its history in one statement ---------------------------
 
 
-def one_statement_delivered(
-    session: Session, ids: Sequence[int], owner: str, now: datetime
-) -> int:
+def one_statement_delivered(session: Session, ids: Sequence[int], owner: str, now: datetime) -> int:
     moved = (
         update(EVENTS)
         .where(events._claimed_by(session, owner, ids))
@@ -379,16 +380,23 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in variants:
                     m = run_one(engine, args.url, rows, size, variant, args.settle)
                     results.setdefault((size, variant), []).append(m)
-                    print(f"  {size:>5} {variant:<8} {m.wall * 1e6 / m.rows:7.1f} µs/row",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"  {size:>5} {variant:<8} {m.wall * 1e6 / m.rows:7.1f} µs/row",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         engine.dispose()
         if not args.keep_db:
             drop_database(args.url)
-    print(f"\nsettle = {args.settle}; per row, median of {args.rounds} rounds "
-          f"({' '.join(sys.argv[1:]) or 'defaults'})\n")
-    print("| batch | variant | wall µs/row | client CPU µs/row | PostgreSQL CPU µs/row "
-          "| claim stmt µs/row | settle stmt µs/row | SQL chars per batch | vs before |")
+    print(
+        f"\nsettle = {args.settle}; per row, median of {args.rounds} rounds "
+        f"({' '.join(sys.argv[1:]) or 'defaults'})\n"
+    )
+    print(
+        "| batch | variant | wall µs/row | client CPU µs/row | PostgreSQL CPU µs/row "
+        "| claim stmt µs/row | settle stmt µs/row | SQL chars per batch | vs before |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         base = None

@@ -1,10 +1,10 @@
 """The history of outbox rows (`delivery_attempts`): every statement on that table.
 
-A settle writes its rows' history in its own transaction, in one INSERT (`record`): only the rows the settle actually moved (its guarded UPDATE's RETURNING), so the
-history never claims an outcome another worker overwrote. A replay keeps the history and adds
-a step naming the replay (who, when, why live in `replays`). Pruning a delivered row takes its
-history with it (ON DELETE CASCADE). What the console and `outbox events show` read:
-docs/howto/console.md.
+A settle writes its rows' history in its own transaction, in one INSERT (`record`): only the rows
+the settle actually moved (its guarded UPDATE's RETURNING), so the history never claims an outcome
+another worker overwrote. A replay keeps the history and adds a step naming the replay (who, when,
+why live in `replays`). Pruning a delivered row takes its history with it (ON DELETE CASCADE).
+What the console and `outbox events show` read: docs/howto/console.md.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ARRAY, BigInteger, Integer, Table, Text, func, insert, literal, select
+from sqlalchemy import ARRAY, ColumnElement, Table, Text, bindparam, func, insert, literal, select
 from sqlalchemy.orm import Session
 
+from outbox.db import int_array
 from outbox.models import DeliveryAttempt, Replay
 from outbox.states import AttemptDecision
 
@@ -49,11 +50,19 @@ def record(
     if not steps:
         return
     if session.get_bind().dialect.name == "postgresql":
-        given = func.unnest(
-            literal([step.event_id for step in steps], ARRAY(BigInteger)),
-            literal([step.attempt for step in steps], ARRAY(Integer)),
-            literal([_clip(step.message) for step in steps], ARRAY(Text)),
-        ).table_valued("event_id", "attempt", "message").render_derived(name="given")
+        messages = [_clip(step.message) for step in steps]
+        arrays: list[ColumnElement[Any]] = [
+            int_array("event_ids", (step.event_id for step in steps)),
+            int_array("attempts", (step.attempt for step in steps)),
+        ]
+        if any(message is not None for message in messages):
+            arrays.append(bindparam("messages", messages, type_=ARRAY(Text)))
+        given = (
+            func.unnest(*arrays)
+            .table_valued(*["event_id", "attempt", "message"][: len(arrays)])
+            .render_derived(name="given")
+        )
+        message = given.c.message if len(arrays) == 3 else literal(None, Text)
         session.execute(
             insert(ATTEMPTS).from_select(
                 [
@@ -69,7 +78,7 @@ def record(
                 select(
                     given.c.event_id,
                     given.c.attempt,
-                    given.c.message,
+                    message,
                     literal(now, ATTEMPTS.c.attempted_at.type),
                     literal(decision.value, ATTEMPTS.c.decision.type),
                     literal(claim_token, ATTEMPTS.c.claim_token.type),

@@ -44,7 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from outbox import attempts
-from outbox.db import session_scope
+from outbox.db import int_array, session_scope
 from outbox.models import Base, OutboxEvent, utcnow
 from outbox.pagination import check_limit, decode_cursor, encode_cursor
 from outbox.policy import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, next_attempt_at
@@ -53,7 +53,6 @@ from outbox.validation import check_customer_id
 
 MAX_ERROR_LENGTH = 2000
 EVENTS = cast(Table, OutboxEvent.__table__)
-_ID_ARRAY = ARRAY(BigInteger)
 _usage_refunds = Base.metadata.tables["usage_refunds"]  # read for the stats only
 
 
@@ -133,7 +132,9 @@ def claim_batch(
         .returning(*_CLAIMED_COLUMNS)
     ).all()
     claimed = [
-        ClaimedEvent(id_, external_id, customer_id, name, credits, dict(meta or {}), at, tries, made)
+        ClaimedEvent(
+            id_, external_id, customer_id, name, credits, dict(meta or {}), at, tries, made
+        )
         for id_, external_id, customer_id, name, credits, meta, at, tries, made in rows
     ]
     claimed.sort(key=lambda event: event.id)
@@ -164,7 +165,7 @@ def _id_among(session: Session, ids: Iterable[int]) -> Any:
     """`id = ANY(:ids)` with ONE array parameter on PostgreSQL, so the statement's text and
     its plan do not grow with the batch; `id IN (...)` on SQLite."""
     if _is_postgresql(session):
-        return EVENTS.c.id == any_(bindparam("ids", list(ids), type_=_ID_ARRAY))
+        return EVENTS.c.id == any_(int_array("ids", ids))
     return EVENTS.c.id.in_(list(ids))
 
 
@@ -214,6 +215,13 @@ def mark_delivered_if_claimed(
     return len(moved)
 
 
+def _column_array(name: str, values: list[Any]) -> Any:
+    """One array parameter holding a column's value for each row (for `unnest`)."""
+    if isinstance(EVENTS.c[name].type, Integer | BigInteger):
+        return int_array(f"v_{name}", values)
+    return bindparam(f"v_{name}", values, type_=ARRAY(EVENTS.c[name].type))
+
+
 def _settle_each_if_claimed(
     session: Session,
     owner: str,
@@ -232,20 +240,20 @@ def _settle_each_if_claimed(
     guard = [EVENTS.c.status == EventStatus.INFLIGHT, EVENTS.c.lease_owner == owner]
     if _is_postgresql(session):
         ids = list(per_row)
-        given = func.unnest(
-            bindparam("ids", ids, type_=_ID_ARRAY),
-            *(
-                bindparam(
-                    f"v_{column}",
-                    [per_row[row_id].get(column) for row_id in ids],
-                    type_=ARRAY(EVENTS.c[column].type),
-                )
-                for column in columns
-            ),
-        ).table_valued(
-            column("id", BigInteger),
-            *(column(name, EVENTS.c[name].type) for name in columns),
-        ).render_derived(name="given")
+        given = (
+            func.unnest(
+                int_array("ids", ids),
+                *(
+                    _column_array(column, [per_row[row_id][column] for row_id in ids])
+                    for column in columns
+                ),
+            )
+            .table_valued(
+                column("id", BigInteger),
+                *(column(name, EVENTS.c[name].type) for name in columns),
+            )
+            .render_derived(name="given")
+        )
         for name in columns:
             values[name] = given.c[name]
         statement = update(EVENTS).where(EVENTS.c.id == given.c.id, *guard)
