@@ -13,22 +13,42 @@ import os
 import re
 import select
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    ColumnElement,
+    Engine,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.types import NullType
 
 from outbox.errors import ConfigError, DatabaseUnavailable
 from outbox.settings import Settings, get_settings
 
 _lock = threading.Lock()
 _engines: dict[tuple[int, str], Engine] = {}
+
+
+def int_array(name: str, values: Iterable[int]) -> ColumnElement[Any]:
+    """PostgreSQL: ONE parameter holding integers (ids of a batch), bound as the array's text
+    (`'{1,2,3}'`) and cast to `bigint[]`. psycopg dumps a Python list element by element (about
+    1 µs each); the text is a fifth of that, and the statement stays the same for any count."""
+    text_form = "{" + ",".join(str(int(value)) for value in values) + "}"
+    # Untyped (no `::VARCHAR`): PostgreSQL reads the text as `bigint[]` once, at bind. A text
+    # parameter cast in the statement would be parsed again for every row it is compared to.
+    return cast(bindparam(name, text_form, type_=NullType()), ARRAY(BigInteger))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -21,11 +21,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    ARRAY,
+    BigInteger,
     Engine,
     Integer,
     Table,
     and_,
+    any_,
+    bindparam,
     case,
+    column,
     delete,
     func,
     insert,
@@ -39,7 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from outbox import attempts
-from outbox.db import session_scope
+from outbox.db import int_array, session_scope
 from outbox.models import Base, OutboxEvent, utcnow
 from outbox.pagination import check_limit, decode_cursor, encode_cursor
 from outbox.policy import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, next_attempt_at
@@ -71,6 +76,19 @@ def new_claim_token(worker_id: str) -> str:
     return f"{worker_id[:90]}:{uuid.uuid4().hex[:12]}"
 
 
+_CLAIMED_COLUMNS = (
+    EVENTS.c.id,
+    EVENTS.c.external_id,
+    EVENTS.c.customer_id,
+    EVENTS.c.name,
+    EVENTS.c.credits,
+    EVENTS.c.metadata,
+    EVENTS.c.occurred_at,
+    EVENTS.c.attempts,
+    EVENTS.c.created_at,
+)
+
+
 def _clip(message: str) -> str:
     return message if len(message) <= MAX_ERROR_LENGTH else message[: MAX_ERROR_LENGTH - 1] + "…"
 
@@ -88,52 +106,36 @@ def claim_batch(
     claiming are skipped, not waited for. Rows that occurred after `hold_back_until` wait (a
     clock-skew margin: Polar refuses timestamps in its future)."""
     due = (
-        select(OutboxEvent.id)
+        select(EVENTS.c.id)
         .where(
-            OutboxEvent.status == EventStatus.PENDING,
-            OutboxEvent.next_attempt_at <= now,
-            OutboxEvent.occurred_at <= hold_back_until,
+            EVENTS.c.status == EventStatus.PENDING,
+            EVENTS.c.next_attempt_at <= now,
+            EVENTS.c.occurred_at <= hold_back_until,
         )
-        .order_by(OutboxEvent.next_attempt_at, OutboxEvent.id)
+        .order_by(EVENTS.c.next_attempt_at, EVENTS.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
         # A CTE is evaluated once: a subquery could be re-run by the planner and lock more.
         .cte("due")
     )
+    # Core on the table, not the ORM entity: plain tuples, no ORM bulk-update bookkeeping
+    # (a 1,000-row batch is claimed on every request; docs/benchmarks.md, "Claim and settle").
     rows = session.execute(
-        update(OutboxEvent)
-        .where(OutboxEvent.id.in_(select(due.c.id)))
+        update(EVENTS)
+        .where(EVENTS.c.id.in_(select(due.c.id)))
         .values(
             status=EventStatus.INFLIGHT,
             lease_owner=owner,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             updated_at=now,
         )
-        .returning(
-            OutboxEvent.id,
-            OutboxEvent.external_id,
-            OutboxEvent.customer_id,
-            OutboxEvent.name,
-            OutboxEvent.credits,
-            OutboxEvent.event_metadata,
-            OutboxEvent.occurred_at,
-            OutboxEvent.attempts,
-            OutboxEvent.created_at,
-        )
+        .returning(*_CLAIMED_COLUMNS)
     ).all()
     claimed = [
         ClaimedEvent(
-            id=row.id,
-            external_id=row.external_id,
-            customer_id=row.customer_id,
-            name=row.name,
-            credits=row.credits,
-            metadata=dict(row.event_metadata or {}),
-            occurred_at=row.occurred_at,
-            attempts=row.attempts,
-            created_at=row.created_at,
+            id_, external_id, customer_id, name, credits, dict(meta or {}), at, tries, made
         )
-        for row in rows
+        for id_, external_id, customer_id, name, credits, meta, at, tries, made in rows
     ]
     claimed.sort(key=lambda event: event.id)
     return claimed
@@ -155,11 +157,24 @@ def has_due(session: Session, *, now: datetime, hold_back_until: datetime) -> bo
     )
 
 
-def _claimed_by(owner: str, ids: Iterable[int]) -> Any:
+def _is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _id_among(session: Session, ids: Iterable[int]) -> Any:
+    """`id = ANY(:ids)` with ONE array parameter on PostgreSQL, so the statement's text and
+    its plan do not grow with the batch; `id IN (...)` on SQLite."""
+    if _is_postgresql(session):
+        return EVENTS.c.id == any_(int_array("ids", ids))
+    return EVENTS.c.id.in_(list(ids))
+
+
+def _claimed_by(session: Session, owner: str, ids: Iterable[int]) -> Any:
+    """The settle guard: the row is still inflight and leased to `owner`."""
     return and_(
-        OutboxEvent.id.in_(list(ids)),
-        OutboxEvent.status == EventStatus.INFLIGHT,
-        OutboxEvent.lease_owner == owner,
+        _id_among(session, ids),
+        EVENTS.c.status == EventStatus.INFLIGHT,
+        EVENTS.c.lease_owner == owner,
     )
 
 
@@ -176,8 +191,8 @@ def mark_delivered_if_claimed(
     if not ids:
         return 0
     moved = session.execute(
-        update(OutboxEvent)
-        .where(_claimed_by(owner, ids))
+        update(EVENTS)
+        .where(_claimed_by(session, owner, ids))
         .values(
             status=EventStatus.DELIVERED,
             maybe_at_polar=True,
@@ -187,12 +202,11 @@ def mark_delivered_if_claimed(
             last_error=None,
             updated_at=now,
         )
-        .returning(OutboxEvent.id, OutboxEvent.attempts)
-        .execution_options(synchronize_session=False)
+        .returning(EVENTS.c.id, EVENTS.c.attempts)
     ).all()
     attempts.record(
         session,
-        [attempts.Step(row.id, row.attempts + 1) for row in moved],
+        [attempts.Step(row_id, tries + 1) for row_id, tries in moved],
         decision=AttemptDecision.DELIVERED,
         now=now,
         claim_token=owner,
@@ -201,35 +215,64 @@ def mark_delivered_if_claimed(
     return len(moved)
 
 
+def _column_array(name: str, values: list[Any]) -> Any:
+    """One array parameter holding a column's value for each row (for `unnest`)."""
+    if isinstance(EVENTS.c[name].type, Integer | BigInteger):
+        return int_array(f"v_{name}", values)
+    return bindparam(f"v_{name}", values, type_=ARRAY(EVENTS.c[name].type))
+
+
 def _settle_each_if_claimed(
     session: Session,
     owner: str,
     per_row: Mapping[int, Mapping[str, Any]],
     **values: Any,
 ) -> list[Any]:
-    """One guarded UPDATE for rows with values of their own (`per_row[id][column]`, as a
-    CASE on the id): only rows still inflight and leased to `owner` move, and leave the lease.
-    Returns the moved rows (id, attempts, last_error)."""
-    columns = {column for row in per_row.values() for column in row}
-    for column in columns:
-        kind = EVENTS.c[column].type  # binds go through the column's type (UTC datetimes)
-        values[column] = case(
-            *(
-                (EVENTS.c.id == row_id, literal(row[column], kind))
-                for row_id, row in per_row.items()
-            ),
-            else_=EVENTS.c[column],
+    """One guarded UPDATE for rows with values of their own (`per_row[id][column]`, the same
+    columns for every row): only rows
+    still inflight and leased to `owner` move, and leave the lease. On PostgreSQL the values
+    come as one array per column, joined by id (`FROM unnest(...)`): the statement is the
+    same for 5 rows or 5,000; on SQLite, a CASE on the id. Returns the moved rows (id,
+    attempts, last_error)."""
+    columns = sorted(next(iter(per_row.values()), {}))
+    if any(sorted(row) != columns for row in per_row.values()):
+        raise ValueError("every row must give the same columns")
+    guard = [EVENTS.c.status == EventStatus.INFLIGHT, EVENTS.c.lease_owner == owner]
+    if _is_postgresql(session):
+        ids = list(per_row)
+        given = (
+            func.unnest(
+                int_array("ids", ids),
+                *(
+                    _column_array(column, [per_row[row_id][column] for row_id in ids])
+                    for column in columns
+                ),
+            )
+            .table_valued(
+                column("id", BigInteger),
+                *(column(name, EVENTS.c[name].type) for name in columns),
+            )
+            .render_derived(name="given")
         )
+        for name in columns:
+            values[name] = given.c[name]
+        statement = update(EVENTS).where(EVENTS.c.id == given.c.id, *guard)
+    else:
+        for name in columns:
+            kind = EVENTS.c[name].type  # binds go through the column's type (UTC datetimes)
+            values[name] = case(
+                *(
+                    (EVENTS.c.id == row_id, literal(row[name], kind))
+                    for row_id, row in per_row.items()
+                ),
+                else_=EVENTS.c[name],
+            )
+        statement = update(EVENTS).where(EVENTS.c.id.in_(list(per_row)), *guard)
     return list(
         session.execute(
-            update(EVENTS)
-            .where(
-                EVENTS.c.id.in_(list(per_row)),
-                EVENTS.c.status == EventStatus.INFLIGHT,
-                EVENTS.c.lease_owner == owner,
+            statement.values(lease_owner=None, lease_expires_at=None, **values).returning(
+                EVENTS.c.id, EVENTS.c.attempts, EVENTS.c.last_error
             )
-            .values(lease_owner=None, lease_expires_at=None, **values)
-            .returning(EVENTS.c.id, EVENTS.c.attempts, EVENTS.c.last_error)
         ).all()
     )
 
@@ -368,8 +411,8 @@ def _back_to_pending_if_claimed(
         return []
     return list(
         session.execute(
-            update(OutboxEvent)
-            .where(_claimed_by(owner, ids))
+            update(EVENTS)
+            .where(_claimed_by(session, owner, ids))
             .values(
                 status=EventStatus.PENDING,
                 lease_owner=None,
@@ -377,8 +420,7 @@ def _back_to_pending_if_claimed(
                 updated_at=now,
                 **values,
             )
-            .returning(OutboxEvent.id, OutboxEvent.attempts)
-            .execution_options(synchronize_session=False)
+            .returning(EVENTS.c.id, EVENTS.c.attempts)
         ).all()
     )
 

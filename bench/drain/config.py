@@ -8,7 +8,7 @@ from pathlib import Path
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/outbox_bench_drain"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 EMULATOR_TOKEN = "polar_emulator_token"  # polar_emulator.DEFAULT_TOKEN
-BATCH = 500
+BATCH = 1000  # OUTBOX_BATCH_SIZE's default (outbox/settings.py)
 CUSTOMERS = 1000
 # The highest POLAR_REQUESTS_PER_MINUTE the settings accept: the budget is never the limit.
 UNLIMITED_RPM = 100_000

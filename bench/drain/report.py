@@ -51,8 +51,8 @@ def goal_lines(results: list[DrainResult], cfg: Config) -> list[str]:
     if a is not None and best is not None and a.throughput:
         ratio = best.throughput / a.throughput
         lines.append(
-            f"goal (b) >= 30% of (a): {best.key} {best.throughput:,.0f} rows/s = {ratio:.1%}"
-            f" of {a.throughput:,.0f} -> {_verdict(ratio >= 0.3)}"
+            f"goal (b) >= 50% of (a): {best.key} {best.throughput:,.0f} rows/s = {ratio:.1%}"
+            f" of {a.throughput:,.0f} -> {_verdict(ratio >= 0.5)}"
         )
     c = by_key.get("c")
     if c is not None and best is not None and c.throughput:
