@@ -107,12 +107,12 @@ def _insert_from(table: Any, values: dict[str, Any], source: Any) -> Any:
     )
 
 
-def build_spend_statement(deduct: Any) -> Any:
+def build_spend_statement(deduct: Any, *, of_hold: bool = False) -> Any:
     """PostgreSQL: the conditional deduction, the outbox row and the ledger entry in ONE
     statement (data-modifying CTEs), one round trip instead of three. The event and the entry
     are inserted FROM the deduction's RETURNING, so a refused deduction inserts nothing and
     the statement returns no row. Parameters: as `_DEDUCT`, plus p_external_id, p_name,
-    p_metadata and p_idempotency_key."""
+    p_metadata and p_idempotency_key (and p_hold_id, `of_hold`: a capture's usage)."""
     e, le = _outbox_events.c, _ledger_entries.c
 
     def param(name: str, column: Any) -> Any:
@@ -147,7 +147,8 @@ def build_spend_statement(deduct: Any) -> Any:
             "external_id": param("p_external_id", le.external_id),
             "idempotency_key": param("p_idempotency_key", le.idempotency_key),
             "created_at": param("p_now", le.created_at),
-        },
+        }
+        | ({"hold_id": param("p_hold_id", le.hold_id)} if of_hold else {}),
         deducted.join(event, true()),
     ).cte("entry")
     return select(deducted.c.balance, event.c.id).select_from(
@@ -156,6 +157,7 @@ def build_spend_statement(deduct: Any) -> Any:
 
 
 _SPEND = build_spend_statement(_DEDUCT)
+_SPEND_OF_HOLD = build_spend_statement(_DEDUCT, of_hold=True)
 
 
 def _deduct_if_covered(session: Session, customer_id: str, credits: int, now: datetime) -> int:
@@ -373,21 +375,22 @@ def usage_steps(
     return (yield from _spend_steps(spend))
 
 
-def _spend_steps(spend: Spend) -> Steps[UsageResult]:
-    """PostgreSQL: deduction, outbox row and ledger entry in one round trip (`_SPEND`)."""
+def _spend_steps(spend: Spend, *, hold_id: int | None = None) -> Steps[UsageResult]:
+    """PostgreSQL: deduction, outbox row and ledger entry in one round trip (`_SPEND`); with
+    `hold_id`, the usage of a capture (its entry names the hold)."""
     external_id = new_external_id()
-    row = yield Query(
-        _SPEND,
-        {
-            "p_customer_id": spend.customer_id,
-            "p_credits": spend.credits,
-            "p_now": spend.now,
-            "p_external_id": external_id,
-            "p_name": spend.settings.usage_event_name,
-            "p_metadata": spend.metadata,
-            "p_idempotency_key": spend.idempotency_key,
-        },
-    )
+    params = {
+        "p_customer_id": spend.customer_id,
+        "p_credits": spend.credits,
+        "p_now": spend.now,
+        "p_external_id": external_id,
+        "p_name": spend.settings.usage_event_name,
+        "p_metadata": spend.metadata,
+        "p_idempotency_key": spend.idempotency_key,
+    }
+    if hold_id is not None:
+        params["p_hold_id"] = hold_id
+    row = yield Query(_SPEND if hold_id is None else _SPEND_OF_HOLD, params)
     if row is None:
         raise (yield from refusal_steps(spend.customer_id, spend.credits))
     balance, event_id = row

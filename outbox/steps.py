@@ -12,13 +12,16 @@ do: `Pump` holds what driving a generator means (start, send a row, throw an err
 the outcome), so a driver only says how it runs a `Query` and what ROLLBACK undoes.
 - `run_steps` (here): on a SQLAlchemy Session, in the caller's transaction, never committing
   it and never rolling it back: ROLLBACK returns to a savepoint the driver opened
-  (`savepoint=True`, required of steps that may yield ROLLBACK).
+  (`savepoint=True`, required of steps that may yield ROLLBACK). On PostgreSQL with psycopg
+  each Query runs raw on the Session's own connection (`_PsycopgDriver`, the statements
+  compiled once as the async driver's: `outbox.compiled`); elsewhere (SQLite) through
+  `session.execute`.
 - `api.asyncdb.AsyncDatabase.run`: on psycopg's async connection, in a transaction of its own
   (or autocommit), where ROLLBACK rolls that transaction back.
 tests/outbox/test_steps.py runs the same steps on both.
 
-Only statements built once at import (module constants) are yielded: the async driver compiles
-each statement once and keeps it by identity.
+Only statements built once at import (module constants) are yielded: the raw drivers compile
+each statement once and keep it by identity.
 """
 
 from __future__ import annotations
