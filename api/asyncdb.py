@@ -3,7 +3,7 @@
 (docs/explanation/request-path.md).
 
 The library keeps its sync Session (`record_usage` in the caller's transaction); the steps are
-the same generator, with the same statements (compiled once here by SQLAlchemy for psycopg)
+the same generator, with the same statements (compiled once for psycopg: `outbox.compiled`)
 and the same decisions. What a request could wait for is bounded as on the sync engine
 (`outbox.db.make_request_engine`): the same `lock_timeout`, `statement_timeout` and
 `idle_in_transaction_session_timeout` per connection, and at most
@@ -31,18 +31,16 @@ import asyncio
 import logging
 import select
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
-from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from api.deadline import RequestDeadline, current_deadline
+from outbox.compiled import compile_once, translated
 from outbox.db import (
     API_APPLICATION_NAME,
     api_connect_timeout,
@@ -56,46 +54,6 @@ log = logging.getLogger("api")
 
 T = TypeVar("T")
 Connection = psycopg.AsyncConnection[Any]
-_DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
-
-
-@dataclass(frozen=True)
-class _Compiled:
-    """A statement compiled once for psycopg: its SQL, the constants SQLAlchemy bound, and the
-    bind processors of its typed parameters (JSONB)."""
-
-    sql: str
-    constants: dict[str, Any]
-    processors: dict[str, Callable[[Any], Any]]
-    statement: Any  # kept alive: the cache is keyed by its id()
-
-    @classmethod
-    def of(cls, statement: Any) -> _Compiled:
-        compiled = statement.compile(dialect=_DIALECT)
-        processors = {}
-        for name, bind in compiled.binds.items():
-            processor = bind.type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
-            if processor is not None:
-                processors[name] = processor
-        constants = {k: v for k, v in compiled.params.items() if not k.startswith("p_")}
-        return cls(compiled.string, constants, processors, statement)
-
-    def params(self, given: Any) -> dict[str, Any]:
-        params = {**self.constants, **given}
-        for name, processor in self.processors.items():
-            if name in params:
-                params[name] = processor(params[name])
-        return params
-
-
-_compiled: dict[int, _Compiled] = {}
-
-
-def _compile(statement: Any) -> _Compiled:
-    compiled = _compiled.get(id(statement))
-    if compiled is None:
-        compiled = _compiled[id(statement)] = _Compiled.of(statement)
-    return compiled
 
 
 def libpq_conninfo(url: str) -> str:
@@ -164,7 +122,7 @@ class AsyncDatabase:
                     if attempt == 1 and not committing and not deadline.expired:
                         log.warning("a database connection was lost mid-request; retrying once")
                         continue
-                raise _translated(exc) from exc
+                raise translated(exc) from exc
             finally:
                 deadline.unwatch(fd)
                 await self._checkin(connection, generation)
@@ -190,7 +148,7 @@ class AsyncDatabase:
         except BaseException as exc:
             self._slots.release()
             if isinstance(exc, psycopg.Error):
-                raise _translated(exc) from exc
+                raise translated(exc) from exc
             raise
 
     async def _connect(self) -> Connection:
@@ -251,7 +209,7 @@ async def _drive(connection: Connection, steps: Steps[T], deadline: RequestDeadl
                 await connection.rollback()
             pump.answer(None)
             continue
-        compiled = _compile(step.statement)
+        compiled = compile_once(step.statement)
         deadline.committing = connection.autocommit
         try:
             cursor = await connection.execute(compiled.sql, compiled.params(step.params))
@@ -265,9 +223,3 @@ async def _drive(connection: Connection, steps: Steps[T], deadline: RequestDeadl
         deadline.committing = False
         pump.answer(answer)
     return pump.result
-
-
-def _translated(exc: psycopg.Error) -> Exception:
-    """psycopg's error as SQLAlchemy's sync engine raises it (api.errors maps those)."""
-    translated: Exception = DBAPIError.instance(None, None, exc, psycopg.Error, dialect=_DIALECT)
-    return translated

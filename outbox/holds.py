@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, literal, select, true, update
 from sqlalchemy.orm import Session
 
 from outbox.errors import (
@@ -27,15 +28,21 @@ from outbox.errors import (
     InvalidRequest,
 )
 from outbox.ledger import (
+    Spend,
     UsageResult,
     _deduct_if_covered,
+    _insert_from,
+    _is_postgresql,
+    _spend_steps,
     append_ledger_entry,
     enqueue_usage_event,
     refusal,
+    refusal_steps,
 )
-from outbox.models import Customer, Hold, utcnow
+from outbox.models import Base, Customer, Hold, utcnow
 from outbox.settings import Settings, get_settings
 from outbox.states import HoldStatus, LedgerKind
+from outbox.steps import Query, Steps, run_steps
 from outbox.validation import Metadata, check_credits, check_customer_id, check_metadata
 
 
@@ -61,6 +68,9 @@ def place_hold(
     customer_id = check_customer_id(customer_id)
     credits = check_credits(credits)
     now = utcnow()
+    expires_at = now + timedelta(seconds=settings.hold_ttl_seconds)
+    if _is_postgresql(session):
+        return run_steps(session, _place_hold_steps(customer_id, credits, now, expires_at))
     balance = session.execute(
         update(Customer)
         .where(Customer.id == customer_id, Customer.balance >= credits)
@@ -69,7 +79,6 @@ def place_hold(
     ).scalar_one_or_none()
     if balance is None:
         raise refusal(session, customer_id, credits)
-    expires_at = now + timedelta(seconds=settings.hold_ttl_seconds)
     hold = Hold(
         customer_id=customer_id,
         credits=credits,
@@ -91,6 +100,132 @@ def place_hold(
     return HoldResult(hold_id=hold.id, balance=int(balance), expires_at=expires_at)
 
 
+_customers = Base.metadata.tables["customers"]
+_holds = Base.metadata.tables["holds"]
+_ledger_entries = Base.metadata.tables["ledger_entries"]
+
+
+def _param(name: str, column: Any) -> Any:
+    return bindparam(name, type_=column.type)
+
+
+def build_place_hold_statement() -> Any:
+    """PostgreSQL: a hold placed in ONE statement: the conditional move of `p_credits` from
+    the balance to `held` (`balance >= credits` is the guard), the hold, and its ledger entry,
+    each inserted FROM the one before (a refused move inserts nothing, and the statement
+    returns no row). Parameters: p_customer_id, p_credits, p_now, p_expires_at."""
+    c, h, le = _customers.c, _holds.c, _ledger_entries.c
+    moved = (
+        update(_customers)
+        .where(c.id == _param("p_customer_id", c.id), c.balance >= _param("p_credits", c.balance))
+        .values(
+            balance=c.balance - _param("p_credits", c.balance),
+            held=c.held + _param("p_credits", c.held),
+            updated_at=_param("p_now", c.updated_at),
+        )
+        .returning(c.balance)
+        .cte("moved")
+    )
+    hold = _insert_from(
+        _holds,
+        {
+            "customer_id": _param("p_customer_id", h.customer_id),
+            "credits": _param("p_credits", h.credits),
+            "revoked_credits": literal(0, h.revoked_credits.type),
+            "status": literal(HoldStatus.OPEN.value, h.status.type),
+            "expires_at": _param("p_expires_at", h.expires_at),
+            "created_at": _param("p_now", h.created_at),
+        },
+        moved,
+    ).cte("hold")
+    entry = _insert_from(
+        _ledger_entries,
+        {
+            "customer_id": _param("p_customer_id", le.customer_id),
+            "kind": literal(LedgerKind.HOLD.value, le.kind.type),
+            "delta": -_param("p_credits", le.delta),
+            "balance_after": moved.c.balance,
+            "hold_id": hold.c.id,
+            "created_at": _param("p_now", le.created_at),
+        },
+        moved.join(hold, true()),
+    ).cte("entry")
+    return select(moved.c.balance, hold.c.id).select_from(
+        moved.join(hold, true()).join(entry, true())
+    )
+
+
+_PLACE_HOLD = build_place_hold_statement()
+
+
+def _place_hold_steps(
+    customer_id: str, credits: int, now: datetime, expires_at: datetime
+) -> Steps[HoldResult]:
+    """PostgreSQL: `place_hold` in one round trip (`build_place_hold_statement`)."""
+    row = yield Query(
+        _PLACE_HOLD,
+        {
+            "p_customer_id": customer_id,
+            "p_credits": credits,
+            "p_now": now,
+            "p_expires_at": expires_at,
+        },
+    )
+    if row is None:
+        raise (yield from refusal_steps(customer_id, credits))
+    balance, hold_id = row
+    return HoldResult(hold_id=int(hold_id), balance=int(balance), expires_at=expires_at)
+
+
+def build_return_held_statement() -> Any:
+    """PostgreSQL: a hold's credits back from `held` to the balance and the ledger entry that
+    says so (`p_kind`: capture or release), in ONE statement. Parameters: p_customer_id,
+    p_credits, p_now, p_kind, p_hold_id."""
+    c, le = _customers.c, _ledger_entries.c
+    returned = (
+        update(_customers)
+        .where(c.id == _param("p_customer_id", c.id))
+        .values(
+            balance=c.balance + _param("p_credits", c.balance),
+            held=c.held - _param("p_credits", c.held),
+            updated_at=_param("p_now", c.updated_at),
+        )
+        .returning(c.balance)
+        .cte("returned")
+    )
+    entry = _insert_from(
+        _ledger_entries,
+        {
+            "customer_id": _param("p_customer_id", le.customer_id),
+            "kind": _param("p_kind", le.kind),
+            "delta": _param("p_credits", le.delta),
+            "balance_after": returned.c.balance,
+            "hold_id": _param("p_hold_id", le.hold_id),
+            "created_at": _param("p_now", le.created_at),
+        },
+        returned,
+    ).cte("entry")
+    return select(returned.c.balance).select_from(returned.join(entry, true()))
+
+
+_RETURN_HELD = build_return_held_statement()
+
+
+def _return_held_steps(hold: Hold, kind: LedgerKind, now: datetime) -> Steps[int]:
+    row = yield Query(
+        _RETURN_HELD,
+        {
+            "p_customer_id": hold.customer_id,
+            "p_credits": hold.credits,
+            "p_now": now,
+            "p_kind": kind.value,
+            "p_hold_id": hold.id,
+        },
+    )
+    assert row is not None  # the customer's row is locked: it exists
+    return int(row[0])
+
+
 def get_hold_for_update(session: Session, hold_id: int) -> Hold:
     """The hold, locked until the transaction ends, its customer's row locked before it (the
     order every hold operation locks in); `HoldNotFound` otherwise."""
@@ -107,6 +242,8 @@ def _lock_customer(session: Session, customer_id: str) -> None:
 
 
 def _return_held(session: Session, hold: Hold, kind: LedgerKind, now: datetime) -> int:
+    if _is_postgresql(session):
+        return run_steps(session, _return_held_steps(hold, kind, now))
     balance = session.execute(
         update(Customer)
         .where(Customer.id == hold.customer_id)
@@ -169,12 +306,44 @@ def capture_hold(
             credits=amount,
         )
     _return_held(session, hold, LedgerKind.CAPTURE, now)
+    if _is_postgresql(session):
+        spend = Spend(hold.customer_id, amount, clean_metadata, None, now, settings)
+        result = run_steps(session, _spend_steps(spend, hold_id=hold.id))
+        event_id, external_id, balance = result.event_id, result.external_id, result.balance
+    else:
+        balance, event_id, external_id = _spend_of_hold_in_three_statements(
+            session, hold, amount, clean_metadata, now, settings
+        )
+    result = UsageResult(event_id=event_id, external_id=external_id, balance=balance)
+    hold.status = HoldStatus.CAPTURED
+    hold.captured_credits = amount
+    hold.event_id = event_id
+    hold.closed_at = now
+    hold.capture_response = {
+        "event_id": event_id,
+        "external_id": external_id,
+        "balance": balance,
+    }
+    session.flush()
+    return result
+
+
+def _spend_of_hold_in_three_statements(
+    session: Session,
+    hold: Hold,
+    amount: int,
+    metadata: Metadata,
+    now: datetime,
+    settings: Settings,
+) -> tuple[int, int, str]:
+    """SQLite: a capture's usage (deduction, outbox row, ledger entry naming the hold), one
+    statement at a time; returns the balance, the event id and its `external_id`."""
     balance = _deduct_if_covered(session, hold.customer_id, amount, now)
     event_id, external_id = enqueue_usage_event(
         session,
         customer_id=hold.customer_id,
         credits=amount,
-        metadata=clean_metadata,
+        metadata=metadata,
         occurred_at=now,
         settings=settings,
     )
@@ -189,18 +358,7 @@ def capture_hold(
         external_id=external_id,
         hold_id=hold.id,
     )
-    result = UsageResult(event_id=event_id, external_id=external_id, balance=balance)
-    hold.status = HoldStatus.CAPTURED
-    hold.captured_credits = amount
-    hold.event_id = event_id
-    hold.closed_at = now
-    hold.capture_response = {
-        "event_id": event_id,
-        "external_id": external_id,
-        "balance": balance,
-    }
-    session.flush()
-    return result
+    return balance, event_id, external_id
 
 
 class OpenHolds:

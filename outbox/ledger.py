@@ -107,12 +107,12 @@ def _insert_from(table: Any, values: dict[str, Any], source: Any) -> Any:
     )
 
 
-def build_spend_statement(deduct: Any) -> Any:
+def build_spend_statement(deduct: Any, *, of_hold: bool = False) -> Any:
     """PostgreSQL: the conditional deduction, the outbox row and the ledger entry in ONE
     statement (data-modifying CTEs), one round trip instead of three. The event and the entry
     are inserted FROM the deduction's RETURNING, so a refused deduction inserts nothing and
     the statement returns no row. Parameters: as `_DEDUCT`, plus p_external_id, p_name,
-    p_metadata and p_idempotency_key."""
+    p_metadata and p_idempotency_key (and p_hold_id, `of_hold`: a capture's usage)."""
     e, le = _outbox_events.c, _ledger_entries.c
 
     def param(name: str, column: Any) -> Any:
@@ -147,7 +147,8 @@ def build_spend_statement(deduct: Any) -> Any:
             "external_id": param("p_external_id", le.external_id),
             "idempotency_key": param("p_idempotency_key", le.idempotency_key),
             "created_at": param("p_now", le.created_at),
-        },
+        }
+        | ({"hold_id": param("p_hold_id", le.hold_id)} if of_hold else {}),
         deducted.join(event, true()),
     ).cte("entry")
     return select(deducted.c.balance, event.c.id).select_from(
@@ -156,6 +157,7 @@ def build_spend_statement(deduct: Any) -> Any:
 
 
 _SPEND = build_spend_statement(_DEDUCT)
+_SPEND_OF_HOLD = build_spend_statement(_DEDUCT, of_hold=True)
 
 
 def _deduct_if_covered(session: Session, customer_id: str, credits: int, now: datetime) -> int:
@@ -317,6 +319,10 @@ def record_usage(
     spend = Spend.validated(
         customer_id, credits, metadata, settings or get_settings(), idempotency_key
     )
+    if _is_postgresql(session):
+        if spend.idempotency_key is None:
+            return run_steps(session, _spend_steps(spend))
+        return run_steps(session, _keyed_spend_steps(spend))
     if spend.idempotency_key is not None:
         # Lock the customer first so two calls with the same key serialize here.
         if get_customer_for_update(session, spend.customer_id) is None:
@@ -326,9 +332,6 @@ def record_usage(
         )
         if existing is not None:
             return existing
-
-    if _is_postgresql(session):
-        return run_steps(session, _spend_steps(spend))
     return _spend_in_three_statements(session, spend)
 
 
@@ -372,11 +375,82 @@ def usage_steps(
     return (yield from _spend_steps(spend))
 
 
-def _spend_steps(spend: Spend) -> Steps[UsageResult]:
-    """PostgreSQL: deduction, outbox row and ledger entry in one round trip (`_SPEND`)."""
+def _spend_steps(spend: Spend, *, hold_id: int | None = None) -> Steps[UsageResult]:
+    """PostgreSQL: deduction, outbox row and ledger entry in one round trip (`_SPEND`); with
+    `hold_id`, the usage of a capture (its entry names the hold)."""
+    external_id = new_external_id()
+    params = {
+        "p_customer_id": spend.customer_id,
+        "p_credits": spend.credits,
+        "p_now": spend.now,
+        "p_external_id": external_id,
+        "p_name": spend.settings.usage_event_name,
+        "p_metadata": spend.metadata,
+        "p_idempotency_key": spend.idempotency_key,
+    }
+    if hold_id is not None:
+        params["p_hold_id"] = hold_id
+    row = yield Query(_SPEND if hold_id is None else _SPEND_OF_HOLD, params)
+    if row is None:
+        raise (yield from refusal_steps(spend.customer_id, spend.credits))
+    balance, event_id = row
+    return UsageResult(event_id=int(event_id), external_id=external_id, balance=int(balance))
+
+
+_LOCK_CUSTOMER = (
+    select(_customers.c.id).where(_customers.c.id == bindparam("p_customer_id")).with_for_update()
+)
+
+
+def build_keyed_spend_statement() -> Any:
+    """PostgreSQL, `record_usage` with an idempotency key, once the customer's row is locked:
+    the customer's earlier usage with this key (`earlier`: its entry and its event's metadata,
+    if the event is still in the outbox) and, only if there is none, the spend of `_SPEND`, in
+    ONE statement. It must run after the lock, as a statement of its own: a statement sees
+    what was committed before it began, so one that waited for the lock would not see the
+    usage that the lock's holder had just committed with the same key. Parameters: as
+    `_SPEND`. One row, every column nullable: balance and event_id (spent), then the earlier
+    entry's first_event_id, first_external_id, first_balance, first_delta, first_metadata."""
+    le, e = _ledger_entries.c, _outbox_events.c
+    earlier = (
+        select(le.event_id, le.external_id, le.balance_after, le.delta, e.metadata)
+        .select_from(_ledger_entries.outerjoin(_outbox_events, e.id == le.event_id))
+        .where(
+            le.customer_id == bindparam("p_customer_id"),
+            le.kind == literal(LedgerKind.USAGE.value, le.kind.type),
+            le.idempotency_key == bindparam("p_idempotency_key", type_=le.idempotency_key.type),
+        )
+        .cte("earlier")
+    )
+    deduct = build_deduct_statement().where(~exists(select(literal(1)).select_from(earlier)))
+    spent = build_spend_statement(deduct).subquery("spent")
+    one = select(literal(1).label("one")).subquery("one")
+    return select(
+        spent.c.balance,
+        spent.c.id.label("event_id"),
+        earlier.c.event_id.label("first_event_id"),
+        earlier.c.external_id.label("first_external_id"),
+        earlier.c.balance_after.label("first_balance"),
+        earlier.c.delta.label("first_delta"),
+        earlier.c.metadata.label("first_metadata"),
+    ).select_from(one.outerjoin(spent, true()).outerjoin(earlier, true()))
+
+
+_KEYED_SPEND = build_keyed_spend_statement()
+
+
+def _keyed_spend_steps(spend: Spend) -> Steps[UsageResult]:
+    """PostgreSQL, `record_usage` with an idempotency key in two round trips: the customer's
+    row locked (two calls with the same key serialize there), then the lookup of the key and
+    the spend in one statement (`build_keyed_spend_statement`). The same outcomes as
+    `_existing_usage` then `_spend_in_three_statements` on SQLite."""
+    assert spend.idempotency_key is not None
+    locked = yield Query(_LOCK_CUSTOMER, {"p_customer_id": spend.customer_id})
+    if locked is None:
+        raise CustomerNotFound(customer_id=spend.customer_id)
     external_id = new_external_id()
     row = yield Query(
-        _SPEND,
+        _KEYED_SPEND,
         {
             "p_customer_id": spend.customer_id,
             "p_credits": spend.credits,
@@ -387,10 +461,25 @@ def _spend_steps(spend: Spend) -> Steps[UsageResult]:
             "p_idempotency_key": spend.idempotency_key,
         },
     )
-    if row is None:
+    assert row is not None  # the statement always returns its one row
+    if row.first_delta is not None:  # the key was used: nothing was spent
+        if abs(row.first_delta) != spend.credits:
+            raise IdempotencyConflict(idempotency_key=spend.idempotency_key)
+        if row.first_metadata is not None and row.first_metadata != spend.metadata:
+            raise IdempotencyConflict(idempotency_key=spend.idempotency_key)
+        assert row.first_event_id is not None
+        # The first result, as the HTTP path replays it: the balance right after that usage.
+        return UsageResult(
+            event_id=int(row.first_event_id),
+            external_id=row.first_external_id or "",
+            balance=int(row.first_balance),
+            replayed=True,
+        )
+    if row.event_id is None:
         raise (yield from refusal_steps(spend.customer_id, spend.credits))
-    balance, event_id = row
-    return UsageResult(event_id=int(event_id), external_id=external_id, balance=int(balance))
+    return UsageResult(
+        event_id=int(row.event_id), external_id=external_id, balance=int(row.balance)
+    )
 
 
 def _spend_in_three_statements(session: Session, spend: Spend) -> UsageResult:

@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
-from sqlalchemy import Engine, delete, func, select, text
+from sqlalchemy import Engine, delete, event, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 import outbox.ledger
+import outbox.models
 from outbox.db import session_scope
 from outbox.errors import CustomerNotFound, IdempotencyConflict, InsufficientCredits
 from outbox.ledger import (
@@ -495,3 +496,62 @@ def test_concurrent_grants_with_the_same_key_add_once(any_engine: Engine) -> Non
     assert len(grant_ids) == 1
     state = books(any_engine, customer)
     assert (state.balance, state.granted, state.ledger_sum) == (25, 25, 25)
+
+
+# --- the library path on PostgreSQL: raw on the caller's connection -----------------------------
+
+
+@pytest.mark.parametrize("key", [None, "gen-1"])
+def test_record_usage_sees_a_customer_the_caller_added_but_did_not_flush(
+    any_engine: Engine, key: str | None
+) -> None:
+    """The caller's unflushed ORM rows are flushed before the spend (as session.execute's
+    autoflush did), with or without an idempotency key, on both databases."""
+    customer = new_customer_id()
+    now = outbox.models.utcnow()
+    with session_scope(any_engine) as session:
+        session.add(
+            Customer(
+                id=customer, balance=5, held=0, granted=5, used=0, created_at=now, updated_at=now
+            )
+        )
+        session.add(
+            LedgerEntry(
+                customer_id=customer,
+                kind=LedgerKind.GRANT,
+                delta=5,
+                balance_after=5,
+                created_at=now,
+            )
+        )
+        assert record_usage(session, customer, 2, idempotency_key=key).balance == 3
+    state = books(any_engine, customer)
+    assert (state.balance, state.ledger_sum, state.outbox_rows) == (3, 3, 1)
+
+
+def test_on_postgresql_record_usage_runs_no_statement_through_sqlalchemy(
+    clean_tables: Engine,
+) -> None:
+    """record_usage, keyed or not, a replay and a refusal: every statement raw on the
+    Session's psycopg connection (`outbox.steps.run_steps`), none through SQLAlchemy's
+    execute; the caller's transaction is still the Session's."""
+    customer = funded_customer(clean_tables, 5)
+    seen: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        seen.append(statement)
+
+    event.listen(clean_tables, "before_cursor_execute", count)
+    try:
+        with session_scope(clean_tables) as session:
+            record_usage(session, customer, 1)
+            first = record_usage(session, customer, 2, {"plan": "a"}, idempotency_key="gen-1")
+            again = record_usage(session, customer, 2, {"plan": "a"}, idempotency_key="gen-1")
+            with pytest.raises(InsufficientCredits):
+                record_usage(session, customer, 50)
+    finally:
+        event.remove(clean_tables, "before_cursor_execute", count)
+    assert seen == []
+    assert again == UsageResult(first.event_id, first.external_id, first.balance, replayed=True)
+    state = books(clean_tables, customer)
+    assert (state.balance, state.ledger_sum, state.outbox_rows) == (2, 2, 2)

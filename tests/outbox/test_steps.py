@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, bindparam, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, bindparam, event, func, insert, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from api.asyncdb import AsyncDatabase
@@ -194,3 +195,101 @@ def test_sqlstate_reads_the_code_of_a_wrapped_or_a_raw_error(clean_tables: Engin
     assert sqlstate(caught.value) == "23505"
     assert caught.value.orig is not None and sqlstate(caught.value.orig) == "23505"  # psycopg's
     assert sqlstate(ValueError("no database here")) is None
+
+
+# --- the Session driver on psycopg: raw on the Session's own connection --------------------------
+
+
+@contextmanager
+def sqlalchemy_statements(engine: Engine) -> Iterator[list[str]]:
+    """What runs through SQLAlchemy's execute on `engine` (its `before_cursor_execute`)."""
+    seen: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def test_on_psycopg_the_steps_run_raw_on_the_sessions_own_connection(
+    any_engine: Engine,
+) -> None:
+    """PostgreSQL + psycopg: each Query runs on the Session's DBAPI connection, in its
+    transaction, without SQLAlchemy's execute; elsewhere (SQLite) through session.execute."""
+    with sqlalchemy_statements(any_engine) as seen, session_scope(any_engine) as session:
+        connection = session.connection().connection.driver_connection
+        assert run_steps(session, claim_steps("k", "v"), savepoint=True) == "claimed k"
+        assert session.connection().connection.driver_connection is connection
+    statements = [s for s in seen if "service_state" in s]
+    if any_engine.dialect.name == "postgresql":
+        assert statements == []
+    else:
+        assert len(statements) == 1
+    assert stored(any_engine) == {"k": "v"}
+
+
+def test_the_steps_see_the_callers_unflushed_orm_rows(any_engine: Engine) -> None:
+    """`session.execute` flushes pending ORM changes first (autoflush): so does the raw
+    driver, so a statement sees a row the caller added but did not flush."""
+    with session_scope(any_engine) as session:
+        session.add(ServiceState(key="pending", value="unflushed", updated_at=utcnow()))
+        row = run_steps(session, (lambda: (yield value_of("pending")))())
+        assert row is not None and row.value == "unflushed"
+    assert stored(any_engine) == {"pending": "unflushed"}
+
+
+def test_a_callers_rollback_undoes_what_the_steps_wrote(any_engine: Engine) -> None:
+    """The steps run inside the caller's transaction: its ROLLBACK (not theirs) undoes them,
+    and the same Session carries on in a new transaction."""
+    with Session(any_engine) as session:
+        session.execute(_INSERT, {"key": "callers", "value": "own", "now": utcnow()})
+        assert run_steps(session, claim_steps("k", "v")) == "claimed k"
+        session.rollback()
+        assert run_steps(session, claim_steps("k2", "v2")) == "claimed k2"
+        session.commit()
+    assert stored(any_engine) == {"k2": "v2"}
+
+
+def test_on_psycopg_errors_are_sqlalchemys_classes(clean_tables: Engine) -> None:
+    """A failed statement raises SQLAlchemy's IntegrityError (psycopg's error as `.orig`), as
+    session.execute did: callers and steps catch the same classes whichever driver ran it."""
+
+    def steps() -> Steps[type[BaseException]]:
+        yield put("k", "a")
+        try:
+            yield put("k", "b")
+        except psycopg.Error:
+            return psycopg.Error  # the raw error must not reach the steps
+        except IntegrityError as exc:
+            assert isinstance(exc.orig, psycopg.errors.UniqueViolation)
+            return IntegrityError
+        return type(None)
+
+    with Session(clean_tables) as session:
+        assert run_steps(session, steps()) is IntegrityError
+        session.rollback()
+
+
+def test_on_psycopg_a_lost_connection_is_invalidated_and_the_next_session_works(
+    clean_tables: Engine,
+) -> None:
+    """A connection whose backend is gone raises SQLAlchemy's OperationalError marked
+    `connection_invalidated` (as session.execute does), and is not returned to the pool."""
+    with Session(clean_tables) as session:
+        pid = run_steps(session, (lambda: (yield Query(_BACKEND_PID, {})))())[0]
+        with clean_tables.connect() as other:
+            other.execute(select(func.pg_terminate_backend(pid)))
+        with pytest.raises(OperationalError) as caught:
+            run_steps(session, (lambda: (yield value_of("k")))())
+        assert caught.value.connection_invalidated
+        session.rollback()
+    with session_scope(clean_tables) as session:
+        assert run_steps(session, claim_steps("k", "v")) == "claimed k"
+    assert stored(clean_tables) == {"k": "v"}
+
+
+_BACKEND_PID = select(func.pg_backend_pid())
