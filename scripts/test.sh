@@ -3,6 +3,10 @@
 # Usage: ./scripts/test.sh [--fast] [pytest args...]
 #   --fast: the same checks, and every test but the `slow` ones (pytest -m "not slow": the
 #   whole-system runs of tests/acceptance and tests/chaos, and the tests marked slow).
+# pytest runs on nproc + 1 worker processes (pytest-xdist, one test file per worker at a time),
+# each with a PostgreSQL cluster and a redis-server of its own (tests/conftest.py). Most of the
+# slow tier waits on processes it started, so one worker more than there are cores keeps them
+# busy. TEST_WORKERS=N chooses N; TEST_WORKERS=0 runs every test in this process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,4 +54,5 @@ DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/$CHECK_DB" alembic up
 DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/$CHECK_DB" alembic check
 echo "== pytest" >&2
 export CI="${CI:-false}"
-python -m pytest ${marker[@]+"${marker[@]}"} "$@"
+workers="${TEST_WORKERS:-$(($(nproc) + 1))}"
+python -m pytest -n "$workers" --dist loadfile ${marker[@]+"${marker[@]}"} "$@"
