@@ -1,6 +1,7 @@
 """outbox/db.py: `session_scope` commits on success and rolls back on any exception, on
 PostgreSQL and SQLite; SQLite engines enforce foreign keys; one engine per URL per process;
-database errors and URLs are told in one line without their password.
+database errors and URLs are told in one line without their password; a pooled connection
+whose backend is gone is replaced at checkout, without a round trip.
 
 How commands fail on a database that is missing, unreachable or unmigrated (`open_database`)
 is shown as a user sees it in tests/cli/test_errors.py.
@@ -8,12 +9,16 @@ is shown as a user sees it in tests/cli/test_errors.py.
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
+from sqlalchemy import event as sa_event
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox.db import (
+    backend_gone,
     describe_database_error,
     dispose_engines,
     get_engine,
@@ -80,6 +85,37 @@ def test_one_engine_per_url_per_process_until_disposed(tmp_path: object) -> None
     dispose_engines()
     assert get_engine(url) is not first
     dispose_engines()
+
+
+def test_a_pooled_connection_whose_backend_was_terminated_is_replaced_at_checkout(
+    pg_url: str, pg_engine: Engine
+) -> None:
+    """`make_engine` pings nothing (a round trip per checkout): the checkout sees from the
+    socket that the backend is gone and hands out a new connection, so no caller gets the
+    error (a PostgreSQL restart does the same to every idle connection)."""
+    engine = make_engine(pg_url, pool_size=1, max_overflow=0)
+    assert engine.pool._pre_ping is False  # type: ignore[attr-defined]
+    statements: list[str] = []
+    listen = sa_event.listens_for(engine, "before_cursor_execute")
+    listen(lambda _c, _cur, statement, *_: statements.append(statement))
+    with engine.connect() as conn:
+        first = conn.scalar(select(func.pg_backend_pid()))
+    with pg_engine.connect() as other:
+        assert other.scalar(select(func.pg_terminate_backend(first)))
+    wait_until_gone = 0
+    while wait_until_gone < 100 and not backend_gone(_pooled_socket(engine)):
+        time.sleep(0.01)
+        wait_until_gone += 1
+    with engine.connect() as conn:
+        second = conn.scalar(select(func.pg_backend_pid()))
+    assert second != first
+    assert statements == ["SELECT pg_backend_pid() AS pg_backend_pid_1"] * 2  # no ping
+    engine.dispose()
+
+
+def _pooled_socket(engine: Engine) -> int:
+    record = engine.pool._pool.queue[0]  # type: ignore[attr-defined]
+    return int(record.dbapi_connection.pgconn.socket)
 
 
 def database_error(engine: Engine, statement: str) -> DBAPIError:
