@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import pytest
 from fastapi import FastAPI
@@ -74,10 +75,19 @@ def make_failed(
     count: int = 1,
     metadata: dict[str, str | int | float | bool] | None = None,
 ) -> list[int]:
-    """`count` usage events of `customer`, failed with Polar's `message`."""
+    """`count` usage events of `customer`, failed with Polar's `message`.
+
+    A worker may be draining (the browser tests run one): the events are committed not yet
+    due, and made due in the transaction that claims them (its row locks make the worker's
+    SKIP LOCKED pass them by), so that no worker takes them first."""
     with session_scope(engine) as session:
         grant_credits(session, customer, 100 * count, reason="test")
         ids = [record_usage(session, customer, 2, metadata or {}).event_id for _ in range(count)]
+        session.execute(
+            update(OutboxEvent)
+            .where(OutboxEvent.id.in_(ids))
+            .values(next_attempt_at=utcnow() + timedelta(days=1))
+        )
     now = utcnow()
     owner = f"test-worker:{ids[0]}"
     with session_scope(engine) as session:
