@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -43,12 +44,22 @@ SLOW_DIRECTORIES = ("acceptance", "chaos")  # whole-system runs: real processes,
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Whole-system tests (tests/acceptance, tests/chaos) are `slow`: the fast tier, `pytest -m
-    "not slow"` (./scripts/test.sh --fast), leaves them out, with the tests marked one by one."""
+    "not slow"` (./scripts/test.sh --fast), leaves them out, with the tests marked one by one.
+    Two tests with one node id stop the run: pytest-xdist would run only one of them."""
     root = Path(__file__).parent
+    twins = duplicate_node_ids(items)
+    if twins:
+        # pytest-xdist (scripts/test.sh) schedules by node id: of items sharing one, one runs.
+        raise pytest.UsageError(f"tests share a node id, so all but one would not run: {twins}")
     for item in items:
         parts = item.path.relative_to(root).parts if item.path.is_relative_to(root) else ()
         if parts and parts[0] in SLOW_DIRECTORIES:
             item.add_marker(pytest.mark.slow)
+
+
+def duplicate_node_ids(items: list[pytest.Item]) -> list[str]:
+    counts = Counter(item.nodeid for item in items)
+    return sorted(nodeid for nodeid, n in counts.items() if n > 1)
 
 
 def skip_locally_fail_in_ci(message: str) -> NoReturn:
