@@ -58,8 +58,8 @@ RATE_BUDGET_USED = Gauge(
 BATCH_CAP = Gauge(
     "outbox_batch_cap",
     "Most rows a worker process claims for one request: OUTBOX_BATCH_SIZE, or less after Polar "
-    "answered 500 to bigger batches (outbox/delivery/sizer.py); the smallest process's.",
-    multiprocess_mode="min",
+    "answered 500 to bigger batches (outbox/delivery/sizer.py); the smallest live process's.",
+    multiprocess_mode="livemin",  # a process that died with a halved cap no longer counts
 )
 
 

@@ -1,14 +1,18 @@
 """outbox/delivery/sizer.py: a worker process halves its batches while Polar's server answers
 500 to them (past its meter-row limit it fails the whole request, stores nothing), and grows
-them back once batches are accepted again."""
+them back once batches are accepted again; the gauge shows the smallest of the live processes'."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 from sqlalchemy import Engine
 
 import polar_emulator
@@ -87,3 +91,42 @@ def test_an_organization_with_five_meters_gets_every_row_delivered_at_batch_size
     assert (
         0 < stats.meter_event_overflows <= 3
     )  # the first batch of 1,000 (tried 3 times in the call)
+
+
+_CAP_OF_A_PROCESS = """
+import sys
+from outbox.delivery.sizer import BatchSizer
+sizer = BatchSizer(1000)
+for _ in range(int(sys.argv[1])):
+    sizer.server_error(sizer.cap)
+print(sizer.cap)
+"""
+
+
+def test_the_gauge_shows_the_smallest_cap_of_the_live_processes_only(tmp_path: Path) -> None:
+    """The worker's processes share one gauge (prometheus multiprocess mode): the smallest
+    cap of those alive; a process that exited with a halved cap (its pid marked dead, as
+    worker/tasks.py does) no longer drags it down."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+    def process_with_cap_halved(times: int) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _CAP_OF_A_PROCESS, str(times)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None
+        return process
+
+    halved, whole = process_with_cap_halved(2), process_with_cap_halved(0)
+    assert [p.communicate(timeout=60)[0].strip() for p in (halved, whole)] == ["250", "1000"]
+
+    def gauge() -> float | None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, str(tmp_path))  # type: ignore[no-untyped-call]
+        return registry.get_sample_value("outbox_batch_cap")
+
+    assert gauge() == 250  # both count as alive until marked dead
+    multiprocess.mark_process_dead(halved.pid, str(tmp_path))  # type: ignore[no-untyped-call]
+    assert gauge() == 1000
