@@ -145,13 +145,7 @@ def keyed_spend_steps(
     row = yield Query(
         _KEYED_SPEND,
         {
-            "p_customer_id": spend.customer_id,
-            "p_credits": spend.credits,
-            "p_now": spend.now,
-            "p_external_id": external_id,
-            "p_name": settings.usage_event_name,
-            "p_metadata": spend.metadata,
-            "p_idempotency_key": None,
+            **spend.params(external_id),  # its idempotency_key is None: the HTTP key is `p_key`
             "p_token_id": token_id,
             "p_key": key,
             "p_request_hash": request_hash,

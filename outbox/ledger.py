@@ -365,6 +365,18 @@ class Spend:
             settings,
         )
 
+    def params(self, external_id: str) -> dict[str, Any]:
+        """The parameters of the spend statements (`_SPEND` and those built on it)."""
+        return {
+            "p_customer_id": self.customer_id,
+            "p_credits": self.credits,
+            "p_now": self.now,
+            "p_external_id": external_id,
+            "p_name": self.settings.usage_event_name,
+            "p_metadata": self.metadata,
+            "p_idempotency_key": self.idempotency_key,
+        }
+
 
 def usage_steps(
     customer_id: str, credits: int, metadata: Metadata | None, *, settings: Settings
@@ -379,15 +391,7 @@ def _spend_steps(spend: Spend, *, hold_id: int | None = None) -> Steps[UsageResu
     """PostgreSQL: deduction, outbox row and ledger entry in one round trip (`_SPEND`); with
     `hold_id`, the usage of a capture (its entry names the hold)."""
     external_id = new_external_id()
-    params = {
-        "p_customer_id": spend.customer_id,
-        "p_credits": spend.credits,
-        "p_now": spend.now,
-        "p_external_id": external_id,
-        "p_name": spend.settings.usage_event_name,
-        "p_metadata": spend.metadata,
-        "p_idempotency_key": spend.idempotency_key,
-    }
+    params = spend.params(external_id)
     if hold_id is not None:
         params["p_hold_id"] = hold_id
     row = yield Query(_SPEND if hold_id is None else _SPEND_OF_HOLD, params)
@@ -449,18 +453,7 @@ def _keyed_spend_steps(spend: Spend) -> Steps[UsageResult]:
     if locked is None:
         raise CustomerNotFound(customer_id=spend.customer_id)
     external_id = new_external_id()
-    row = yield Query(
-        _KEYED_SPEND,
-        {
-            "p_customer_id": spend.customer_id,
-            "p_credits": spend.credits,
-            "p_now": spend.now,
-            "p_external_id": external_id,
-            "p_name": spend.settings.usage_event_name,
-            "p_metadata": spend.metadata,
-            "p_idempotency_key": spend.idempotency_key,
-        },
-    )
+    row = yield Query(_KEYED_SPEND, spend.params(external_id))
     assert row is not None  # the statement always returns its one row
     if row.first_delta is not None:  # the key was used: nothing was spent
         if abs(row.first_delta) != spend.credits:
