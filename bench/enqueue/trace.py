@@ -38,15 +38,29 @@ def trace_round_trips(url: str) -> str:
     trace_file = tempfile.NamedTemporaryFile("w+", suffix=".trace", delete=False)  # noqa: SIM115
     engine = make_engine(url, pool_size=1, max_overflow=0)
 
+    def trace(connection: Any) -> None:
+        connection.pgconn.trace(trace_file.fileno())
+        connection.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+
     @event.listens_for(engine, "connect")
     def _trace(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.pgconn.trace(trace_file.fileno())
-        dbapi_connection.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+        trace(dbapi_connection)
 
     reset_tables(url)
     seed_customers(url, 1, HUGE_BALANCE)
     token = create_usage_token(url)
-    client = TestClient(create_app(settings, engine=engine))
+    # Entered, so that the lifespan runs as under uvicorn: the token cache (with its revocation
+    # listener) and POST /v1/usage's async connections, whose round trips are traced too.
+    client = TestClient(create_app(settings, engine=engine)).__enter__()
+    database = client.app.state.async_database  # type: ignore[attr-defined]
+    connect = database._connect
+
+    async def traced_connect() -> Any:
+        connection = await connect()
+        trace(connection)
+        return connection
+
+    database._connect = traced_connect
     cases: list[tuple[str, Callable[[], object]]] = [
         (
             "record_usage in session_scope",
@@ -86,7 +100,7 @@ def trace_round_trips(url: str) -> str:
         messages = _round_trips(lines, _prepared_names(trace_file.name))
         report.append(f"{name}: {len(messages)} round trips")
         report += [f"  {i + 1}. {m}" for i, m in enumerate(messages)]
-    client.close()
+    client.__exit__(None, None, None)
     engine.dispose()
     trace_file.close()
     os.unlink(trace_file.name)
