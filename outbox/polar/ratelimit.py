@@ -216,9 +216,11 @@ class LocalRateBudget(_WaitingBudget):
         window_seconds: int = 60,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        tolerance_share: float = PACING_TOLERANCE_SHARE,
     ) -> None:
         self.allowance = window_allowance(limit, margin)
         self.window_seconds = window_seconds
+        self.tolerance_share = tolerance_share  # as RedisRateBudget's
         self.clock = clock
         self.sleep = sleep
         self._lock = threading.Lock()
@@ -235,7 +237,12 @@ class LocalRateBudget(_WaitingBudget):
             if now < self._paused_until:
                 return self._paused_until - now
             cap = low_priority_cap(self.allowance, share)
-            pace = pacing(self.allowance, self.window_seconds, low_cap=cap)
+            pace = pacing(
+                self.allowance,
+                self.window_seconds,
+                low_cap=cap,
+                tolerance_share=self.tolerance_share,
+            )
             now_us = int(now * 1_000_000)
             decision = take_slot(
                 self._tat_us,
