@@ -79,8 +79,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if "poolclass" not in kwargs:
         kwargs.setdefault("pool_size", 20)
         kwargs.setdefault("max_overflow", 20)
-    # No pre-ping on psycopg: its SELECT 1 is a round trip on every checkout (one in four of a
-    # keyed `record_usage`). A pooled connection whose backend is gone (a restart, or
+    # No pre-ping on psycopg: its SELECT 1 is a round trip on every checkout (one of the four of
+    # a `record_usage` in `session_scope`). A pooled connection whose backend is gone (a restart, or
     # `pg_terminate_backend`, sent a FATAL and closed it) is found from its socket instead,
     # and the pool replaces it (`_replace_if_backend_gone`). Other drivers keep the ping.
     psycopg = make_url(url).get_driver_name() == "psycopg"
