@@ -18,6 +18,7 @@ from outbox.settings import load_settings
 
 LIMIT = 30  # allowance 28 (margin 2)
 WINDOW = 2
+PACED_WINDOW = 4  # the spread test's: see its docstring
 TOLERANCE_SHARE = 2 / (LIMIT - 2)  # about two intervals, as in production
 
 
@@ -33,9 +34,9 @@ def budget(redis_url: str, namespace: str, window: int = WINDOW) -> RedisRateBud
     )
 
 
-def _spend_for(redis_url: str, namespace: str, seconds: float, queue: object) -> None:
+def _spend_for(redis_url: str, namespace: str, window: int, seconds: float, queue: object) -> None:
     """Take every slot it can for `seconds`; report Redis's clock at each grant."""
-    mine = budget(redis_url, namespace)
+    mine = budget(redis_url, namespace, window)
     stamps = []
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -57,18 +58,31 @@ def test_processes_and_threads_share_one_paced_budget(redis_url: str) -> None:
     starts, by Redis's clock) holds more than the allowance, the budget is used (each
     window's share), and the slots are spread (a window's first fifth holds about a fifth).
 
-    The window is Polar's minute shrunk to 2 s, with its proportions kept: the tolerance is
+    The window is Polar's minute shrunk to 4 s, with its proportions kept: the tolerance is
     about two intervals, as in production (0.25 s of 60 s, slots 0.12 s apart). Shrunk by the
-    window's share alone it would be 8 ms, and a loaded machine wakes a waiting process later
-    than that, so slots would go unused that production, with 250 ms of slack, keeps."""
+    window's share alone it would be 17 ms, and a loaded machine wakes a waiting process later
+    than that, so slots would go unused that production, with 250 ms of slack, keeps.
+
+    A slot goes unused only when all six spenders wake later than the tolerance at once: a
+    stall of the whole machine. At 2 s (tolerance 143 ms) one stall of a loaded 2-core machine
+    cost a window 4 of its 26 slots (a run of the full suite beside pgbench and a benchmark);
+    at 4 s the same stall costs half as many slots, and a window may lose 3 (a stall of about
+    0.7 s). A pacing that hands out a sixth less than it should still fails here; how close
+    to the allowance delivery really gets is measured by the benchmark's saturated rows
+    (docs/benchmarks.md#pacing), not asserted."""
+    window = PACED_WINDOW
     namespace = f"test:{uuid.uuid4().hex}"
     queue: multiprocessing.Queue[list[int]] = multiprocessing.Queue()
     processes = [
-        multiprocessing.Process(target=_spend_for, args=(redis_url, namespace, 5.0, queue))
+        multiprocessing.Process(
+            target=_spend_for, args=(redis_url, namespace, window, 2.4 * window, queue)
+        )
         for _ in range(3)
     ]
     threads = [
-        threading.Thread(target=_spend_for, args=(redis_url, namespace, 5.0, queue))
+        threading.Thread(
+            target=_spend_for, args=(redis_url, namespace, window, 2.4 * window, queue)
+        )
         for _ in range(3)
     ]
     for worker in [*processes, *threads]:
@@ -79,17 +93,17 @@ def test_processes_and_threads_share_one_paced_budget(redis_url: str) -> None:
     for thread in threads:
         thread.join()
     allowance = LIMIT - 2
-    window_us = WINDOW * 1_000_000
+    window_us = window * 1_000_000
     assert most_in_any_window(stamps, window_us) <= allowance
     # Whole windows from the first grant on: each spent (nearly) all that the pacing hands out
     # in one window (window / interval: 26 of the 28 here, 99.6% in production).
-    pace = pacing(allowance, WINDOW, tolerance_share=TOLERANCE_SHARE)
+    pace = pacing(allowance, window, tolerance_share=TOLERANCE_SHARE)
     paced = window_us / pace.interval_us
     burst = pace.tolerance_us / pace.interval_us  # slots that may come early, at the start
     start = stamps[0]
     for k in range(2):
         in_window = [t for t in stamps if start + k * window_us <= t < start + (k + 1) * window_us]
-        assert len(in_window) >= int(paced) - 2
+        assert len(in_window) >= int(paced) - 3
         first_fifth = [t for t in in_window if t < start + k * window_us + window_us // 5]
         assert len(first_fifth) <= allowance / 5 + 2 + burst
 
