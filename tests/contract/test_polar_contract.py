@@ -496,7 +496,9 @@ def test_the_outbox_delivers_refunds_and_the_meter_sums_the_ledgers_net(
     end = datetime.now(UTC) + timedelta(minutes=1)
     net = ledger_net_usage(clean_tables)
     assert net == {alice: 3, bob: 0}
-    start = started - timedelta(minutes=1)
+    # From the start of the hour, as in the skew test above: a window from 14:58:30 never
+    # reaches the 15:00 bucket (a run that crossed 15:00 under load billed 0 here).
+    start = (started - timedelta(minutes=1)).replace(minute=0, second=0, microsecond=0)
     assert billed(target, start, end, alice) == 3 == net[alice]
     assert billed(target, start, end, bob) == 0 == net[bob]
 
