@@ -255,7 +255,11 @@ def test_a_low_priority_caller_takes_its_share_and_leaves_delivery_the_rest(
             assert counts["low"] <= 1
             assert counts["delivery"] >= 1.5 * allowance - 4
         else:
-            assert 5 <= counts["low"] <= 1.5 * 7 + 2  # a real share, never past its cap
+            # A real share, never past its cap. Not its whole cap: a due slot goes to whichever
+            # of the three askers wakes first, so reconcile wins about a third of those it
+            # contests (6 to 10 in 20 tries beside a load, 4 once in a full loaded CI run).
+            # Treated as busy it would get at most 1.
+            assert 3 <= counts["low"] <= 1.5 * 7 + 2
             assert counts["delivery"] + counts["low"] >= 1.5 * allowance - 4
 
 
